@@ -1,0 +1,72 @@
+"""The proxy's wiring: routes, middlewares, and the shared client session."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+
+import aiohttp
+from aiohttp import web
+
+from services.proxy import forward, info
+from services.proxy.context import CTX, Context
+from services.proxy.state import CatalogHolder, Usage
+from shared.engines import Engine, make_engine
+from shared.errors import error_response
+from shared.settings import Settings
+
+OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+OPEN_PATHS = {"/health"}
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler) -> web.StreamResponse:
+    """aiohttp's own errors (too large, no such route) in the OpenAI shape clients parse."""
+    try:
+        return await handler(request)
+    except web.HTTPRequestEntityTooLarge as e:
+        return error_response(413, f"request body too large: {e.actual_size} bytes, the "
+                              f"limit is {e.max_size} (MAX_BODY_BYTES)", "body_too_large")
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return error_response(e.status, f"{request.method} {request.path}: {e.reason}")
+
+
+@web.middleware
+async def api_key(request: web.Request, handler) -> web.StreamResponse:
+    key = request.app[CTX].settings.api_key
+    if key and request.path not in OPEN_PATHS:
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), key.encode()):
+            return error_response(401, "missing or wrong API key: send "
+                                  "'Authorization: Bearer <API_KEY>'", "invalid_api_key")
+    return await handler(request)
+
+
+def make_app(settings: Settings, engine: Engine | None = None) -> web.Application:
+    app = web.Application(client_max_size=settings.max_body_bytes,
+                          middlewares=[openai_errors, api_key])
+    engine = engine or make_engine(settings)
+
+    async def lifecycle(app: web.Application):
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout,
+                                         auto_decompress=False) as session:
+            holder = CatalogHolder(settings)
+            await asyncio.to_thread(holder.refresh)
+            app[CTX] = Context(settings, engine, holder, Usage(), session)
+            follower = asyncio.create_task(holder.follow())
+            yield
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+
+    app.cleanup_ctx.append(lifecycle)
+    for path in OPENAI_ROUTES:
+        app.router.add_post(path, forward.forward)
+    app.router.add_get("/v1/models", info.list_models)
+    app.router.add_get("/health", info.health)
+    return app

@@ -1,0 +1,110 @@
+"""The OpenAI routes: check the request, find the model, stream the engine's answer back."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+from aiohttp import web
+
+from services.proxy.context import CTX
+from shared.errors import error_response
+
+# Headers that describe one hop, or that are ours (the API key), never the engine's.
+_DROP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive",
+         "authorization", "accept-encoding", "upgrade", "te", "trailer"}
+
+
+class ModelRenamer:
+    """Rewrites `"model":"<engine name>"` to the name the client asked for, across chunk
+    boundaries, holding back only bytes that could start the pattern."""
+
+    def __init__(self, old: str, new: str) -> None:
+        self.pattern = b'"model":' + json.dumps(old).encode()
+        self.replacement = b'"model":' + json.dumps(new).encode()
+        self.tail = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = (self.tail + chunk).replace(self.pattern, self.replacement)
+        keep = 0
+        for n in range(min(len(self.pattern) - 1, len(data)), 0, -1):
+            if self.pattern.startswith(data[-n:]):
+                keep = n
+                break
+        self.tail = data[len(data) - keep:] if keep else b""
+        return data[: len(data) - keep] if keep else data
+
+    def flush(self) -> bytes:
+        tail, self.tail = self.tail, b""
+        return tail
+
+
+def _parse(body: bytes) -> tuple[dict | None, web.Response | None]:
+    try:
+        payload = json.loads(body)
+    except ValueError as e:
+        return None, error_response(400, f"request body is not valid JSON: {e}", "invalid_json")
+    if not isinstance(payload, dict):
+        return None, error_response(400, "request body must be a JSON object", "invalid_json")
+    if not isinstance(payload.get("model"), str) or not payload["model"]:
+        return None, error_response(400, "'model' is required: the id of a model from "
+                                    "GET /v1/models", "missing_model")
+    return payload, None
+
+
+async def _engine_error(up: aiohttp.ClientResponse, entry_path: str) -> web.Response:
+    text = await up.text(errors="replace")
+    try:
+        err = json.loads(text)["error"]
+        message = err["message"] if isinstance(err, dict) else str(err)
+    except (ValueError, KeyError, TypeError):
+        message = text.strip()[:2000] or up.reason or "no reason given"
+    if "failed to load" in message and entry_path:
+        message += f" (model file: {entry_path}; the engine log has the details)"
+    return error_response(up.status, f"engine: {message}", "engine_error")
+
+
+async def forward(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CTX]
+    body = await request.read()
+    payload, problem = _parse(body)
+    if problem:
+        return problem
+    name = payload["model"]
+    catalog = ctx.holder.catalog
+    entry = catalog.resolve(name)
+    if entry is None:
+        close = catalog.closest(name)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; GET /v1/models lists them"
+        return error_response(404, f"model {name!r} not found{hint}", "model_not_found",
+                              suggestions=close)
+    if name not in entry.names:  # a loose spelling the engine does not know
+        payload["model"] = entry.id
+        body = json.dumps(payload).encode()
+    engine_name = ctx.engine.response_name(entry)
+    renamer = ModelRenamer(engine_name, name) if engine_name != name else None
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP}
+
+    ctx.usage.start(entry.id)
+    try:
+        async with ctx.session.post(ctx.engine.url + request.path, data=body,
+                                    headers=headers) as up:
+            if up.status >= 400:
+                return await _engine_error(up, entry.path)
+            resp = web.StreamResponse(status=up.status)
+            resp.content_type = up.content_type
+            if up.charset:
+                resp.charset = up.charset
+            await resp.prepare(request)
+            async for chunk in up.content.iter_any():
+                await resp.write(renamer.feed(chunk) if renamer else chunk)
+            if renamer:
+                await resp.write(renamer.flush())
+            await resp.write_eof()
+            return resp
+    except aiohttp.ClientConnectorError:
+        return error_response(
+            503, f"the engine at {ctx.engine.url} is not reachable; start the stack with "
+            "`make up` or `model start`, or check `model status`", "engine_unavailable")
+    finally:
+        ctx.usage.finish(entry.id)

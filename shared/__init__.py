@@ -1,0 +1,1 @@
+"""The library every model-serve service shares."""

@@ -1,0 +1,144 @@
+"""Settings from the environment and `.env`, validated in one place with the defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used; the message names the key and the reason."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    models_dir: Path
+    model_prefix: str
+    default_ctx_size: int
+    model_ttl: int
+    default_parallel: int
+    proxy_port: int
+    engine_port: int
+    listen_host: str
+    engine: str
+    llama_server: str
+    state_dir: Path
+    config_dir: Path
+    max_body_bytes: int
+    api_key: str
+    ollama_base: str
+    demo_model: bool
+
+    @property
+    def engine_url(self) -> str:
+        return f"http://127.0.0.1:{self.engine_port}"
+
+    @property
+    def proxy_url(self) -> str:
+        host = "127.0.0.1" if self.listen_host in ("0.0.0.0", "::", "") else self.listen_host
+        return f"http://{host}:{self.proxy_port}"
+
+    @property
+    def custom_models_file(self) -> Path:
+        return self.config_dir / "custom_models.yaml"
+
+    @property
+    def catalog_file(self) -> Path:
+        return self.state_dir / "catalog.json"
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines; blank lines, comments and an `export ` prefix are allowed."""
+    values: dict[str, str] = {}
+    if not path.is_file():
+        return values
+    for number, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = line.removeprefix("export ").strip()
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise SettingsError(f"{path}:{number}: expected KEY=VALUE, got {raw!r}")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+def _int(env: dict[str, str], key: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(key, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{key}={raw!r}: not a whole number") from None
+    if value < minimum:
+        raise SettingsError(f"{key}={value}: must be at least {minimum}")
+    return value
+
+
+def _bool(env: dict[str, str], key: str, default: bool) -> bool:
+    raw = env.get(key, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{key}={raw!r}: expected on/off, true/false or 1/0")
+
+
+def _path(env: dict[str, str], key: str, default: Path) -> Path:
+    raw = env.get(key, "").strip()
+    return Path(os.path.expanduser(raw)) if raw else default
+
+
+def load(environ: dict[str, str] | None = None, env_file: Path | None = None) -> Settings:
+    """The process environment wins over `.env`, which wins over the defaults."""
+    environ = dict(os.environ if environ is None else environ)
+    env_file = env_file or Path(environ.get("MODEL_SERVE_ENV_FILE", ROOT / ".env"))
+    env = {**read_env_file(env_file), **environ}
+
+    engine = env.get("ENGINE", "auto").strip() or "auto"
+    if engine not in ("auto", "router", "llama-swap"):
+        raise SettingsError(f"ENGINE={engine!r}: expected auto, router or llama-swap")
+    ports = {
+        key: _int(env, key, default, 1)
+        for key, default in (("HARMONY_PROXY_PORT", 5846), ("LLAMA_SWAP_PORT", 5847))
+    }
+    for key, port in ports.items():
+        if port > 65535:
+            raise SettingsError(f"{key}={port}: not a TCP port")
+    if ports["HARMONY_PROXY_PORT"] == ports["LLAMA_SWAP_PORT"]:
+        raise SettingsError("HARMONY_PROXY_PORT and LLAMA_SWAP_PORT must differ")
+    prefix = env.get("MODEL_PREFIX", "ms/")
+    if any(c.isspace() or c == "," for c in prefix):
+        raise SettingsError(f"MODEL_PREFIX={prefix!r}: no spaces or commas")
+    ollama_base = env.get("OLLAMA_BASE", "http://localhost:11434").strip().rstrip("/")
+    if not ollama_base.startswith(("http://", "https://")):
+        raise SettingsError(f"OLLAMA_BASE={ollama_base!r}: must start with http:// or https://")
+
+    return Settings(
+        models_dir=_path(env, "MODELS_DIR", Path.home() / ".cache/lm-studio/models"),
+        model_prefix=prefix,
+        default_ctx_size=_int(env, "DEFAULT_CTX_SIZE", 8192, 64),
+        model_ttl=_int(env, "MODEL_TTL", 1800, 0),
+        default_parallel=_int(env, "DEFAULT_PARALLEL", 1, 1),
+        proxy_port=ports["HARMONY_PROXY_PORT"],
+        engine_port=ports["LLAMA_SWAP_PORT"],
+        listen_host=env.get("LISTEN_HOST", "127.0.0.1").strip() or "127.0.0.1",
+        engine=engine,
+        llama_server=env.get("LLAMA_SERVER", "").strip(),
+        state_dir=_path(env, "STATE_DIR", Path.home() / ".local/state/model-serve"),
+        config_dir=_path(env, "CONFIG_DIR", ROOT / "config"),
+        max_body_bytes=_int(env, "MAX_BODY_BYTES", 32 * 1024 * 1024, 1024),
+        api_key=env.get("API_KEY", "").strip(),
+        ollama_base=ollama_base,
+        demo_model=_bool(env, "DEMO_MODEL", True),
+    )

@@ -1,0 +1,73 @@
+"""Catalog → engine config: rebuild both, write only what changed, keep the last good one."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from shared import catalog as catalog_mod
+from shared.catalog import Catalog
+from shared.custom_models import ConfigError
+from shared.engines import Engine
+from shared.files import write_if_changed
+from shared.settings import Settings
+from shared.tiny_gguf import write_model
+
+log = logging.getLogger("model-serve.sync")
+
+
+@dataclass
+class SyncResult:
+    catalog: Catalog | None
+    catalog_changed: bool = False
+    engine_changed: bool = False
+    error: str | None = None
+
+
+def demo_root(settings: Settings) -> Path:
+    return settings.state_dir / "demo-models"
+
+
+def _ensure_demo(settings: Settings) -> Path:
+    root = demo_root(settings)
+    model = root / "demo" / "demo.gguf"
+    if not model.is_file():
+        write_model(model, name="demo")
+    return root
+
+
+def load_last_good(settings: Settings) -> Catalog | None:
+    try:
+        return Catalog.from_json(settings.catalog_file.read_text())
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def rebuild(settings: Settings, engine: Engine) -> SyncResult:
+    """Blocking (disk and GGUF headers): call it off the event loop."""
+    try:
+        catalog = catalog_mod.build(settings)
+        if not catalog.entries and settings.demo_model:
+            catalog = catalog_mod.build(settings, [settings.models_dir, _ensure_demo(settings)])
+    except ConfigError as e:
+        log.error("config not applied, still serving the last good catalog:\n%s", e)
+        return SyncResult(catalog=load_last_good(settings), error=str(e))
+    for notice in catalog.notices:
+        log.warning("%s", notice)
+    engine_changed = write_if_changed(engine.config_path, engine.render(catalog))
+    catalog_changed = write_if_changed(settings.catalog_file, catalog.to_json())
+    return SyncResult(catalog, catalog_changed, engine_changed)
+
+
+async def apply(result: SyncResult, engine: Engine, session: aiohttp.ClientSession) -> bool:
+    """Tell a running engine about a changed config; False when no engine answered."""
+    if not result.engine_changed:
+        return True
+    try:
+        await engine.reload(session)
+    except aiohttp.ClientConnectionError:
+        return False
+    return True
