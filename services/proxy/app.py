@@ -25,9 +25,10 @@ async def openai_errors(request: web.Request, handler) -> web.StreamResponse:
     """aiohttp's own errors (too large, no such route) in the OpenAI shape clients parse."""
     try:
         return await handler(request)
-    except web.HTTPRequestEntityTooLarge as e:
-        return error_response(413, f"request body too large: {e.actual_size} bytes, the "
-                              f"limit is {e.max_size} (MAX_BODY_BYTES)", "body_too_large")
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[CTX].settings.max_body_bytes
+        return error_response(413, f"request body too large: the limit is {limit} bytes "
+                              "(MAX_BODY_BYTES)", "body_too_large")
     except web.HTTPException as e:
         if e.status < 400:
             raise

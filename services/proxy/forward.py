@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import aiohttp
@@ -71,8 +72,10 @@ async def forward(request: web.Request) -> web.StreamResponse:
     if problem:
         return problem
     name = payload["model"]
+    entry = ctx.holder.catalog.resolve(name)
+    if entry is None and await asyncio.to_thread(ctx.holder.refresh):
+        entry = ctx.holder.catalog.resolve(name)  # a model that appeared a moment ago
     catalog = ctx.holder.catalog
-    entry = catalog.resolve(name)
     if entry is None:
         close = catalog.closest(name)
         hint = f"; did you mean {', '.join(close)}?" if close else "; GET /v1/models lists them"

@@ -1,0 +1,81 @@
+import configparser
+from pathlib import Path
+
+import yaml
+
+from shared import catalog as catalog_mod
+from shared.engines import make_engine
+from shared.engines.base import section_name
+from shared.settings import load
+from tests.harness import swap_bin_dir
+
+CUSTOM = """
+models:
+  tiny:0.2m-f32:
+    sampler_args: "--temp 0.3 --top-nsigma 1.5 --jinja"
+    ttl: 60
+    aliases: [tiny:latest]
+  creative:
+    base_model: tiny:0.2m-f32
+    sampler_args: "--temp 1.5 --no-mmap"
+"""
+
+
+def _settings(tmp_path, models_dir, config_dir, **env):
+    (config_dir / "custom_models.yaml").write_text(CUSTOM)
+    return load({"MODELS_DIR": str(models_dir), "STATE_DIR": str(tmp_path / "s"),
+                 "CONFIG_DIR": str(config_dir), **env}, env_file=tmp_path / "none")
+
+
+def test_router_presets_keep_ids_settings_and_ttl(tmp_path, models_dir, config_dir) -> None:
+    settings = _settings(tmp_path, models_dir, config_dir)
+    engine = make_engine(settings)
+    assert engine.name == "llama-server router"
+    ini = configparser.ConfigParser()
+    ini.read_string("[top]\n" + engine.render(catalog_mod.build(settings)))
+    tiny = ini[section_name("ms/tiny:0.2m-f32")]
+    assert tiny["alias"] == "ms/tiny:0.2m-f32,tiny:latest"
+    assert tiny["sleep-idle-seconds"] == "60"
+    assert (tiny["temp"], tiny["top-nsigma"], tiny["jinja"]) == ("0.3", "1.5", "true")
+    assert tiny["ctx-size"] == "4096" and tiny["parallel"] == "1"
+    creative = ini[section_name("ms/creative")]
+    assert creative["model"] == tiny["model"]
+    # an alias starts from its base's context, slots and TTL, with its own samplers
+    assert (creative["temp"], creative["no-mmap"], creative["sleep-idle-seconds"]) == (
+        "1.5", "true", "60")
+    assert "top-nsigma" not in creative
+    assert ":" not in section_name("ms/tiny:0.2m-f32")
+    cmd = engine.command()
+    assert cmd[cmd.index("--models-max") + 1] == "0"
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+
+
+def test_llama_swap_is_chosen_when_on_path_and_never_swaps(tmp_path, models_dir, config_dir,
+                                                         monkeypatch) -> None:
+    monkeypatch.setenv("PATH", f"{swap_bin_dir(tmp_path)}:{Path('/usr/bin')}:/bin")
+    settings = _settings(tmp_path, models_dir, config_dir, LLAMA_SERVER="/opt/llama-server")
+    engine = make_engine(settings)
+    assert engine.name == "llama-swap"
+    config = yaml.safe_load(engine.render(catalog_mod.build(settings)))
+    group = config["groups"]["model-serve"]
+    assert (group["swap"], group["exclusive"]) == (False, False)
+    assert sorted(group["members"]) == sorted(config["models"])
+    tiny = config["models"]["ms/tiny:0.2m-f32"]
+    assert tiny["ttl"] == 60 and tiny["aliases"] == ["tiny:latest"]
+    assert tiny["cmd"].startswith("/opt/llama-server --host 127.0.0.1 --port ${PORT}")
+    assert "--temp 0.3 --top-nsigma 1.5" in tiny["cmd"]
+    assert "--watch-config" in engine.command()
+
+
+def test_cmd_override_keeps_the_engine_in_charge_of_port_and_name(tmp_path, models_dir,
+                                                                 config_dir) -> None:
+    (config_dir / "custom_models.yaml").write_text(
+        "models:\n  tiny:0.2m-f32:\n    cmd: llama-server --port ${PORT} -m ${MODEL_PATH} "
+        "--ctx-size 256 --temp 0.1\n")
+    settings = load({"MODELS_DIR": str(models_dir), "STATE_DIR": str(tmp_path / "s"),
+                     "CONFIG_DIR": str(config_dir)}, env_file=tmp_path / "none")
+    ini = configparser.ConfigParser()
+    ini.read_string("[top]\n" + make_engine(settings).render(catalog_mod.build(settings)))
+    tiny = ini[section_name("ms/tiny:0.2m-f32")]
+    assert (tiny["ctx-size"], tiny["temp"]) == ("256", "0.1")
+    assert "port" not in tiny and "m" not in tiny
