@@ -27,13 +27,14 @@ class ModelRenamer:
 
     def feed(self, chunk: bytes) -> bytes:
         data = (self.tail + chunk).replace(self.pattern, self.replacement)
-        keep = 0
+        self.tail = b""
+        if data.endswith(b"\n"):  # the usual end of an SSE event: nothing to hold back
+            return data
         for n in range(min(len(self.pattern) - 1, len(data)), 0, -1):
             if self.pattern.startswith(data[-n:]):
-                keep = n
-                break
-        self.tail = data[len(data) - keep:] if keep else b""
-        return data[: len(data) - keep] if keep else data
+                self.tail = data[-n:]
+                return data[:-n]
+        return data
 
     def flush(self) -> bytes:
         tail, self.tail = self.tail, b""
