@@ -45,6 +45,7 @@ class GGUFInfo:
     key_length: int
     value_length: int
     is_projector: bool
+    pooling_type: int = 0  # non-zero: an embedding model
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -177,4 +178,5 @@ def _info(kv: dict[str, object], params: int) -> GGUFInfo:
         key_length=_first(a("attention.key_length")) or head_dim,
         value_length=_first(a("attention.value_length")) or head_dim,
         is_projector=arch == "clip" or kv.get("general.type") == "mmproj",
+        pooling_type=_first(a("pooling_type")),
     )

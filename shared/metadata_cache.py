@@ -9,6 +9,9 @@ from pathlib import Path
 from shared.files import write_atomic
 from shared.gguf_header import GGUFInfo, read_header
 
+# Bump when GGUFInfo gains a field, so older cached headers are read again.
+VERSION = 2
+
 
 class MetadataCache:
     def __init__(self, file: Path | None) -> None:
@@ -17,8 +20,10 @@ class MetadataCache:
         self.dirty = False
         if file and file.is_file():
             try:
-                self.entries = json.loads(file.read_text())
-            except (OSError, ValueError):
+                data = json.loads(file.read_text())
+                if data.get("version") == VERSION:
+                    self.entries = data["entries"]
+            except (OSError, ValueError, AttributeError, KeyError):
                 self.entries = {}
 
     def get(self, path: Path) -> GGUFInfo:
@@ -35,5 +40,5 @@ class MetadataCache:
 
     def save(self) -> None:
         if self.file and self.dirty:
-            write_atomic(self.file, json.dumps(self.entries))
+            write_atomic(self.file, json.dumps({"version": VERSION, "entries": self.entries}))
             self.dirty = False

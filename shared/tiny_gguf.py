@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFWriter, LlamaFileType, TokenType
+from gguf import GGUFWriter, LlamaFileType, PoolingType, TokenType
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -40,6 +40,7 @@ def write_model(
     context_length: int = 4096,
     target_bytes: int | None = None,
     seed: int = 0,
+    pooling_type: int = 0,
 ) -> Path:
     """Write a model; with `target_bytes` the layer count grows until the file is that big."""
     n_ff = n_ff or 4 * n_embd
@@ -63,6 +64,8 @@ def write_model(
     w.add_rope_dimension_count(n_embd // n_head)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_file_type(LlamaFileType.ALL_F32)
+    if pooling_type:
+        w.add_pooling_type(PoolingType(pooling_type))
     tokens, types = _vocab()
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)

@@ -167,3 +167,14 @@ def test_client_disconnect_cancels_the_upstream_request(stack_factory, models_di
     while any(s["is_processing"] for s in http("GET", slots_url)[1]):
         assert time.monotonic() < deadline, "the engine kept generating for a gone client"
         time.sleep(0.1)
+
+
+def test_embedding_models_answer_embeddings(stack_factory, models_dir) -> None:
+    write_model(models_dir / "pub" / "emb" / "emb-F32.gguf", name="emb", pooling_type=1)
+    stack = stack_factory().start()
+    status, body = http("POST", stack.url + "/v1/embeddings",
+                        {"model": "ms/emb:0.2m-f32", "input": ["hello", "world"]})
+    assert status == 200, body
+    assert body["model"] == "ms/emb:0.2m-f32"
+    assert [d["index"] for d in body["data"]] == [0, 1]
+    assert len(body["data"][0]["embedding"]) == 64

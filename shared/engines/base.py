@@ -42,6 +42,8 @@ def model_args(entry: Entry) -> list[str]:
     args = ["--ctx-size", str(entry.ctx_size), "--parallel", str(entry.parallel)]
     if entry.mmproj:
         args += ["--mmproj", entry.mmproj]
+    if entry.info.get("pooling_type"):  # an embedding model answers /v1/embeddings
+        args.append("--embeddings")
     return args + entry.args
 
 
