@@ -178,3 +178,23 @@ def test_embedding_models_answer_embeddings(stack_factory, models_dir) -> None:
     assert body["model"] == "ms/emb:0.2m-f32"
     assert [d["index"] for d in body["data"]] == [0, 1]
     assert len(body["data"][0]["embedding"]) == 64
+
+
+def test_with_no_models_the_readme_example_answers(stack_factory, models_dir) -> None:
+    for path in sorted(models_dir.rglob("*.gguf")):
+        path.unlink()
+    stack = stack_factory().start()
+    status, body = http("POST", stack.url + "/v1/chat/completions", chat("ms/demo:0.2m-f32"))
+    assert status == 200 and body["model"] == "ms/demo:0.2m-f32", body
+    assert list(models_dir.rglob("*.gguf")) == []  # the demo lives in STATE_DIR
+
+
+def test_api_key_guards_every_route_but_health(stack_factory) -> None:
+    stack = stack_factory(API_KEY="s3cret").start()
+    url = stack.url + "/v1/chat/completions"
+    error_of(http("POST", url, chat(TINY)), 401, "invalid_api_key")
+    error_of(http("GET", stack.url + "/v1/models",
+                  headers={"Authorization": "Bearer wrong"}), 401, "invalid_api_key")
+    status, body = http("POST", url, chat(TINY), headers={"Authorization": "Bearer s3cret"})
+    assert status == 200 and body["model"] == TINY
+    assert http("GET", stack.url + "/health")[0] == 200
