@@ -14,6 +14,8 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lm_studio_ollama_bridge.links import LinkRecord
+
 from shared import custom_models
 from shared.custom_models import ConfigError, CustomModel
 from shared.gguf_header import GGUFError, GGUFInfo
@@ -39,6 +41,7 @@ class Entry:
     pin: bool = False
     size_bytes: int = 0
     base_model: str | None = None
+    ollama: str | None = None  # the Ollama name of the same model, when Ollama has it
     info: dict = field(default_factory=dict)
 
     @property
@@ -160,8 +163,10 @@ def _apply(entry: Entry, custom: CustomModel, settings: Settings) -> None:
     for alias in custom.get("aliases", []):
         if alias not in entry.aliases:
             entry.aliases.append(alias)
-    if custom.get("ollama_model") and custom.get("ollama_model") not in entry.aliases:
-        entry.aliases.append(custom.get("ollama_model"))
+    if custom.get("ollama_model"):
+        entry.ollama = custom.get("ollama_model")
+        if entry.ollama not in entry.aliases:
+            entry.aliases.append(entry.ollama)
 
 
 def _unique_ids(found: list[tuple[ModelFile, GGUFInfo]], prefix: str) -> list[str]:
@@ -206,9 +211,25 @@ def build(settings: Settings, roots: list[Path] | None = None) -> Catalog:
             size_bytes=model.size,
             info=info.to_dict(),
         )
+    _add_ollama_names(entries, settings)
     catalog = Catalog(entries=dict(sorted(entries.items())), notices=notices)
     _apply_custom(catalog, settings)
     return catalog
+
+
+def _add_ollama_names(entries: dict[str, Entry], settings: Settings) -> None:
+    """The names a user pulled with Ollama become aliases of the model made from the same
+    blob; a name matching ROUTE_TO_OLLAMA (e.g. mxfp4) is answered by Ollama itself."""
+    names = LinkRecord.load(settings.bridge_record).names_by_path()
+    for entry in entries.values():
+        pulled = names.get(entry.path, [])
+        if not pulled:
+            continue
+        entry.ollama = pulled[0]
+        entry.aliases += [n for n in pulled if n not in entry.aliases]
+        text = f"{entry.id} {entry.ollama}".lower()
+        if any(word in text for word in settings.route_to_ollama):
+            entry.backend = "ollama"
 
 
 def _apply_custom(catalog: Catalog, settings: Settings) -> None:
@@ -252,6 +273,10 @@ def _apply_custom(catalog: Catalog, settings: Settings) -> None:
                       size_bytes=base.size_bytes, base_model=base.id, info=base.info)
         _apply(entry, custom, settings)
         catalog.entries[aid] = entry
+    for entry in catalog.entries.values():
+        if entry.backend == "ollama" and not entry.ollama:
+            problems.append(f"{file}: {entry.id}: backend is ollama but Ollama does not have "
+                            "this model; pull it with Ollama or set ollama_model")
     taken: dict[str, str] = {}
     for entry in catalog.entries.values():
         for name in entry.names:

@@ -30,6 +30,11 @@ class Settings:
     max_body_bytes: int
     api_key: str
     ollama_base: str
+    ollama_models: Path
+    bridge_sync_interval: int
+    sync_debounce: float
+    route_to_ollama: tuple[str, ...]
+    embeddings_to_ollama: tuple[str, ...]
     demo_model: bool
 
     @property
@@ -48,6 +53,10 @@ class Settings:
     @property
     def catalog_file(self) -> Path:
         return self.state_dir / "catalog.json"
+
+    @property
+    def bridge_record(self) -> Path:
+        return self.state_dir / "bridge-links.json"
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -92,6 +101,24 @@ def _bool(env: dict[str, str], key: str, default: bool) -> bool:
     if raw in ("0", "false", "no", "off"):
         return False
     raise SettingsError(f"{key}={raw!r}: expected on/off, true/false or 1/0")
+
+
+def _words(env: dict[str, str], key: str, default: str) -> tuple[str, ...]:
+    raw = env.get(key, default)
+    return tuple(w.strip().lower() for w in raw.split(",") if w.strip())
+
+
+def _seconds(env: dict[str, str], key: str, default: float) -> float:
+    raw = env.get(key, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{key}={raw!r}: not a number of seconds") from None
+    if value < 0:
+        raise SettingsError(f"{key}={value}: must be 0 or more")
+    return value
 
 
 def _path(env: dict[str, str], key: str, default: Path) -> Path:
@@ -140,5 +167,10 @@ def load(environ: dict[str, str] | None = None, env_file: Path | None = None) ->
         max_body_bytes=_int(env, "MAX_BODY_BYTES", 32 * 1024 * 1024, 1024),
         api_key=env.get("API_KEY", "").strip(),
         ollama_base=ollama_base,
+        ollama_models=_path(env, "OLLAMA_MODELS", Path.home() / ".ollama/models"),
+        bridge_sync_interval=_int(env, "BRIDGE_SYNC_INTERVAL", 3600, 0),
+        sync_debounce=_seconds(env, "SYNC_DEBOUNCE_SECONDS", 0.3),
+        route_to_ollama=_words(env, "ROUTE_TO_OLLAMA", "mxfp4"),
+        embeddings_to_ollama=_words(env, "EMBEDDINGS_TO_OLLAMA", "embed"),
         demo_model=_bool(env, "DEMO_MODEL", True),
     )

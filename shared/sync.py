@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+from lm_studio_ollama_bridge import Bridge, SyncReport, read_store
 
 from shared import catalog as catalog_mod
 from shared.catalog import Catalog
@@ -44,6 +45,16 @@ def load_last_good(settings: Settings) -> Catalog | None:
         return Catalog.from_json(settings.catalog_file.read_text())
     except (OSError, ValueError, TypeError):
         return None
+
+
+def run_bridge(settings: Settings, dry_run: bool = False) -> SyncReport:
+    """Link Ollama's GGUF models into MODELS_DIR/ollama; only the bridge's own links change."""
+    models, notices = read_store(settings.ollama_models)
+    report = Bridge(settings.models_dir, settings.bridge_record).sync(models, dry_run)
+    report.notices[:0] = notices
+    for line in report.lines(dry_run):
+        log.info("bridge: %s", line)
+    return report
 
 
 def rebuild(settings: Settings, engine: Engine) -> SyncResult:

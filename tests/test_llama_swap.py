@@ -3,6 +3,7 @@ runs real llama-server processes."""
 
 import asyncio
 import os
+import time
 
 import aiohttp
 import pytest
@@ -57,9 +58,12 @@ def test_config_changes_reach_llama_swap_through_its_watch(stack, config_dir) ->
         "models:\n  tiny:0.2m-f32:\n    sampler_args: --temp 0.8\n")
     result = stack.cli("sync")
     assert result.returncode == 0 and "updated" in result.stdout, result.stderr
-    for _ in range(50):
-        body = http("POST", stack.url + "/v1/chat/completions", chat(TINY, verbose=True))[1]
-        if body["__verbose"]["generation_settings"]["temperature"] == pytest.approx(0.8):
-            break
-        asyncio.run(asyncio.sleep(0.1))
-    assert body["__verbose"]["generation_settings"]["temperature"] == pytest.approx(0.8)
+    temperature = None
+    for _ in range(50):  # llama-swap restarts the model when it sees the new file
+        status, body = http("POST", stack.url + "/v1/chat/completions", chat(TINY, verbose=True))
+        if status == 200:
+            temperature = body["__verbose"]["generation_settings"]["temperature"]
+            if temperature == pytest.approx(0.8):
+                break
+        time.sleep(0.1)
+    assert temperature == pytest.approx(0.8)

@@ -11,9 +11,11 @@ from aiohttp import web
 
 from services.proxy import forward, info
 from services.proxy.context import CTX, Context
+from services.proxy.ollama_routes import OllamaModels
 from services.proxy.state import CatalogHolder, Usage
 from shared.engines import Engine, make_engine
 from shared.errors import error_response
+from shared.ollama import Ollama
 from shared.settings import Settings
 
 OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
@@ -54,11 +56,16 @@ def make_app(settings: Settings, engine: Engine | None = None) -> web.Applicatio
     async def lifecycle(app: web.Application):
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout,
-                                         auto_decompress=False) as session:
+        async with (
+            aiohttp.ClientSession(connector=connector, timeout=timeout,
+                                  auto_decompress=False) as session,
+            aiohttp.ClientSession(timeout=timeout) as ollama_session,
+        ):
             holder = CatalogHolder(settings)
             await asyncio.to_thread(holder.refresh)
-            app[CTX] = Context(settings, engine, holder, Usage(), session)
+            ollama = Ollama(settings.ollama_base, ollama_session)
+            app[CTX] = Context(settings, engine, holder, Usage(), session, ollama,
+                               OllamaModels(ollama))
             follower = asyncio.create_task(holder.follow())
             yield
             follower.cancel()

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
+from services.proxy.ollama_routes import OllamaModels
 from services.proxy.state import CatalogHolder, Usage
 from shared.engines import Engine
+from shared.ollama import Ollama
 from shared.settings import Settings
 
 
@@ -19,6 +21,8 @@ class Context:
     holder: CatalogHolder
     usage: Usage
     session: aiohttp.ClientSession
+    ollama: Ollama
+    ollama_models: OllamaModels
 
 
 CTX = web.AppKey("ctx", Context)

@@ -8,8 +8,11 @@ import json
 import aiohttp
 from aiohttp import web
 
+from services.proxy import ollama_routes
 from services.proxy.context import CTX
+from shared.catalog import Entry
 from shared.errors import error_response
+from shared.settings import Settings
 
 # Headers that describe one hop, or that are ours (the API key), never the engine's.
 _DROP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive",
@@ -66,6 +69,17 @@ async def _engine_error(up: aiohttp.ClientResponse, entry_path: str) -> web.Resp
     return error_response(up.status, f"engine: {message}", "engine_error")
 
 
+def ollama_target(settings: Settings, entry: Entry, path: str) -> str | None:
+    """The Ollama name to send this request to, or None for the engine."""
+    if entry.backend == "ollama":
+        return entry.ollama
+    if path == "/v1/embeddings" and entry.ollama:
+        names = (entry.id.lower(), entry.ollama.lower())
+        if any(word in n for word in settings.embeddings_to_ollama for n in names):
+            return entry.ollama
+    return None
+
+
 async def forward(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX]
     body = await request.read()
@@ -76,20 +90,34 @@ async def forward(request: web.Request) -> web.StreamResponse:
     entry = ctx.holder.catalog.resolve(name)
     if entry is None and await asyncio.to_thread(ctx.holder.refresh):
         entry = ctx.holder.catalog.resolve(name)  # a model that appeared a moment ago
-    catalog = ctx.holder.catalog
+    target = ollama_target(ctx.settings, entry, request.path) if entry else None
     if entry is None:
-        close = catalog.closest(name)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; GET /v1/models lists them"
-        return error_response(404, f"model {name!r} not found{hint}", "model_not_found",
-                              suggestions=close)
+        target = await ctx.ollama_models.lookup(name)
+        if target is None:
+            close = ctx.holder.catalog.closest(name)
+            hint = f"; did you mean {', '.join(close)}?" if close else "; GET /v1/models lists them"
+            return error_response(404, f"model {name!r} not found{hint}", "model_not_found",
+                                  suggestions=close)
+    use_id = entry.id if entry else target
+    ctx.usage.start(use_id)
+    try:
+        if target:
+            return await ollama_routes.answer(request, ctx.ollama, payload, target, entry)
+        return await to_engine(request, body, payload, entry)
+    finally:
+        ctx.usage.finish(use_id)
+
+
+async def to_engine(request: web.Request, body: bytes, payload: dict,
+                    entry: Entry) -> web.StreamResponse:
+    ctx = request.app[CTX]
+    name = payload["model"]
     if name not in entry.names:  # a loose spelling the engine does not know
         payload["model"] = entry.id
         body = json.dumps(payload).encode()
     engine_name = ctx.engine.response_name(entry)
     renamer = ModelRenamer(engine_name, name) if engine_name != name else None
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP}
-
-    ctx.usage.start(entry.id)
     try:
         async with ctx.session.post(ctx.engine.url + request.path, data=body,
                                     headers=headers) as up:
@@ -110,5 +138,3 @@ async def forward(request: web.Request) -> web.StreamResponse:
         return error_response(
             503, f"the engine at {ctx.engine.url} is not reachable; start the stack with "
             "`make up` or `model start`, or check `model status`", "engine_unavailable")
-    finally:
-        ctx.usage.finish(entry.id)

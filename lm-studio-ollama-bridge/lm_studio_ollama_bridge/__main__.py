@@ -1,0 +1,3 @@
+from lm_studio_ollama_bridge.cli import main
+
+main()

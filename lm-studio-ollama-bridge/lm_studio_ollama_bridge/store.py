@@ -1,0 +1,111 @@
+"""Read Ollama's on-disk store: manifests/<registry>/<namespace>/<model>/<tag> and blobs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+MODEL_LAYER = "application/vnd.ollama.image.model"
+PROJECTOR_LAYER = "application/vnd.ollama.image.projector"
+DEFAULT_REGISTRY = "registry.ollama.ai"
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class OllamaModel:
+    name: str  # as the user pulled it: gemma3:12b, user/model:tag, hf.co/user/repo:tag
+    registry: str
+    namespace: str
+    model: str
+    tag: str
+    blob: Path
+    projector: Path | None
+    parameter_size: str  # as Ollama's config gives it, e.g. "12.2B"
+    quantization: str  # e.g. "Q4_K_M"
+
+    @property
+    def aliases(self) -> list[str]:
+        """Every spelling Ollama accepts for it: `gemma3` means `gemma3:latest`."""
+        names = [self.name]
+        if self.tag == "latest":
+            names.append(self.name.removesuffix(":latest"))
+        if self.registry == DEFAULT_REGISTRY and self.namespace == "library":
+            names.append(f"{self.registry}/library/{self.model}:{self.tag}")
+        return names
+
+
+def ollama_name(registry: str, namespace: str, model: str, tag: str) -> str:
+    if registry == DEFAULT_REGISTRY:
+        base = model if namespace == "library" else f"{namespace}/{model}"
+    else:
+        base = f"{registry}/{namespace}/{model}"
+    return f"{base}:{tag}"
+
+
+def blob_path(root: Path, digest: str) -> Path:
+    return root / "blobs" / digest.replace(":", "-")
+
+
+def is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def read_store(root: Path) -> tuple[list[OllamaModel], list[str]]:
+    """Every GGUF model in the store, and a notice for each manifest passed over."""
+    models: list[OllamaModel] = []
+    notices: list[str] = []
+    manifests = root / "manifests"
+    if not manifests.is_dir():
+        return models, notices
+    for path in sorted(p for p in manifests.rglob("*") if p.is_file()):
+        parts = path.relative_to(manifests).parts
+        if len(parts) < 4 or any(p.startswith(".") for p in parts):
+            continue
+        registry, namespace, model, tag = parts[0], "/".join(parts[1:-2]), parts[-2], parts[-1]
+        name = ollama_name(registry, namespace, model, tag)
+        try:
+            manifest = json.loads(path.read_text())
+            layers = manifest["layers"]
+            config_digest = manifest.get("config", {}).get("digest")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            notices.append(f"{name}: unreadable manifest {path} ({e}), skipped")
+            continue
+        model_layer = next((la for la in layers if la.get("mediaType") == MODEL_LAYER), None)
+        if model_layer is None:
+            notices.append(f"{name}: no GGUF model layer (safetensors or MLX?), skipped")
+            continue
+        blob = blob_path(root, model_layer["digest"])
+        if not blob.is_file():
+            notices.append(f"{name}: model blob {blob} is missing, skipped")
+            continue
+        if not is_gguf(blob):
+            notices.append(f"{name}: model blob is not GGUF, skipped")
+            continue
+        projector = next((blob_path(root, la["digest"]) for la in layers
+                          if la.get("mediaType") == PROJECTOR_LAYER), None)
+        if projector is not None and not is_gguf(projector):
+            notices.append(f"{name}: projector blob is not GGUF, served without it")
+            projector = None
+        config = _config(root, config_digest)
+        models.append(OllamaModel(
+            name=name, registry=registry, namespace=namespace, model=model, tag=tag,
+            blob=blob, projector=projector,
+            parameter_size=str(config.get("model_type") or "unknown"),
+            quantization=str(config.get("file_type") or "unknown"),
+        ))
+    return models, notices
+
+
+def _config(root: Path, digest: str | None) -> dict:
+    if not digest:
+        return {}
+    try:
+        data = json.loads(blob_path(root, digest).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -1,0 +1,109 @@
+"""Requests answered by Ollama: chat through /api/chat, embeddings through /api/embed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from aiohttp import web
+
+from services.proxy import ollama_chat
+from shared.catalog import Entry
+from shared.errors import error_response
+from shared.ollama import Ollama, OllamaError, OllamaUnavailable
+
+WARNING_HEADER = "X-Model-Serve-Warning"
+
+
+class OllamaModels:
+    """Ollama's own model list, refreshed at most every few seconds, or at once on a miss."""
+
+    def __init__(self, ollama: Ollama, max_age: float = 5.0) -> None:
+        self.ollama = ollama
+        self.max_age = max_age
+        self.models: list[dict] = []
+        self.fetched = 0.0
+        self._lock = asyncio.Lock()
+
+    async def refresh(self, force: bool = False) -> list[dict]:
+        async with self._lock:
+            if force or time.monotonic() - self.fetched > self.max_age:
+                self.models = await self.ollama.tags()
+                self.fetched = time.monotonic()
+        return self.models
+
+    async def lookup(self, name: str) -> str | None:
+        """Ollama's name for `name`, or None; `gemma3` means `gemma3:latest`."""
+        wanted = {name, f"{name}:latest"}
+        for force in (False, True):
+            try:
+                models = await self.refresh(force)
+            except OllamaUnavailable:
+                return None
+            for m in models:
+                if m.get("name") in wanted or m.get("model") in wanted:
+                    return m.get("name")
+        return None
+
+
+def _failure(e: Exception) -> web.Response:
+    if isinstance(e, OllamaUnavailable):
+        return error_response(503, str(e), "ollama_unavailable")
+    status = e.status if isinstance(e, OllamaError) and e.status < 500 else 502
+    return error_response(status, f"ollama: {e}", "ollama_error")
+
+
+async def chat(request: web.Request, ollama: Ollama, payload: dict, ollama_name: str,
+               entry: Entry | None) -> web.StreamResponse:
+    body, warnings = ollama_chat.chat_request(payload, ollama_name, entry)
+    model = payload["model"]
+    headers = {WARNING_HEADER: "; ".join(warnings)} if warnings else {}
+    if not body["stream"]:
+        try:
+            item = await ollama.call("POST", "/api/chat", body)
+        except (OllamaUnavailable, OllamaError) as e:
+            return _failure(e)
+        return web.json_response(ollama_chat.chat_response(item, model), headers=headers)
+    stream = ollama_chat.ChatStream(model)
+    resp: web.StreamResponse | None = None
+    try:
+        async for item in ollama.stream("/api/chat", body):
+            if resp is None:
+                resp = web.StreamResponse(headers=headers)
+                resp.content_type = "text/event-stream"
+                await resp.prepare(request)
+            await resp.write(stream.feed(item))
+    except (OllamaUnavailable, OllamaError) as e:
+        if resp is None:
+            return _failure(e)
+        await resp.write(b'data: {"error": {"message": ' +
+                         _json_str(f"ollama: {e}") + b', "type": "server_error"}}\n\n')
+    if resp is None:
+        return error_response(502, "ollama: empty answer", "ollama_error")
+    await resp.write_eof()
+    return resp
+
+
+def _json_str(text: str) -> bytes:
+    return json.dumps(text).encode()
+
+
+async def embeddings(ollama: Ollama, payload: dict, ollama_name: str,
+                     entry: Entry | None) -> web.Response:
+    try:
+        item = await ollama.call("POST", "/api/embed",
+                                     ollama_chat.embed_request(payload, ollama_name, entry))
+    except (OllamaUnavailable, OllamaError) as e:
+        return _failure(e)
+    return web.json_response(ollama_chat.embed_response(item, payload["model"]))
+
+
+async def answer(request: web.Request, ollama: Ollama, payload: dict, ollama_name: str,
+                 entry: Entry | None) -> web.StreamResponse:
+    if request.path == "/v1/chat/completions":
+        return await chat(request, ollama, payload, ollama_name, entry)
+    if request.path == "/v1/embeddings":
+        return await embeddings(ollama, payload, ollama_name, entry)
+    return error_response(400, f"{payload['model']} is served by Ollama, which answers "
+                          "/v1/chat/completions and /v1/embeddings here", "unsupported_route")

@@ -1,0 +1,71 @@
+"""Ollama's HTTP API, the parts model-serve uses."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import aiohttp
+
+
+class OllamaUnavailable(RuntimeError):
+    pass
+
+
+class OllamaError(RuntimeError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Ollama:
+    def __init__(self, base: str, session: aiohttp.ClientSession) -> None:
+        self.base = base
+        self.session = session
+
+    def unavailable(self) -> OllamaUnavailable:
+        return OllamaUnavailable(f"Ollama is not reachable at {self.base} (OLLAMA_BASE); "
+                                 "start it with `ollama serve` or fix OLLAMA_BASE")
+
+    async def call(self, method: str, path: str, body: dict | None = None) -> dict:
+        try:
+            async with self.session.request(method, self.base + path, json=body) as r:
+                text = await r.text()
+                if r.status >= 400:
+                    raise OllamaError(r.status, _message(text))
+                return json.loads(text) if text.strip() else {}
+        except aiohttp.ClientConnectionError:
+            raise self.unavailable() from None
+
+    async def stream(self, path: str, body: dict) -> AsyncIterator[dict]:
+        """NDJSON lines as dicts; an error line raises OllamaError."""
+        try:
+            async with self.session.post(self.base + path, json=body) as r:
+                if r.status >= 400:
+                    raise OllamaError(r.status, _message(await r.text()))
+                async for line in r.content:
+                    if not line.strip():
+                        continue
+                    item = json.loads(line)
+                    if "error" in item:
+                        raise OllamaError(500, str(item["error"]))
+                    yield item
+        except aiohttp.ClientConnectionError:
+            raise self.unavailable() from None
+
+    async def tags(self) -> list[dict]:
+        return (await self.call("GET", "/api/tags")).get("models") or []
+
+    async def ps(self) -> list[dict]:
+        return (await self.call("GET", "/api/ps")).get("models") or []
+
+    async def unload(self, name: str) -> None:
+        await self.call("POST", "/api/generate", {"model": name, "keep_alive": 0})
+
+
+def _message(text: str) -> str:
+    try:
+        data = json.loads(text)
+        return str(data.get("error") or text)
+    except (ValueError, AttributeError):
+        return text.strip() or "no reason given"
