@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lm_studio_ollama_bridge.links import LinkRecord
-
 from shared import custom_models
 from shared.custom_models import ConfigError, CustomModel
 from shared.gguf_header import GGUFError, GGUFInfo

@@ -75,8 +75,17 @@ def discover(root: Path) -> tuple[list[ModelFile], list[str]]:
                     if f != name and f.startswith(prefix) and SHARD.search(f)
                 ]
             models.append(model)
-        if projectors:
-            for model in models:
-                model.mmproj = projectors[0]
+        _pair_projectors(models, projectors)
         found.extend(models)
     return found, notices
+
+
+def _pair_projectors(models: list[ModelFile], projectors: list[Path]) -> None:
+    """`mmproj-<model file name>` belongs to that model (the bridge's naming); otherwise a
+    folder's single projector belongs to every model in it (LM Studio's layout)."""
+    by_name = {p.name.lower().removeprefix("mmproj-"): p for p in projectors}
+    claimed = {p for m in models if (p := by_name.get(m.path.name.lower()))}
+    spare = [p for p in projectors if p not in claimed]
+    for model in models:
+        model.mmproj = by_name.get(model.path.name.lower()) or (
+            spare[0] if len(spare) == 1 else None)

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-from lm_studio_ollama_bridge import Bridge, SyncReport, read_store
 
+from lm_studio_ollama_bridge import Bridge, SyncReport, read_store
 from shared import catalog as catalog_mod
 from shared.catalog import Catalog
 from shared.custom_models import ConfigError
@@ -71,6 +71,17 @@ def rebuild(settings: Settings, engine: Engine) -> SyncResult:
     engine_changed = write_if_changed(engine.config_path, engine.render(catalog))
     catalog_changed = write_if_changed(settings.catalog_file, catalog.to_json())
     return SyncResult(catalog, catalog_changed, engine_changed)
+
+
+def sync_all(settings: Settings, engine: Engine) -> tuple[SyncReport | None, SyncResult]:
+    """Bridge then rebuild: what `model sync` and the sync service do on every change.
+    A bridge that cannot run (an unreadable store) is logged; the catalog is still rebuilt."""
+    try:
+        report = run_bridge(settings)
+    except OSError as e:
+        log.error("bridge failed: %s", e)
+        report = None
+    return report, rebuild(settings, engine)
 
 
 async def apply(result: SyncResult, engine: Engine, session: aiohttp.ClientSession) -> bool:

@@ -1,0 +1,44 @@
+"""`model sync`, also run after `model pull` and `model rm`."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import click
+
+from services.cli.common import load_settings
+from shared.engines import make_engine
+from shared.sync import apply, sync_all
+
+
+def run_sync() -> None:
+    settings = load_settings()
+    engine = make_engine(settings)
+    report, result = sync_all(settings, engine)
+    for line in report.lines() if report else []:
+        click.echo(line, err=line.startswith("note:"))
+    if result.error:
+        click.echo(result.error, err=True)
+        raise click.ClickException("config not applied; the last good catalog stays in use")
+    for notice in result.catalog.notices:
+        click.echo(f"note: {notice}", err=True)
+
+    async def tell_engine() -> bool:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+            return await apply(result, engine, s)
+
+    n = len(result.catalog.entries)
+    if not result.engine_changed:
+        click.echo(f"{n} models; engine config unchanged")
+    elif asyncio.run(tell_engine()):
+        click.echo(f"{n} models; engine config updated and reloaded")
+    else:
+        click.echo(f"{n} models; engine config updated (engine not running, it reads it on start)")
+
+
+@click.command()
+def sync() -> None:
+    """Link Ollama's models, rescan models and custom_models.yaml, and reload the engine if
+    its config changed."""
+    run_sync()

@@ -1,0 +1,101 @@
+"""The sync process: filesystem events → bridge → catalog → engine config → engine reload.
+
+Watchdog reports changes under Ollama's manifests folder (Ollama writes a manifest last, once
+a pull is complete) and under MODELS_DIR. Events are debounced, so a burst of files gives one
+sync. A periodic full resync (BRIDGE_SYNC_INTERVAL) is only a safety net.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+import aiohttp
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from shared import settings as settings_mod
+from shared.engines import Engine, make_engine
+from shared.settings import Settings
+from shared.sync import apply, sync_all
+
+log = logging.getLogger("model-serve.sync")
+
+
+class Changes(FileSystemEventHandler):
+    """Remembers when the last relevant event came; the sync loop waits for quiet."""
+
+    def __init__(self) -> None:
+        self.pending = threading.Event()
+        self.last = 0.0
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("opened", "closed_no_write"):
+            return
+        self.last = time.monotonic()
+        self.pending.set()
+
+
+def sync_once(settings: Settings, engine: Engine, session_run) -> None:
+    started = time.monotonic()
+    _, result = sync_all(settings, engine)
+    if result.error or result.catalog is None:
+        return
+    reloaded = session_run(result)
+    log.info("synced in %.0f ms: %d models%s", (time.monotonic() - started) * 1000,
+             len(result.catalog.entries),
+             "" if not result.engine_changed else
+             ", engine reloaded" if reloaded else ", engine not running")
+
+
+def watch(settings: Settings, changes: Changes) -> Observer:
+    observer = Observer()
+    for folder in (settings.ollama_models / "manifests", settings.models_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+        observer.schedule(changes, str(folder), recursive=True)
+    observer.start()
+    return observer
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="sync: %(message)s")
+    settings = settings_mod.load()
+    engine = make_engine(settings)
+    changes = Changes()
+    loop = asyncio.new_event_loop()
+    session = loop.run_until_complete(_session())
+
+    def session_run(result) -> bool:
+        return loop.run_until_complete(apply(result, engine, session))
+
+    observer = watch(settings, changes)
+    log.info("watching %s and %s", settings.ollama_models / "manifests", settings.models_dir)
+    sync_once(settings, engine, session_run)
+    next_full = time.monotonic() + (settings.bridge_sync_interval or float("inf"))
+    try:
+        while True:
+            timeout = max(0.0, next_full - time.monotonic())
+            if changes.pending.wait(timeout=min(timeout, 3600)):
+                while time.monotonic() - changes.last < settings.sync_debounce:
+                    time.sleep(settings.sync_debounce / 3)
+                changes.pending.clear()
+            elif time.monotonic() < next_full:
+                continue
+            else:
+                next_full = time.monotonic() + settings.bridge_sync_interval
+            sync_once(settings, engine, session_run)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        observer.stop()
+        loop.run_until_complete(session.close())
+
+
+async def _session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+
+
+if __name__ == "__main__":
+    main()
