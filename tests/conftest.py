@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from shared.tiny_gguf import write_model
-from tests.harness import Stack, make_stack
+from tests.harness import Stack, make_stack, start_ollama
 
 
 @pytest.fixture
@@ -36,3 +36,12 @@ def stack_factory(tmp_path: Path, models_dir: Path, config_dir: Path):
     yield make
     for stack in stacks:
         stack.stop()
+
+
+@pytest.fixture
+def ollama(tmp_path: Path):
+    """(url, store) of a running Ollama stand-in with a real on-disk store."""
+    url, store, proc = start_ollama(tmp_path)
+    yield url, store
+    proc.terminate()
+    proc.wait()

@@ -123,6 +123,27 @@ def make_stack(tmp: Path, models_dir: Path, config_dir: Path, **env: str) -> Sta
         "LLAMA_SWAP_PORT": str(free_port()),
         "MODEL_SERVE_ENV_FILE": str(tmp / "no.env"),
         "ENGINE": "router",
+        # never a real Ollama of the machine's
+        "OLLAMA_BASE": f"http://127.0.0.1:{free_port()}",
+        "OLLAMA_MODELS": str(tmp / "no-ollama"),
         **env,
     }
     return Stack(tmp, full)
+
+
+def start_ollama(tmp: Path) -> tuple[str, Path, subprocess.Popen]:
+    """The Ollama stand-in on a free port with its store in tmp/ollama."""
+    store, port = tmp / "ollama", free_port()
+    log = open(tmp / "ollama.log", "ab")  # noqa: SIM115 - lives with the process
+    proc = subprocess.Popen([sys.executable, "-m", "tests.standins.ollama", "--models",
+                             str(store), "--port", str(port)], cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if http("GET", url + "/api/version", timeout=1)[0] == 200:
+                return url, store, proc
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("the Ollama stand-in did not start")

@@ -9,6 +9,7 @@ import aiohttp
 from aiohttp import web
 
 from services.proxy.context import CTX, Context
+from shared.ollama import OllamaError, OllamaUnavailable
 
 CREATED = int(time.time())
 
@@ -22,17 +23,40 @@ async def engine_states(ctx: Context) -> dict[str, str] | None:
         return None
 
 
+async def ollama_states(ctx: Context) -> tuple[list[dict], dict[str, str]] | None:
+    """Ollama's models and which are loaded, or None when Ollama does not answer."""
+    try:
+        async with asyncio.timeout(3):
+            tags = await ctx.ollama_models.refresh()
+            loaded = {m.get("name", ""): "loaded" for m in await ctx.ollama.ps()}
+    except (OllamaUnavailable, OllamaError, aiohttp.ClientError, TimeoutError, ValueError):
+        return None
+    return tags, loaded
+
+
 async def list_models(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
-    states = await engine_states(ctx)
+    await asyncio.to_thread(ctx.holder.refresh)  # a sync that just finished shows at once
+    catalog = ctx.holder.catalog
+    states, ollama = await asyncio.gather(engine_states(ctx), ollama_states(ctx))
+    tags, ollama_loaded = ollama or ([], {})
     data = []
-    for entry in ctx.holder.catalog.entries.values():
-        status = "unknown" if states is None else states.get(entry.id, "unloaded")
+    for entry in catalog.entries.values():
+        if entry.backend == "ollama":
+            status = "unknown" if ollama is None else ollama_loaded.get(entry.ollama, "unloaded")
+        else:
+            status = "unknown" if states is None else states.get(entry.id, "unloaded")
         data.append({
             "id": entry.id, "object": "model", "created": CREATED, "owned_by": "model-serve",
             "status": status, "backend": entry.backend, "aliases": entry.aliases,
             "context_length": entry.ctx_size,
         })
+    for tag in tags:  # Ollama's own models that no catalog entry serves
+        name = tag.get("name", "")
+        if name and catalog.resolve(name) is None:
+            data.append({"id": name, "object": "model", "created": CREATED,
+                         "owned_by": "ollama", "status": ollama_loaded.get(name, "unloaded"),
+                         "backend": "ollama", "aliases": []})
     return web.json_response({"object": "list", "data": data})
 
 
@@ -42,7 +66,9 @@ async def health(request: web.Request) -> web.Response:
     engine = {"name": ctx.engine.name, "url": ctx.engine.url, "ok": states is not None}
     if states is not None:
         engine["loaded"] = sorted(states)
+    ollama = await ollama_states(ctx)
     ok = states is not None
     body = {"status": "ok" if ok else "degraded", "proxy": "ok", "engine": engine,
+            "ollama": {"url": ctx.settings.ollama_base, "ok": ollama is not None},
             "models": len(ctx.holder.catalog.entries)}
     return web.json_response(body, status=200 if ok else 503)

@@ -51,10 +51,15 @@ def sync_once(settings: Settings, engine: Engine, session_run) -> None:
 
 
 def watch(settings: Settings, changes: Changes) -> Observer:
+    """Watch the folders that exist; creating Ollama's or LM Studio's folders is not ours
+    to do. One that appears later is picked up by the periodic resync and a restart."""
     observer = Observer()
     for folder in (settings.ollama_models / "manifests", settings.models_dir):
-        folder.mkdir(parents=True, exist_ok=True)
-        observer.schedule(changes, str(folder), recursive=True)
+        if folder.is_dir():
+            observer.schedule(changes, str(folder), recursive=True)
+            log.info("watching %s", folder)
+        else:
+            log.warning("%s does not exist (yet); not watched", folder)
     observer.start()
     return observer
 
@@ -71,7 +76,6 @@ def main() -> None:
         return loop.run_until_complete(apply(result, engine, session))
 
     observer = watch(settings, changes)
-    log.info("watching %s and %s", settings.ollama_models / "manifests", settings.models_dir)
     sync_once(settings, engine, session_run)
     next_full = time.monotonic() + (settings.bridge_sync_interval or float("inf"))
     try:
