@@ -212,3 +212,16 @@ def test_model_run_chats_through_the_proxy(stack) -> None:
     assert result.stdout.count("Hello from chat-mxfp4:1b") == 2
     result = stack.cli("run", "no-such-model", input="hi\n")
     assert result.returncode == 1 and "not found" in result.stderr
+
+
+def test_hugging_face_pulls_are_served_under_the_name_pulled(stack, models_dir) -> None:
+    name = "hf.co/someone/Tiny-GGUF:Q8_0"
+    assert stack.cli("pull", name).returncode == 0
+    status, body = http("POST", stack.url + "/v1/chat/completions", chat(name))
+    assert status == 200 and body["model"] == name and "timings" in body
+    assert (models_dir / "ollama" / "Tiny-GGUF").is_dir()
+
+
+def test_model_run_with_the_proxy_down_says_so(stack_factory) -> None:
+    result = stack_factory().cli("run", "ms/tiny:0.2m-f32", input="hi\n")
+    assert result.returncode == 1 and "not answering" in result.stderr
