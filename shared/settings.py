@@ -36,6 +36,12 @@ class Settings:
     route_to_ollama: tuple[str, ...]
     embeddings_to_ollama: tuple[str, ...]
     demo_model: bool
+    pressure_threshold: float
+    pressure_interval: float
+    min_model_age: float
+    memory_admission: bool
+    governor_port: int
+    memory_simulation: Path | None
 
     @property
     def engine_url(self) -> str:
@@ -53,6 +59,14 @@ class Settings:
     @property
     def catalog_file(self) -> Path:
         return self.state_dir / "catalog.json"
+
+    @property
+    def governor_url(self) -> str:
+        return f"http://127.0.0.1:{self.governor_port}"
+
+    @property
+    def footprints_file(self) -> Path:
+        return self.state_dir / "footprints.json"
 
     @property
     def bridge_record(self) -> Path:
@@ -108,14 +122,14 @@ def _words(env: dict[str, str], key: str, default: str) -> tuple[str, ...]:
     return tuple(w.strip().lower() for w in raw.split(",") if w.strip())
 
 
-def _seconds(env: dict[str, str], key: str, default: float) -> float:
+def _number(env: dict[str, str], key: str, default: float) -> float:
     raw = env.get(key, "").strip()
     if not raw:
         return default
     try:
         value = float(raw)
     except ValueError:
-        raise SettingsError(f"{key}={raw!r}: not a number of seconds") from None
+        raise SettingsError(f"{key}={raw!r}: not a number") from None
     if value < 0:
         raise SettingsError(f"{key}={value}: must be 0 or more")
     return value
@@ -137,13 +151,18 @@ def load(environ: dict[str, str] | None = None, env_file: Path | None = None) ->
         raise SettingsError(f"ENGINE={engine!r}: expected auto, router or llama-swap")
     ports = {
         key: _int(env, key, default, 1)
-        for key, default in (("HARMONY_PROXY_PORT", 5846), ("LLAMA_SWAP_PORT", 5847))
+        for key, default in (("HARMONY_PROXY_PORT", 5846), ("LLAMA_SWAP_PORT", 5847),
+                             ("GOVERNOR_PORT", 5848))
     }
     for key, port in ports.items():
         if port > 65535:
             raise SettingsError(f"{key}={port}: not a TCP port")
-    if ports["HARMONY_PROXY_PORT"] == ports["LLAMA_SWAP_PORT"]:
-        raise SettingsError("HARMONY_PROXY_PORT and LLAMA_SWAP_PORT must differ")
+    if len(set(ports.values())) < len(ports):
+        raise SettingsError("HARMONY_PROXY_PORT, LLAMA_SWAP_PORT and GOVERNOR_PORT must differ")
+    threshold = _number(env, "MEMORY_PRESSURE_THRESHOLD", 75.0)
+    if not 1 <= threshold <= 100:
+        raise SettingsError(f"MEMORY_PRESSURE_THRESHOLD={threshold}: a percentage, 1 to 100")
+    simulation = env.get("MEMORY_SIMULATION_FILE", "").strip()
     prefix = env.get("MODEL_PREFIX", "ms/")
     if any(c.isspace() or c == "," for c in prefix):
         raise SettingsError(f"MODEL_PREFIX={prefix!r}: no spaces or commas")
@@ -169,8 +188,14 @@ def load(environ: dict[str, str] | None = None, env_file: Path | None = None) ->
         ollama_base=ollama_base,
         ollama_models=_path(env, "OLLAMA_MODELS", Path.home() / ".ollama/models"),
         bridge_sync_interval=_int(env, "BRIDGE_SYNC_INTERVAL", 3600, 0),
-        sync_debounce=_seconds(env, "SYNC_DEBOUNCE_SECONDS", 0.3),
+        sync_debounce=_number(env, "SYNC_DEBOUNCE_SECONDS", 0.3),
         route_to_ollama=_words(env, "ROUTE_TO_OLLAMA", "mxfp4"),
         embeddings_to_ollama=_words(env, "EMBEDDINGS_TO_OLLAMA", "embed"),
         demo_model=_bool(env, "DEMO_MODEL", True),
+        pressure_threshold=threshold,
+        pressure_interval=max(0.1, _number(env, "PRESSURE_CHECK_INTERVAL", 2.0)),
+        min_model_age=_number(env, "MIN_MODEL_AGE_SECONDS", 5.0),
+        memory_admission=_bool(env, "MEMORY_ADMISSION", True),
+        governor_port=ports["GOVERNOR_PORT"],
+        memory_simulation=Path(simulation) if simulation else None,
     )

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from services.cli import models, ollama_cmds, stack
+from services.cli import memory_cmds, models, ollama_cmds, stack
 from services.cli.sync_cmd import sync
 
 
@@ -16,7 +16,8 @@ def cli() -> None:
 
 
 for command in (sync, stack.start, stack.stop, stack.status, ollama_cmds.pull, ollama_cmds.rm,
-                ollama_cmds.list_models, ollama_cmds.names, models.show, models.run):
+                ollama_cmds.list_models, ollama_cmds.names, models.show, models.run,
+                memory_cmds.stats, memory_cmds.load, memory_cmds.unload):
     cli.add_command(command)
 
 

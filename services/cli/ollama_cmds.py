@@ -16,7 +16,7 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def _table(rows: list[tuple[str, ...]]) -> None:
+def table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -99,7 +99,7 @@ def list_models(filter_text: str | None, served: bool) -> None:
     if len(rows) == 1:
         raise click.ClickException(f"no model matches {filter_text!r}" if filter_text
                                    else "no models")
-    _table(rows)
+    table(rows)
 
 
 @click.command()
@@ -114,4 +114,4 @@ def names(filter_text: str | None) -> None:
     if len(rows) == 1:
         raise click.ClickException("no Ollama model is served yet" if not filter_text
                                    else f"no model matches {filter_text!r}")
-    _table(rows)
+    table(rows)

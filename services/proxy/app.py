@@ -9,10 +9,12 @@ import hmac
 import aiohttp
 from aiohttp import web
 
-from services.proxy import forward, info
+from services.proxy import forward, info, manage
+from services.proxy.admission import Admission
 from services.proxy.context import CTX, Context
 from services.proxy.ollama_routes import OllamaModels
-from services.proxy.state import CatalogHolder, Usage
+from services.proxy.state import Usage
+from shared.catalog_holder import CatalogHolder
 from shared.engines import Engine, make_engine
 from shared.errors import error_response
 from shared.ollama import Ollama
@@ -64,17 +66,23 @@ def make_app(settings: Settings, engine: Engine | None = None) -> web.Applicatio
             holder = CatalogHolder(settings)
             await asyncio.to_thread(holder.refresh)
             ollama = Ollama(settings.ollama_base, ollama_session)
+            admission = Admission(settings, engine, session, ollama)
             app[CTX] = Context(settings, engine, holder, Usage(), session, ollama,
-                               OllamaModels(ollama))
-            follower = asyncio.create_task(holder.follow())
+                               OllamaModels(ollama), admission)
+            tasks = [asyncio.create_task(holder.follow()),
+                     asyncio.create_task(admission.follow(holder))]
             yield
-            follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await follower
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     app.cleanup_ctx.append(lifecycle)
     for path in OPENAI_ROUTES:
         app.router.add_post(path, forward.forward)
     app.router.add_get("/v1/models", info.list_models)
     app.router.add_get("/health", info.health)
+    app.router.add_get("/running", manage.running)
+    app.router.add_post("/models/unload", manage.unload)
+    app.router.add_post("/models/load", manage.load)
     return app

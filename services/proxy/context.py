@@ -7,8 +7,10 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
+from services.proxy.admission import Admission
 from services.proxy.ollama_routes import OllamaModels
-from services.proxy.state import CatalogHolder, Usage
+from services.proxy.state import Usage
+from shared.catalog_holder import CatalogHolder
 from shared.engines import Engine
 from shared.ollama import Ollama
 from shared.settings import Settings
@@ -23,6 +25,7 @@ class Context:
     session: aiohttp.ClientSession
     ollama: Ollama
     ollama_models: OllamaModels
+    admission: Admission
 
 
 CTX = web.AppKey("ctx", Context)

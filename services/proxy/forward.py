@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import aiohttp
@@ -87,9 +86,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
     if problem:
         return problem
     name = payload["model"]
-    entry = ctx.holder.catalog.resolve(name)
-    if entry is None and await asyncio.to_thread(ctx.holder.refresh):
-        entry = ctx.holder.catalog.resolve(name)  # a model that appeared a moment ago
+    entry = await ctx.holder.resolve(name)
     target = ollama_target(ctx.settings, entry, request.path) if entry else None
     if entry is None:
         target = await ctx.ollama_models.lookup(name)
@@ -101,6 +98,10 @@ async def forward(request: web.Request) -> web.StreamResponse:
     use_id = entry.id if entry else target
     ctx.usage.start(use_id)
     try:
+        # an embedding request sent to Ollama by name leaves the engine's model alone
+        needs_load = entry is not None and (target is None or entry.backend == "ollama")
+        if needs_load and (refused := await ctx.admission.ensure(entry)):
+            return refused
         if target:
             return await ollama_routes.answer(request, ctx.ollama, payload, target, entry)
         return await to_engine(request, body, payload, entry)

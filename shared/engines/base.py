@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shlex
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -19,6 +20,12 @@ ENGINE_OWNED = {"--host", "--port", "-m", "--model", "-a", "--alias"}
 
 class EngineError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class Running:
+    state: str  # "loaded", "loading" or "sleeping" (weights freed, process kept)
+    port: int | None  # of the model's own llama-server, to measure its memory
 
 
 def served(catalog: Catalog) -> list[Entry]:
@@ -78,11 +85,16 @@ class Engine(ABC):
         """The `model` the engine writes into its responses for this entry."""
 
     @abstractmethod
+    async def running(self, session: aiohttp.ClientSession,
+                      catalog: Catalog) -> dict[str, Running]:
+        """Catalog id → state and port of each model the engine holds."""
+
     async def loaded(self, session: aiohttp.ClientSession, catalog: Catalog) -> dict[str, str]:
-        """Catalog id → state ("loaded", "loading", ...) of each model the engine holds."""
+        return {mid: r.state for mid, r in (await self.running(session, catalog)).items()}
 
     @abstractmethod
-    async def load(self, session: aiohttp.ClientSession, entry: Entry) -> None: ...
+    async def load(self, session: aiohttp.ClientSession, entry: Entry) -> None:
+        """Returns once the model is loaded; EngineError with the reason when it fails."""
 
     @abstractmethod
     async def unload(self, session: aiohttp.ClientSession, entry: Entry) -> None: ...

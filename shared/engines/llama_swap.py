@@ -5,13 +5,13 @@ from __future__ import annotations
 import shlex
 import shutil
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 import yaml
 
 from shared.catalog import Catalog, Entry
-from shared.engines.base import Engine, model_args, served
+from shared.engines.base import Engine, Running, model_args, served
 
 GROUP = "model-serve"
 
@@ -52,11 +52,15 @@ class LlamaSwap(Engine):
     def response_name(self, entry: Entry) -> str:
         return entry.id
 
-    async def loaded(self, session: aiohttp.ClientSession, catalog: Catalog) -> dict[str, str]:
+    async def running(self, session: aiohttp.ClientSession,
+                      catalog: Catalog) -> dict[str, Running]:
         data = await self._call(session, "GET", "/running")
-        running = data.get("running", []) if isinstance(data, dict) else []
-        return {item["model"]: "loaded" if item.get("state") == "ready" else item.get("state", "")
-                for item in running}
+        out: dict[str, Running] = {}
+        for item in data.get("running", []) if isinstance(data, dict) else []:
+            state = "loaded" if item.get("state") == "ready" else item.get("state", "")
+            port = urlsplit(item.get("proxy", "")).port
+            out[item["model"]] = Running(state, port)
+        return out
 
     async def load(self, session: aiohttp.ClientSession, entry: Entry) -> None:
         # llama-swap starts a model on any request through /upstream/<id>/.

@@ -1,0 +1,79 @@
+"""`model stats`, `model load`, `model unload`: the loaded models and their memory."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import click
+
+from services.cli.common import load_settings
+from services.cli.ollama_cmds import table
+from shared.proxy_client import ProxyClient, ProxyError
+
+
+def call_proxy(method: str, *args):
+    settings = load_settings()
+
+    async def go():
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as s:
+            return await getattr(ProxyClient(settings.proxy_url, s, settings.api_key),
+                                 method)(*args)
+
+    try:
+        return asyncio.run(go())
+    except ProxyError as e:
+        raise click.ClickException(str(e)) from None
+    except aiohttp.ClientError as e:
+        raise click.ClickException(f"the proxy at {settings.proxy_url} is not answering "
+                                   f"({e.__class__.__name__}); start it with `model start`") \
+            from None
+
+
+def mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1024**2:,.0f} MiB"
+
+
+def ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m"
+
+
+@click.command()
+def stats() -> None:
+    """Loaded models: backend, context, slots, state, idle, TTL left, memory, pinned."""
+    data = call_proxy("running")
+    now = time.time()
+    rows = [("MODEL", "BACKEND", "CONTEXT", "SLOTS", "STATE", "IDLE", "TTL LEFT",
+             "ESTIMATED", "MEASURED", "PINNED")]
+    for m in data["models"]:
+        left = m["expires_at"] - now if m["expires_at"] else None
+        rows.append((m["id"], m["backend"], str(m["context_length"] or "-"),
+                     str(m["parallel"] or "-"),
+                     f"{m['state']}" + (f" ({m['in_flight']} busy)" if m["in_flight"] else ""),
+                     ago(m["idle_seconds"]), ago(left), mib(m["memory"]["estimated"]),
+                     mib(m["memory"]["measured"]), "yes" if m["pinned"] else ""))
+    if len(rows) > 1:
+        table(rows)
+    else:
+        click.echo("no models loaded")
+    s = data["system"]
+    click.echo(f"system memory: {mib(s['total'] - s['available'])} used of {mib(s['total'])} "
+               f"({s['used_pct']}%), {mib(s['available'])} available")
+
+
+@click.command()
+@click.argument("name")
+def load(name: str) -> None:
+    """Load NAME ahead of use (admission first, as for a request)."""
+    click.echo(f"loaded {call_proxy('load', name)['model']}")
+
+
+@click.command()
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Unload even while it serves requests.")
+def unload(name: str, force: bool) -> None:
+    """Unload NAME now (refused while it serves a request, unless --force)."""
+    click.echo(f"unloaded {call_proxy('unload', name, force)['model']}")

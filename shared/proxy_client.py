@@ -1,0 +1,34 @@
+"""The proxy's management API, for the governor and the CLI."""
+
+from __future__ import annotations
+
+import aiohttp
+
+
+class ProxyError(RuntimeError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ProxyClient:
+    def __init__(self, base: str, session: aiohttp.ClientSession, api_key: str = "") -> None:
+        self.base, self.session = base, session
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    async def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+        async with self.session.request(method, self.base + path, json=body,
+                                        headers=self.headers) as r:
+            data = await r.json(content_type=None)
+            if r.status >= 400:
+                raise ProxyError(r.status, (data.get("error") or {}).get("message", str(data)))
+            return data
+
+    async def running(self) -> dict:
+        return await self._call("GET", "/running")
+
+    async def unload(self, model: str, force: bool = False) -> dict:
+        return await self._call("POST", "/models/unload", {"model": model, "force": force})
+
+    async def load(self, model: str) -> dict:
+        return await self._call("POST", "/models/load", {"model": model})
