@@ -43,3 +43,4 @@ test: install lint
 bench: install
 	$(BIN)/python -m tests.bench.proxy_overhead
 	$(BIN)/python -m tests.bench.sync_latency
+	$(BIN)/python -m tests.bench.governor

@@ -213,8 +213,8 @@ def test_concurrent_first_requests_give_one_admission_and_one_load(gov_stack) ->
     for t in threads:
         t.join(60)
     assert results == [200] * 6
-    children = [p for p in psutil.process_iter(["cmdline"])
-                if section_name(C) in (p.info["cmdline"] or [])]
+    engine = psutil.Process(stack.procs[0].pid)
+    children = [p for p in engine.children(recursive=True) if section_name(C) in p.cmdline()]
     assert len(children) == 1
     port = stack.env["GOVERNOR_PORT"]
     assert http("GET", f"http://127.0.0.1:{port}/health")[1]["admissions"] == 1
