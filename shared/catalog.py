@@ -14,6 +14,8 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import yaml
+
 from lm_studio_ollama_bridge.links import LinkRecord
 from shared import custom_models
 from shared.custom_models import ConfigError, CustomModel
@@ -41,6 +43,8 @@ class Entry:
     size_bytes: int = 0
     base_model: str | None = None
     ollama: str | None = None  # the Ollama name of the same model, when Ollama has it
+    harmony: str = "off"  # proxy: the proxy speaks Harmony to it; native: the engine does
+    reasoning_effort: str | None = None
     info: dict = field(default_factory=dict)
 
     @property
@@ -159,6 +163,8 @@ def _apply(entry: Entry, custom: CustomModel, settings: Settings) -> None:
     entry.backend = custom.get("backend", entry.backend)
     entry.pin = custom.get("pin", entry.pin)
     entry.cmd = custom.get("cmd", entry.cmd)
+    entry.harmony = custom.get("harmony", entry.harmony)
+    entry.reasoning_effort = custom.get("reasoning_effort", entry.reasoning_effort)
     for alias in custom.get("aliases", []):
         if alias not in entry.aliases:
             entry.aliases.append(alias)
@@ -203,6 +209,7 @@ def build(settings: Settings, roots: list[Path] | None = None) -> Catalog:
         entries[mid] = Entry(
             id=mid,
             path=str(model.path),
+            harmony="proxy" if info.architecture == "gpt-oss" else "off",
             mmproj=str(model.mmproj) if model.mmproj else None,
             ctx_size=default_ctx(settings, model.size, info.context_length),
             parallel=settings.default_parallel,
@@ -212,6 +219,7 @@ def build(settings: Settings, roots: list[Path] | None = None) -> Catalog:
         )
     _add_ollama_names(entries, settings)
     catalog = Catalog(entries=dict(sorted(entries.items())), notices=notices)
+    _apply_harmony_list(catalog, settings)
     _apply_custom(catalog, settings)
     return catalog
 
@@ -229,6 +237,28 @@ def _add_ollama_names(entries: dict[str, Entry], settings: Settings) -> None:
         text = f"{entry.id} {entry.ollama}".lower()
         if any(word in text for word in settings.route_to_ollama):
             entry.backend = "ollama"
+
+
+def _apply_harmony_list(catalog: Catalog, settings: Settings) -> None:
+    """config/harmony_models.yaml (`harmony_models: [names]`): more models that speak
+    Harmony than the GGUF architecture shows, e.g. fine-tunes under another name."""
+    file = settings.config_dir / "harmony_models.yaml"
+    if not file.is_file():
+        return
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+        names = data.get("harmony_models") or []
+        if not isinstance(names, list):
+            raise TypeError
+    except (yaml.YAMLError, OSError, AttributeError, TypeError):
+        raise ConfigError([f"{file}: expected 'harmony_models:' and a list of model names"]) \
+            from None
+    for name in names:
+        entry = catalog.resolve(str(name)) or catalog.resolve(settings.model_prefix + str(name))
+        if entry:
+            entry.harmony = "proxy"
+        else:
+            catalog.notices.append(f"{file}: {name}: no such model; ignored until there is one")
 
 
 def _apply_custom(catalog: Catalog, settings: Settings) -> None:

@@ -29,7 +29,11 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "chat_template_kwargs": (str, dict),
     "ollama_model": (str,),
     "aliases": (list,),
+    "harmony": (str,),
+    "reasoning_effort": (str,),
 }
+HARMONY = ("proxy", "native", "off")
+EFFORTS = ("low", "medium", "high")
 
 
 class ConfigError(ValueError):
@@ -71,6 +75,10 @@ def _check(file: Path, name: str, key: str, value, problems: list[str]) -> None:
         problems.append(f"{where}: must be 0 or more seconds, got {value}")
     elif key == "backend" and value not in BACKENDS:
         problems.append(f"{where}: expected one of {', '.join(BACKENDS)}, got {value!r}")
+    elif key == "harmony" and value not in HARMONY:
+        problems.append(f"{where}: expected one of {', '.join(HARMONY)}, got {value!r}")
+    elif key == "reasoning_effort" and value not in EFFORTS:
+        problems.append(f"{where}: expected one of {', '.join(EFFORTS)}, got {value!r}")
     elif key in ("sampler_args", "cmd"):
         try:
             shlex.split(value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import logging
 
 import aiohttp
 from aiohttp import web
@@ -14,12 +15,14 @@ from services.proxy.admission import Admission
 from services.proxy.context import CTX, Context
 from services.proxy.ollama_routes import OllamaModels
 from services.proxy.state import Usage
+from shared import harmony_encoding
 from shared.catalog_holder import CatalogHolder
 from shared.engines import Engine, make_engine
 from shared.errors import error_response
 from shared.ollama import Ollama
 from shared.settings import Settings
 
+log = logging.getLogger("model-serve.proxy")
 OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 OPEN_PATHS = {"/health"}
 
@@ -65,6 +68,10 @@ def make_app(settings: Settings, engine: Engine | None = None) -> web.Applicatio
         ):
             holder = CatalogHolder(settings)
             await asyncio.to_thread(holder.refresh)
+            try:  # read the Harmony vocabulary now, not on the first GPT-OSS request
+                await asyncio.to_thread(harmony_encoding.encoding)
+            except Exception as e:  # noqa: BLE001 - any failure: serve the rest, say why
+                log.error("Harmony unavailable, GPT-OSS models will fail: %s", e)
             ollama = Ollama(settings.ollama_base, ollama_session)
             admission = Admission(settings, engine, session, ollama)
             app[CTX] = Context(settings, engine, holder, Usage(), session, ollama,

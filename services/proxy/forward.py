@@ -7,8 +7,9 @@ import json
 import aiohttp
 from aiohttp import web
 
-from services.proxy import ollama_routes
+from services.proxy import harmony_route, ollama_routes
 from services.proxy.context import CTX
+from services.proxy.engine_errors import engine_error
 from shared.catalog import Entry
 from shared.errors import error_response
 from shared.settings import Settings
@@ -56,18 +57,6 @@ def _parse(body: bytes) -> tuple[dict | None, web.Response | None]:
     return payload, None
 
 
-async def _engine_error(up: aiohttp.ClientResponse, entry_path: str) -> web.Response:
-    text = await up.text(errors="replace")
-    try:
-        err = json.loads(text)["error"]
-        message = err["message"] if isinstance(err, dict) else str(err)
-    except (ValueError, KeyError, TypeError):
-        message = text.strip()[:2000] or up.reason or "no reason given"
-    if "failed to load" in message and entry_path:
-        message += f" (model file: {entry_path}; the engine log has the details)"
-    return error_response(up.status, f"engine: {message}", "engine_error")
-
-
 def ollama_target(settings: Settings, entry: Entry, path: str) -> str | None:
     """The Ollama name to send this request to, or None for the engine."""
     if entry.backend == "ollama":
@@ -104,6 +93,8 @@ async def forward(request: web.Request) -> web.StreamResponse:
             return refused
         if target:
             return await ollama_routes.answer(request, ctx.ollama, payload, target, entry)
+        if entry.harmony == "proxy" and request.path == "/v1/chat/completions":
+            return await harmony_route.chat(request, payload, entry)
         return await to_engine(request, body, payload, entry)
     finally:
         ctx.usage.finish(use_id)
@@ -123,7 +114,7 @@ async def to_engine(request: web.Request, body: bytes, payload: dict,
         async with ctx.session.post(ctx.engine.url + request.path, data=body,
                                     headers=headers) as up:
             if up.status >= 400:
-                return await _engine_error(up, entry.path)
+                return await engine_error(up, entry.path)
             resp = web.StreamResponse(status=up.status)
             resp.content_type = up.content_type
             if up.charset:

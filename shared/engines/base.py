@@ -80,6 +80,10 @@ class Engine(ABC):
     def environment(self) -> dict[str, str]:
         return {}
 
+    def completion_url(self, entry: Entry) -> str:
+        """llama-server's raw /completion endpoint for this model (Harmony goes there)."""
+        return self.url + "/completion"
+
     @abstractmethod
     def response_name(self, entry: Entry) -> str:
         """The `model` the engine writes into its responses for this entry."""

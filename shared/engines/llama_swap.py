@@ -27,11 +27,14 @@ class LlamaSwap(Engine):
         server = self.llama_server()
         models: dict[str, dict] = {}
         for entry in served(catalog):
-            argv = [server, "--host", "127.0.0.1", "--port", "${PORT}", "--alias", entry.id]
-            if entry.path:
-                argv += ["--model", entry.path]
+            if entry.cmd:  # llama-swap runs any command: the override is taken as written
+                cmd = entry.cmd.replace("${MODEL_PATH}", entry.path)
+            else:
+                argv = [server, "--host", "127.0.0.1", "--port", "${PORT}", "--alias", entry.id,
+                        "--model", entry.path]
+                cmd = shlex.join(argv + model_args(entry)).replace("'${PORT}'", "${PORT}")
             models[entry.id] = {
-                "cmd": shlex.join(argv + model_args(entry)).replace("'${PORT}'", "${PORT}"),
+                "cmd": cmd,
                 "ttl": entry.ttl,
                 **({"aliases": entry.aliases} if entry.aliases else {}),
             }
@@ -48,6 +51,9 @@ class LlamaSwap(Engine):
         binary = shutil.which("llama-swap") or "llama-swap"
         return [binary, "--config", str(self.config_path),
                 "--listen", f"127.0.0.1:{self.settings.engine_port}", "--watch-config"]
+
+    def completion_url(self, entry: Entry) -> str:
+        return f"{self.url}/upstream/{quote(entry.id, safe='')}/completion"
 
     def response_name(self, entry: Entry) -> str:
         return entry.id

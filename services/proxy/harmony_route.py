@@ -1,0 +1,130 @@
+"""Chat with a GPT-OSS model through Harmony: render the prompt, stream the engine's raw
+completion tokens, and answer as any other OpenAI chat model would."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+
+import aiohttp
+from aiohttp import web
+
+from services.proxy.context import CTX
+from services.proxy.engine_errors import engine_error
+from services.proxy.harmony_decode import HarmonyDecoder
+from services.proxy.harmony_encode import RequestError, prompt_tokens
+from shared.catalog import Entry
+from shared.errors import error_response
+
+# OpenAI field → llama-server /completion field; the rest of the samplers share their names.
+_RENAMED = {"max_tokens": "n_predict", "max_completion_tokens": "n_predict"}
+_SAMPLERS = ("temperature", "top_p", "top_k", "min_p", "seed", "top_n_sigma", "typical_p",
+             "presence_penalty", "frequency_penalty", "repeat_penalty", "repeat_last_n",
+             "xtc_probability", "xtc_threshold", "dry_multiplier", "mirostat", "logit_bias")
+STOP_WORDS = ["<|return|>", "<|call|>"]
+
+
+def completion_body(payload: dict, entry: Entry, tokens: list[int]) -> dict:
+    body: dict = {"model": entry.id, "prompt": tokens, "stream": True, "return_tokens": True,
+                  "cache_prompt": True}
+    for field in _SAMPLERS:
+        if payload.get(field) is not None:
+            body[field] = payload[field]
+    for field, name in _RENAMED.items():
+        if payload.get(field) is not None:
+            body[name] = payload[field]
+    stop = payload.get("stop") or []
+    body["stop"] = STOP_WORDS + ([stop] if isinstance(stop, str) else list(stop))
+    return body
+
+
+class Chunks:
+    """OpenAI chunk framing: one id and `created` for the whole answer."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.id = f"chatcmpl-{secrets.token_hex(12)}"
+        self.created = int(time.time())
+
+    def sse(self, delta: dict, finish: str | None = None, **extra) -> bytes:
+        data = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+
+def finish_reason(decoder: HarmonyDecoder, stop_type: str) -> str:
+    if decoder.calls:
+        return "tool_calls"
+    return "length" if stop_type == "limit" and not decoder.stopped else "stop"
+
+
+async def chat(request: web.Request, payload: dict, entry: Entry) -> web.StreamResponse:
+    ctx = request.app[CTX]
+    try:
+        tokens = await asyncio.to_thread(prompt_tokens, payload, entry.reasoning_effort
+                                         or "medium")
+    except RequestError as e:
+        return error_response(400, str(e), "invalid_request")
+    decoder = HarmonyDecoder()
+    chunks = Chunks(payload["model"])
+    streaming = bool(payload.get("stream"))
+    usage = {"prompt_tokens": len(tokens), "completion_tokens": 0, "total_tokens": len(tokens)}
+    stop_type = ""
+    resp: web.StreamResponse | None = None
+    try:
+        async with ctx.session.post(ctx.engine.completion_url(entry),
+                                    json=completion_body(payload, entry, tokens)) as up:
+            if up.status >= 400:
+                return await engine_error(up, entry.path)
+            if streaming:
+                resp = web.StreamResponse()
+                resp.content_type = "text/event-stream"
+                await resp.prepare(request)
+                await resp.write(chunks.sse({"role": "assistant"}))
+            async for line in up.content:
+                if not line.startswith(b"data: "):
+                    continue
+                item = json.loads(line[6:])
+                deltas = decoder.feed(item.get("tokens") or [])
+                if item.get("stop"):
+                    stop_type = item.get("stop_type", "")
+                    usage["prompt_tokens"] = item.get("tokens_evaluated", len(tokens))
+                    usage["completion_tokens"] = item.get("tokens_predicted", 0)
+                if resp is not None:
+                    for delta in deltas:
+                        await resp.write(chunks.sse(delta))
+                if decoder.stopped or item.get("stop"):
+                    break  # leaving the block closes the upstream: generation stops
+    except aiohttp.ClientConnectorError:
+        if resp is None:
+            return error_response(503, f"the engine at {ctx.engine.url} is not reachable",
+                                  "engine_unavailable")
+    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, ValueError):
+        stop_type = stop_type or "error"  # the engine went away: finish with what came
+    tail = decoder.finish()
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    finish = finish_reason(decoder, stop_type)
+    if resp is None:
+        return web.json_response(_message(chunks, decoder, finish, usage))
+    for delta in tail:
+        await resp.write(chunks.sse(delta))
+    await resp.write(chunks.sse({}, finish, usage=usage))
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
+
+
+def _message(chunks: Chunks, decoder: HarmonyDecoder, finish: str, usage: dict) -> dict:
+    result = decoder.result
+    message: dict = {"role": "assistant", "content": result.content or None}
+    if result.reasoning:
+        message["reasoning_content"] = result.reasoning
+    if result.tool_calls:
+        message["tool_calls"] = result.tool_calls
+    return {"id": chunks.id, "object": "chat.completion", "created": chunks.created,
+            "model": chunks.model,
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+            "usage": usage}
