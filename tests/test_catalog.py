@@ -170,3 +170,32 @@ def test_with_no_models_a_demo_model_is_served(tmp_path, config_dir) -> None:
     result = rebuild(settings, make_engine(settings))
     assert list(result.catalog.entries) == ["ms/demo:0.2m-f32"]
     assert not (tmp_path / "empty").exists()  # nothing written into the user's folder
+
+
+def test_harmony_models_by_architecture_list_and_setting(tmp_path, models_dir,
+                                                         config_dir) -> None:
+    import gguf
+    import numpy as np
+
+    path = models_dir / "pub" / "oss" / "gpt-oss-20b-F32.gguf"
+    path.parent.mkdir(parents=True)
+    w = gguf.GGUFWriter(str(path), "gpt-oss")
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    (config_dir / "harmony_models.yaml").write_text("harmony_models:\n- other:0.2m-f32\n- gone\n")
+    (config_dir / "custom_models.yaml").write_text(
+        "models:\n  tiny:0.2m-f32:\n    harmony: native\n    reasoning_effort: high\n")
+    cat = catalog_mod.build(settings_for(tmp_path, models_dir, config_dir))
+    assert cat.entries["ms/gpt-oss-20b:0.0m-f32"].harmony == "proxy"
+    assert cat.entries["ms/other:0.2m-f32"].harmony == "proxy"
+    tiny = cat.entries["ms/tiny:0.2m-f32"]
+    assert (tiny.harmony, tiny.reasoning_effort) == ("native", "high")
+    assert any("harmony_models.yaml: gone: no such model" in n for n in cat.notices)
+    (config_dir / "custom_models.yaml").write_text(
+        "models:\n  tiny:0.2m-f32:\n    harmony: yes-please\n")
+    with pytest.raises(ConfigError, match="models.tiny:0.2m-f32.harmony: expected one of"):
+        catalog_mod.build(settings_for(tmp_path, models_dir, config_dir))

@@ -198,3 +198,11 @@ def test_api_key_guards_every_route_but_health(stack_factory) -> None:
     status, body = http("POST", url, chat(TINY), headers={"Authorization": "Bearer s3cret"})
     assert status == 200 and body["model"] == TINY
     assert http("GET", stack.url + "/health")[0] == 200
+
+
+def test_harmony_native_passes_chat_through_to_the_engine(stack_factory, config_dir) -> None:
+    (config_dir / "custom_models.yaml").write_text(
+        "models:\n  tiny:0.2m-f32:\n    harmony: native\n")
+    stack = stack_factory().start()
+    status, body = http("POST", stack.url + "/v1/chat/completions", chat(TINY))
+    assert status == 200 and "timings" in body  # llama-server's own chat endpoint answered

@@ -88,11 +88,15 @@ async def chat(request: web.Request, payload: dict, entry: Entry) -> web.StreamR
                 if not line.startswith(b"data: "):
                     continue
                 item = json.loads(line[6:])
-                deltas = decoder.feed(item.get("tokens") or [])
+                received = item.get("tokens") or []
+                # counted here too: a stop token ends the read before the engine's totals
+                usage["completion_tokens"] += len(received)
+                deltas = decoder.feed(received)
                 if item.get("stop"):
                     stop_type = item.get("stop_type", "")
                     usage["prompt_tokens"] = item.get("tokens_evaluated", len(tokens))
-                    usage["completion_tokens"] = item.get("tokens_predicted", 0)
+                    usage["completion_tokens"] = item.get("tokens_predicted",
+                                                          usage["completion_tokens"])
                 if resp is not None:
                     for delta in deltas:
                         await resp.write(chunks.sse(delta))
