@@ -48,6 +48,7 @@ async def running_models(ctx: Context) -> list[dict]:
             "id": mid, "backend": backend, "state": state,
             "last_used": last, "idle_seconds": round(now - last, 1) if last else None,
             "in_flight": use.in_flight if use else 0,
+            "requests": use.requests if use else 0,
             "ttl": ttl, "expires_at": last + ttl if last and ttl else None,
             "memory": {"estimated": footprints.estimate(entry) if entry else None,
                        "measured": measured},
@@ -73,38 +74,35 @@ async def running(request: web.Request) -> web.Response:
                    "used_pct": round(reading.used_pct, 1)}})
 
 
-async def _model_from_body(request: web.Request) -> tuple[str | None, web.Response | None]:
+async def _requested(request: web.Request) -> tuple[Entry | None, str | None, dict] | \
+        web.Response:
+    """The model a management call names: its catalog entry and/or its Ollama name."""
+    ctx = request.app[CTX]
     try:
         body = await request.json()
         name = body.get("model") if isinstance(body, dict) else None
     except ValueError:
         name = None
     if not isinstance(name, str) or not name:
-        return None, error_response(400, 'expected a JSON body {"model": "<id>"}',
-                                    "missing_model")
-    request["body"] = body
-    return name, None
-
-
-async def _target(ctx: Context, name: str) -> tuple[Entry | None, str | None]:
+        return error_response(400, 'expected a JSON body {"model": "<id>"}', "missing_model")
     entry = await ctx.holder.resolve(name)
-    if entry is not None:
-        return entry, entry.ollama if entry.backend == "ollama" else None
-    return None, await ctx.ollama_models.lookup(name)
+    ollama_name = (entry.ollama if entry.backend == "ollama" else None) if entry else \
+        await ctx.ollama_models.lookup(name)
+    if entry is None and ollama_name is None:
+        return error_response(404, f"model {name!r} not found", "model_not_found",
+                              suggestions=ctx.holder.catalog.closest(name))
+    return entry, ollama_name, body
 
 
 async def unload(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
-    name, problem = await _model_from_body(request)
-    if problem:
-        return problem
-    entry, ollama_name = await _target(ctx, name)
-    if entry is None and ollama_name is None:
-        return error_response(404, f"model {name!r} not found", "model_not_found",
-                              suggestions=ctx.holder.catalog.closest(name))
+    found = await _requested(request)
+    if isinstance(found, web.Response):
+        return found
+    entry, ollama_name, body = found
     mid = entry.id if entry else ollama_name
     use = ctx.usage.models.get(mid)
-    if use and use.in_flight and not request["body"].get("force"):
+    if use and use.in_flight and not body.get("force"):
         return error_response(409, f"{mid} is serving {use.in_flight} request(s); "
                               'send "force": true to unload it anyway', "model_busy")
     try:
@@ -122,13 +120,16 @@ async def unload(request: web.Request) -> web.Response:
 
 async def load(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
-    name, problem = await _model_from_body(request)
-    if problem:
-        return problem
-    entry, ollama_name = await _target(ctx, name)
-    if entry is None:
-        return error_response(404, f"model {name!r} not found", "model_not_found",
-                              suggestions=ctx.holder.catalog.closest(name))
+    found = await _requested(request)
+    if isinstance(found, web.Response):
+        return found
+    entry, ollama_name, _ = found
+    if entry is None:  # one of Ollama's own models: Ollama loads it on an empty request
+        try:
+            await ctx.ollama.call("POST", "/api/generate", {"model": ollama_name})
+        except (OllamaUnavailable, OllamaError) as e:
+            return error_response(503, str(e), "ollama_unavailable")
+        return web.json_response({"model": ollama_name, "loaded": True})
     refused = await ctx.admission.ensure(entry)
     if refused:
         return refused
