@@ -155,7 +155,7 @@ def _custom_args(custom: CustomModel) -> list[str]:
     return args
 
 
-def _apply(entry: Entry, custom: CustomModel, settings: Settings) -> None:
+def _apply(entry: Entry, custom: CustomModel) -> None:
     entry.args = _custom_args(custom)
     entry.ctx_size = custom.get("ctx_size", entry.ctx_size)
     entry.ttl = custom.get("ttl", entry.ttl)
@@ -282,7 +282,7 @@ def _apply_custom(catalog: Catalog, settings: Settings) -> None:
                     f"{file}: models.{custom.name}: no model file with this name is installed; "
                     "its settings wait until one is")
                 continue
-        _apply(entry, custom, settings)
+        _apply(entry, custom)
     catalog.reindex()
     for custom in aliases:
         base_name = custom.get("base_model")
@@ -300,7 +300,7 @@ def _apply_custom(catalog: Catalog, settings: Settings) -> None:
         entry = Entry(id=aid, path=base.path, mmproj=base.mmproj, backend=base.backend,
                       ctx_size=base.ctx_size, parallel=base.parallel, ttl=base.ttl,
                       size_bytes=base.size_bytes, base_model=base.id, info=base.info)
-        _apply(entry, custom, settings)
+        _apply(entry, custom)
         catalog.entries[aid] = entry
     for entry in catalog.entries.values():
         if entry.backend == "ollama" and not entry.ollama:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,3 +94,13 @@ async def apply(result: SyncResult, engine: Engine, session: aiohttp.ClientSessi
     except aiohttp.ClientConnectionError:
         return False
     return True
+
+
+def reload_engine(result: SyncResult, engine: Engine) -> bool:
+    """`apply` for a caller without an event loop (the CLI, the sync service)."""
+
+    async def go() -> bool:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+            return await apply(result, engine, session)
+
+    return asyncio.run(go())

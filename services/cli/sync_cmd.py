@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-
-import aiohttp
 import click
 
 from services.cli.common import load_settings
 from shared.engines import make_engine
-from shared.sync import apply, sync_all
+from shared.sync import reload_engine, sync_all
 
 
 def run_sync() -> None:
@@ -24,14 +21,10 @@ def run_sync() -> None:
     for notice in result.catalog.notices:
         click.echo(f"note: {notice}", err=True)
 
-    async def tell_engine() -> bool:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
-            return await apply(result, engine, s)
-
     n = len(result.catalog.entries)
     if not result.engine_changed:
         click.echo(f"{n} models; engine config unchanged")
-    elif asyncio.run(tell_engine()):
+    elif reload_engine(result, engine):
         click.echo(f"{n} models; engine config updated and reloaded")
     else:
         click.echo(f"{n} models; engine config updated (engine not running, it reads it on start)")

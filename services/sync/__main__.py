@@ -7,19 +7,17 @@ sync. A periodic full resync (BRIDGE_SYNC_INTERVAL) is only a safety net.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
 
-import aiohttp
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from shared import settings as settings_mod
 from shared.engines import Engine, make_engine
 from shared.settings import Settings
-from shared.sync import apply, sync_all
+from shared.sync import reload_engine, sync_all
 
 log = logging.getLogger("model-serve.sync")
 
@@ -38,12 +36,12 @@ class Changes(FileSystemEventHandler):
         self.pending.set()
 
 
-def sync_once(settings: Settings, engine: Engine, session_run) -> None:
+def sync_once(settings: Settings, engine: Engine) -> None:
     started = time.monotonic()
     _, result = sync_all(settings, engine)
     if result.error or result.catalog is None:
         return
-    reloaded = session_run(result)
+    reloaded = reload_engine(result, engine)
     log.info("synced in %.0f ms: %d models%s", (time.monotonic() - started) * 1000,
              len(result.catalog.entries),
              "" if not result.engine_changed else
@@ -69,14 +67,8 @@ def main() -> None:
     settings = settings_mod.load()
     engine = make_engine(settings)
     changes = Changes()
-    loop = asyncio.new_event_loop()
-    session = loop.run_until_complete(_session())
-
-    def session_run(result) -> bool:
-        return loop.run_until_complete(apply(result, engine, session))
-
     observer = watch(settings, changes)
-    sync_once(settings, engine, session_run)
+    sync_once(settings, engine)
     next_full = time.monotonic() + (settings.bridge_sync_interval or float("inf"))
     try:
         while True:
@@ -89,16 +81,11 @@ def main() -> None:
                 continue
             else:
                 next_full = time.monotonic() + settings.bridge_sync_interval
-            sync_once(settings, engine, session_run)
+            sync_once(settings, engine)
     except KeyboardInterrupt:
         pass
     finally:
         observer.stop()
-        loop.run_until_complete(session.close())
-
-
-async def _session() -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
 
 
 if __name__ == "__main__":
