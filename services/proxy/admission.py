@@ -4,6 +4,7 @@ requests for it arrive together. Warm models skip all of this."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import aiohttp
@@ -88,10 +89,10 @@ class Admission:
                 loaded = await self.engine.loaded(self.session, catalog)
             except (aiohttp.ClientError, ValueError, EngineError):
                 loaded = {}
-            try:
-                in_ollama = {m.get("name") for m in await self.ollama.ps()}
-            except (OllamaUnavailable, OllamaError, ValueError):
-                in_ollama = set()
+            by_ollama = [e for e in catalog.entries.values() if e.backend == "ollama"]
+            in_ollama: set[str] = set()
+            if by_ollama:  # no need to ask Ollama about models it does not serve
+                with contextlib.suppress(OllamaUnavailable, OllamaError, ValueError):
+                    in_ollama = {m.get("name") for m in await self.ollama.ps()}
             self.warm = {m for m, state in loaded.items() if state == "loaded"} | {
-                e.id for e in catalog.entries.values()
-                if e.backend == "ollama" and e.ollama in in_ollama}
+                e.id for e in by_ollama if e.ollama in in_ollama}

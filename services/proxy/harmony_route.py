@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
-import time
 
 import aiohttp
 from aiohttp import web
@@ -15,6 +13,7 @@ from services.proxy.context import CTX
 from services.proxy.engine_errors import engine_error
 from services.proxy.harmony_decode import HarmonyDecoder
 from services.proxy.harmony_encode import RequestError, prompt_tokens
+from services.proxy.openai_shapes import Completion
 from shared.catalog import Entry
 from shared.errors import error_response
 
@@ -40,21 +39,6 @@ def completion_body(payload: dict, entry: Entry, tokens: list[int]) -> dict:
     return body
 
 
-class Chunks:
-    """OpenAI chunk framing: one id and `created` for the whole answer."""
-
-    def __init__(self, model: str) -> None:
-        self.model = model
-        self.id = f"chatcmpl-{secrets.token_hex(12)}"
-        self.created = int(time.time())
-
-    def sse(self, delta: dict, finish: str | None = None, **extra) -> bytes:
-        data = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
-        return b"data: " + json.dumps(data).encode() + b"\n\n"
-
-
 def finish_reason(decoder: HarmonyDecoder, stop_type: str) -> str:
     if decoder.calls:
         return "tool_calls"
@@ -69,7 +53,7 @@ async def chat(request: web.Request, payload: dict, entry: Entry) -> web.StreamR
     except RequestError as e:
         return error_response(400, str(e), "invalid_request")
     decoder = HarmonyDecoder()
-    chunks = Chunks(payload["model"])
+    chunks = Completion(payload["model"])
     streaming = bool(payload.get("stream"))
     usage = {"prompt_tokens": len(tokens), "completion_tokens": 0, "total_tokens": len(tokens)}
     stop_type = ""
@@ -83,7 +67,7 @@ async def chat(request: web.Request, payload: dict, entry: Entry) -> web.StreamR
                 resp = web.StreamResponse()
                 resp.content_type = "text/event-stream"
                 await resp.prepare(request)
-                await resp.write(chunks.sse({"role": "assistant"}))
+                await resp.write(chunks.chunk({"role": "assistant"}))
             async for line in up.content:
                 if not line.startswith(b"data: "):
                     continue
@@ -99,7 +83,7 @@ async def chat(request: web.Request, payload: dict, entry: Entry) -> web.StreamR
                                                           usage["completion_tokens"])
                 if resp is not None:
                     for delta in deltas:
-                        await resp.write(chunks.sse(delta))
+                        await resp.write(chunks.chunk(delta))
                 if decoder.stopped or item.get("stop"):
                     break  # leaving the block closes the upstream: generation stops
     except aiohttp.ClientConnectorError:
@@ -112,23 +96,20 @@ async def chat(request: web.Request, payload: dict, entry: Entry) -> web.StreamR
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     finish = finish_reason(decoder, stop_type)
     if resp is None:
-        return web.json_response(_message(chunks, decoder, finish, usage))
+        return web.json_response(chunks.whole(_message(decoder), finish, usage))
     for delta in tail:
-        await resp.write(chunks.sse(delta))
-    await resp.write(chunks.sse({}, finish, usage=usage))
+        await resp.write(chunks.chunk(delta))
+    await resp.write(chunks.chunk({}, finish, usage=usage))
     await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
     return resp
 
 
-def _message(chunks: Chunks, decoder: HarmonyDecoder, finish: str, usage: dict) -> dict:
+def _message(decoder: HarmonyDecoder) -> dict:
     result = decoder.result
     message: dict = {"role": "assistant", "content": result.content or None}
     if result.reasoning:
         message["reasoning_content"] = result.reasoning
     if result.tool_calls:
         message["tool_calls"] = result.tool_calls
-    return {"id": chunks.id, "object": "chat.completion", "created": chunks.created,
-            "model": chunks.model,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-            "usage": usage}
+    return message

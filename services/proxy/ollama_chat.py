@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 import secrets
-import time
 
+from services.proxy.openai_shapes import Completion
 from shared.catalog import Entry
 
 # OpenAI-request field → Ollama option.
@@ -149,10 +149,7 @@ def chat_response(item: dict, model: str) -> dict:
     calls = _tool_calls(message)
     if calls:
         out["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls]
-    return {"id": f"chatcmpl-{secrets.token_hex(12)}", "object": "chat.completion",
-            "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": out, "finish_reason": _finish(item, bool(calls))}],
-            "usage": _usage(item)}
+    return Completion(model).whole(out, _finish(item, bool(calls)), _usage(item))
 
 
 class ChatStream:
@@ -160,17 +157,9 @@ class ChatStream:
     tool calls numbered across the turn, finish and usage at the end."""
 
     def __init__(self, model: str) -> None:
-        self.model = model
-        self.id = f"chatcmpl-{secrets.token_hex(12)}"
-        self.created = int(time.time())
+        self.completion = Completion(model)
         self.role_sent = False
         self.tool_calls = 0
-
-    def _chunk(self, delta: dict, finish: str | None = None, **extra) -> bytes:
-        data = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
-        return b"data: " + json.dumps(data).encode() + b"\n\n"
 
     def feed(self, item: dict) -> bytes:
         message = item.get("message") or {}
@@ -186,9 +175,9 @@ class ChatStream:
         if calls:
             delta["tool_calls"] = calls
             self.tool_calls += len(calls)
-        out = self._chunk(delta) if delta else b""
+        out = self.completion.chunk(delta) if delta else b""
         if item.get("done"):
-            out += self._chunk({}, _finish(item, self.tool_calls > 0), usage=_usage(item))
+            out += self.completion.chunk({}, _finish(item, self.tool_calls > 0), usage=_usage(item))
             out += b"data: [DONE]\n\n"
         return out
 
