@@ -42,6 +42,7 @@ class GGUFInfo:
     context_length: int
     block_count: int
     embedding_length: int
+    feed_forward_length: int
     head_count: int
     head_count_kv: int
     key_length: int
@@ -167,6 +168,7 @@ def _info(kv: dict[str, object], params: int) -> GGUFInfo:
         context_length=_first(a("context_length")),
         block_count=_first(a("block_count")),
         embedding_length=embd,
+        feed_forward_length=_first(a("feed_forward_length")),
         head_count=heads,
         head_count_kv=_first(a("attention.head_count_kv")) or heads,
         key_length=_first(a("attention.key_length")) or head_dim,

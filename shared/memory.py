@@ -1,4 +1,5 @@
-"""Memory: what a model will need, what a loaded one uses, and what the machine has left."""
+"""Memory: what a model will need, what loads of it really used, and the governor's
+accounting of what the machine has left."""
 
 from __future__ import annotations
 
@@ -6,34 +7,50 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 from shared.catalog import Entry
 from shared.files import write_atomic
+from shared.os_memory import SystemMemory
 
 MIB = 1024**2
-# Compute buffers and runtime on top of weights and KV cache; a learned footprint replaces it.
-ALLOWANCE_BYTES = 64 * MIB
-ALLOWANCE_SHARE = 0.05
 KV_ELEMENT_BYTES = 2  # f16 K and V
+UBATCH = 512  # llama-server's default physical batch, which sizes its compute buffer
+RUNTIME_BYTES = 32 * MIB  # llama-server's own code, threads and heap
+# A model that is not a GGUF the catalog read (one of Ollama's own): its file plus this.
+UNKNOWN_SHARE = 0.25
 
 
 def kv_cache_bytes(entry: Entry) -> int:
+    """llama-server's `-c` is the whole cache, shared by the slots (not per slot)."""
     info = entry.info
     per_token = info.get("head_count_kv", 0) * (info.get("key_length", 0)
                                                 + info.get("value_length", 0))
-    return (info.get("block_count", 0) * entry.ctx_size * per_token * KV_ELEMENT_BYTES
-            * entry.parallel)
+    return info.get("block_count", 0) * entry.ctx_size * per_token * KV_ELEMENT_BYTES
+
+
+def compute_buffer_bytes(entry: Entry) -> int:
+    """llama-server's CPU compute buffer with flash attention (its default where the backend
+    has it): the feed-forward activations of one batch, and the f16 attention mask over the
+    whole context. Fitted to the sizes llama-server logs for generated models of several
+    shapes (`-lv 4`: "compute buffer size")."""
+    info = entry.info
+    width = 4 * info.get("feed_forward_length", 0) + 2 * info.get("embedding_length", 0)
+    return UBATCH * 4 * width + UBATCH * entry.ctx_size * 2
 
 
 def first_estimate(entry: Entry) -> int:
-    return int(entry.size_bytes * (1 + ALLOWANCE_SHARE) + kv_cache_bytes(entry)
-               + ALLOWANCE_BYTES)
+    if not entry.info:
+        return int(entry.size_bytes * (1 + UNKNOWN_SHARE) + RUNTIME_BYTES)
+    return entry.size_bytes + kv_cache_bytes(entry) + compute_buffer_bytes(entry) + RUNTIME_BYTES
+
+
+def shape(entry: Entry, backend: str) -> list:
+    """What a learned footprint depends on: the backend, the file, the context, the slots."""
+    return [backend, entry.path, entry.ctx_size, entry.parallel]
 
 
 class Footprints:
     """What loads of each model really used, kept in STATE_DIR for the next estimate. A
-    footprint counts only while the file, context and slots it was measured with still hold."""
+    footprint counts only while the shape it was measured with still holds."""
 
     def __init__(self, file: Path) -> None:
         self.file = file
@@ -41,68 +58,76 @@ class Footprints:
             self.data: dict[str, dict] = json.loads(file.read_text())
         except (OSError, ValueError):
             self.data = {}
+        if not isinstance(self.data, dict):
+            self.data = {}
 
-    @staticmethod
-    def _shape(entry: Entry) -> list:
-        return [entry.path, entry.ctx_size, entry.parallel]
+    def learned(self, key: str, shape: list) -> int | None:
+        rec = self.data.get(key)
+        ok = isinstance(rec, dict) and rec.get("shape") == shape
+        return rec["bytes"] if ok else None
 
-    def learned(self, entry: Entry) -> int | None:
-        rec = self.data.get(entry.id)
-        return rec["bytes"] if rec and rec.get("shape") == self._shape(entry) else None
-
-    def learn(self, entry: Entry, measured: int) -> bool:
+    def learn(self, key: str, shape: list, measured: int) -> bool:
         """Keep the largest measurement for this shape; True when it changed."""
-        old = self.learned(entry)
+        old = self.learned(key, shape)
         if old is not None and measured <= old:
             return False
-        self.data[entry.id] = {"bytes": measured, "shape": self._shape(entry)}
+        self.data[key] = {"bytes": measured, "shape": shape}
         return True
 
     def save(self) -> None:
         write_atomic(self.file, json.dumps(self.data, indent=1))
 
-    def estimate(self, entry: Entry) -> int:
-        return self.learned(entry) or first_estimate(entry)
+    def estimate(self, key: str, entry: Entry, backend: str) -> int:
+        return self.learned(key, shape(entry, backend)) or first_estimate(entry)
 
 
 @dataclass(frozen=True)
-class Reading:
+class Accounting:
+    """Used memory for every decision: what the system counts as used, plus the models'
+    memory it leaves out (mapped weights), plus memory reserved for loads in progress."""
+
     total: int
-    available: int
+    os_used: int
+    models_reclaimable: int
+    reserved: int
+    threshold_pct: float
 
     @property
     def used(self) -> int:
-        return self.total - self.available
+        return min(self.total, self.os_used + self.models_reclaimable + self.reserved)
 
     @property
     def used_pct(self) -> float:
         return 100.0 * self.used / self.total if self.total else 0.0
 
+    @property
+    def limit(self) -> int:
+        return int(self.total * self.threshold_pct / 100)
 
-def system_reading() -> Reading:
-    """psutil's `available` counts what the system can reclaim (on macOS free + inactive
-    pages, on Linux MemAvailable), so file cache does not look like pressure."""
-    vm = psutil.virtual_memory()
-    return Reading(vm.total, vm.available)
+    @property
+    def room(self) -> int:
+        """What can still be loaded under the limit (negative: over it)."""
+        return self.limit - self.used
+
+    def to_dict(self) -> dict:
+        return {"total": self.total, "used": self.used, "available": self.total - self.used,
+                "used_pct": round(self.used_pct, 1), "threshold_pct": self.threshold_pct,
+                "limit": self.limit, "os_used": self.os_used,
+                "models_reclaimable": self.models_reclaimable, "reserved": self.reserved}
 
 
-def simulated_reading(file: Path, model_bytes: int) -> Reading:
-    """A machine of `total` bytes where everything but the models uses `base_used`: the
-    models' own memory is measured for real. For tests and benchmarks, so thresholds are
-    deterministic on any machine."""
+def account(system: SystemMemory, rows: list[dict], reserved: int,
+            threshold_pct: float) -> Accounting:
+    """`rows` are /running's models; each page is counted once: the system's figure holds
+    what it counts, each row adds only its `reclaimable` part."""
+    reclaimable = sum(r["memory"]["reclaimable"] or 0 for r in rows)
+    return Accounting(system.total, system.used, reclaimable, reserved, threshold_pct)
+
+
+def simulated_system(file: Path, rows: list[dict]) -> SystemMemory:
+    """A machine of `total` bytes where everything but the models uses `base_used`; the
+    models' own memory is measured for real. For tests of decision logic only."""
     data = json.loads(file.read_text())
-    total = int(data["total"])
-    return Reading(total, max(0, total - int(data["base_used"]) - model_bytes))
-
-
-def rss_by_port(ports: dict[str, int]) -> dict[str, int]:
-    """Resident memory of the server process listening on each model's port (found by the
-    `--port N` in its command line, which needs no privileges on macOS either)."""
-    wanted = {str(port): mid for mid, port in ports.items()}
-    out: dict[str, int] = {}
-    for proc in psutil.process_iter(["cmdline", "memory_info"]):
-        cmd = proc.info.get("cmdline") or []
-        for flag, value in zip(cmd, cmd[1:], strict=False):
-            if flag == "--port" and value in wanted and proc.info.get("memory_info"):
-                out[wanted[value]] = proc.info["memory_info"].rss
-    return out
+    counted = sum((r["memory"]["measured"] or 0) - (r["memory"]["reclaimable"] or 0)
+                  for r in rows)
+    return SystemMemory(int(data["total"]), int(data["base_used"]) + counted)

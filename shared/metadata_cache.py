@@ -10,7 +10,7 @@ from shared.files import write_atomic
 from shared.gguf_header import GGUFInfo, read_header
 
 # Bump when GGUFInfo gains a field, so older cached headers are read again.
-VERSION = 2
+VERSION = 3
 
 
 class MetadataCache:

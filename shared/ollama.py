@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 
+from shared.catalog import Entry
+
 
 class OllamaUnavailable(RuntimeError):
     pass
@@ -61,6 +63,13 @@ class Ollama:
 
     async def unload(self, name: str) -> None:
         await self.call("POST", "/api/generate", {"model": name, "keep_alive": 0})
+
+
+def keep_alive(entry: Entry | None) -> str | int | None:
+    """The model's TTL as Ollama's keep_alive; Ollama's own default for its own models."""
+    if entry is None:
+        return None
+    return f"{entry.ttl}s" if entry.ttl else -1
 
 
 def _message(text: str) -> str:

@@ -27,8 +27,9 @@ class ProxyClient:
     async def running(self) -> dict:
         return await self._call("GET", "/running")
 
-    async def unload(self, model: str, force: bool = False) -> dict:
-        return await self._call("POST", "/models/unload", {"model": model, "force": force})
+    async def unload(self, model: str, force: bool = False, backend: str | None = None) -> dict:
+        body = {"model": model, "force": force, **({"backend": backend} if backend else {})}
+        return await self._call("POST", "/models/unload", body)
 
     async def load(self, model: str) -> dict:
         return await self._call("POST", "/models/load", {"model": model})

@@ -42,6 +42,9 @@ class Settings:
     memory_admission: bool
     governor_port: int
     memory_simulation: Path | None
+    psi_level: float
+    paging_mib_s: float
+    mac_pressure_level: str
 
     @property
     def engine_url(self) -> str:
@@ -163,6 +166,9 @@ def load(environ: dict[str, str] | None = None, env_file: Path | None = None) ->
     if not 1 <= threshold <= 100:
         raise SettingsError(f"MEMORY_PRESSURE_THRESHOLD={threshold}: a percentage, 1 to 100")
     simulation = env.get("MEMORY_SIMULATION_FILE", "").strip()
+    mac_level = env.get("PRESSURE_MACOS_LEVEL", "warn").strip().lower() or "warn"
+    if mac_level not in ("warn", "critical"):
+        raise SettingsError(f"PRESSURE_MACOS_LEVEL={mac_level!r}: expected warn or critical")
     prefix = env.get("MODEL_PREFIX", "ms/")
     if any(c.isspace() or c == "," for c in prefix):
         raise SettingsError(f"MODEL_PREFIX={prefix!r}: no spaces or commas")
@@ -198,4 +204,7 @@ def load(environ: dict[str, str] | None = None, env_file: Path | None = None) ->
         memory_admission=_bool(env, "MEMORY_ADMISSION", True),
         governor_port=ports["GOVERNOR_PORT"],
         memory_simulation=Path(simulation) if simulation else None,
+        psi_level=_number(env, "PRESSURE_PSI_LEVEL", 10.0),
+        paging_mib_s=_number(env, "PRESSURE_PAGING_MIB_S", 32.0),
+        mac_pressure_level=mac_level,
     )

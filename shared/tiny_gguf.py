@@ -19,14 +19,18 @@ CHAT_TEMPLATE = (
 N_VOCAB = 259
 
 
-def _vocab() -> tuple[list[bytes], list[int]]:
+def _vocab(n_vocab: int) -> tuple[list[bytes], list[int]]:
+    """The byte vocabulary, padded with never-produced words up to `n_vocab` (a real model's
+    vocabulary size shapes its output buffer)."""
     tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in range(256)]
     types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.BYTE] * 256
+    tokens += [f"<w{i}>".encode() for i in range(n_vocab - N_VOCAB)]
+    types += [TokenType.USER_DEFINED] * (n_vocab - N_VOCAB)
     return tokens, [int(t) for t in types]
 
 
-def layer_bytes(n_embd: int, n_ff: int) -> int:
-    return 4 * (2 * n_embd + 4 * n_embd * n_embd + 3 * n_embd * n_ff)
+def layer_bytes(n_embd: int, n_ff: int, n_embd_kv: int) -> int:
+    return 4 * (2 * n_embd + 2 * n_embd * (n_embd + n_embd_kv) + 3 * n_embd * n_ff)
 
 
 def write_model(
@@ -37,6 +41,8 @@ def write_model(
     n_layer: int = 2,
     n_ff: int | None = None,
     n_head: int = 4,
+    n_head_kv: int | None = None,
+    n_vocab: int = N_VOCAB,
     context_length: int = 4096,
     target_bytes: int | None = None,
     seed: int = 0,
@@ -44,8 +50,9 @@ def write_model(
 ) -> Path:
     """Write a model; with `target_bytes` the layer count grows until the file is that big."""
     n_ff = n_ff or 4 * n_embd
+    n_embd_kv = n_embd // n_head * (n_head_kv or n_head)
     if target_bytes:
-        n_layer = max(1, math.ceil(target_bytes / layer_bytes(n_embd, n_ff)))
+        n_layer = max(1, math.ceil(target_bytes / layer_bytes(n_embd, n_ff, n_embd_kv)))
     rng = np.random.default_rng(seed)
 
     def weights(*shape: int) -> np.ndarray:
@@ -60,16 +67,16 @@ def write_model(
     w.add_block_count(n_layer)
     w.add_feed_forward_length(n_ff)
     w.add_head_count(n_head)
-    w.add_head_count_kv(n_head)
+    w.add_head_count_kv(n_head_kv or n_head)
     w.add_rope_dimension_count(n_embd // n_head)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_file_type(LlamaFileType.ALL_F32)
     if pooling_type:
         w.add_pooling_type(PoolingType(pooling_type))
-    tokens, types = _vocab()
+    tokens, types = _vocab(n_vocab)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
-    w.add_token_scores([0.0] * N_VOCAB)
+    w.add_token_scores([0.0] * n_vocab)
     w.add_token_types(types)
     w.add_unk_token_id(0)
     w.add_bos_token_id(1)
@@ -77,14 +84,15 @@ def write_model(
     w.add_add_bos_token(False)
     w.add_chat_template(CHAT_TEMPLATE)
 
-    w.add_tensor("token_embd.weight", weights(N_VOCAB, n_embd))
+    w.add_tensor("token_embd.weight", weights(n_vocab, n_embd))
     w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
-    w.add_tensor("output.weight", weights(N_VOCAB, n_embd))
+    w.add_tensor("output.weight", weights(n_vocab, n_embd))
     for i in range(n_layer):
         p = f"blk.{i}."
         w.add_tensor(p + "attn_norm.weight", np.ones(n_embd, dtype=np.float32))
-        for t in ("attn_q", "attn_k", "attn_v", "attn_output"):
-            w.add_tensor(p + t + ".weight", weights(n_embd, n_embd))
+        for t, rows in (("attn_q", n_embd), ("attn_k", n_embd_kv), ("attn_v", n_embd_kv),
+                        ("attn_output", n_embd)):
+            w.add_tensor(p + t + ".weight", weights(rows, n_embd))
         w.add_tensor(p + "ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
         w.add_tensor(p + "ffn_gate.weight", weights(n_ff, n_embd))
         w.add_tensor(p + "ffn_up.weight", weights(n_ff, n_embd))

@@ -27,7 +27,7 @@ def _settings(tmp_path, models_dir, config_dir, **env):
                  "CONFIG_DIR": str(config_dir), **env}, env_file=tmp_path / "none")
 
 
-def test_router_presets_keep_ids_settings_and_ttl(tmp_path, models_dir, config_dir) -> None:
+def test_router_presets_keep_ids_and_settings(tmp_path, models_dir, config_dir) -> None:
     settings = _settings(tmp_path, models_dir, config_dir)
     engine = make_engine(settings)
     assert engine.name == "llama-server router"
@@ -35,18 +35,19 @@ def test_router_presets_keep_ids_settings_and_ttl(tmp_path, models_dir, config_d
     ini.read_string("[top]\n" + engine.render(catalog_mod.build(settings)))
     tiny = ini[section_name("ms/tiny:0.2m-f32")]
     assert tiny["alias"] == "ms/tiny:0.2m-f32,tiny:latest"
-    assert tiny["sleep-idle-seconds"] == "60"
+    # the governor unloads at the TTL: a sleeping child would reload behind its back
+    assert "sleep-idle-seconds" not in tiny
     assert (tiny["temp"], tiny["top-nsigma"], tiny["jinja"]) == ("0.3", "1.5", "true")
     assert tiny["ctx-size"] == "4096" and tiny["parallel"] == "1"
     creative = ini[section_name("ms/creative")]
     assert creative["model"] == tiny["model"]
-    # an alias starts from its base's context, slots and TTL, with its own samplers
-    assert (creative["temp"], creative["no-mmap"], creative["sleep-idle-seconds"]) == (
-        "1.5", "true", "60")
+    # an alias starts from its base's context and slots, with its own samplers
+    assert (creative["temp"], creative["no-mmap"], creative["ctx-size"]) == (
+        "1.5", "true", "4096")
     assert "top-nsigma" not in creative
     assert ":" not in section_name("ms/tiny:0.2m-f32")
     cmd = engine.command()
-    assert cmd[cmd.index("--models-max") + 1] == "0"
+    assert cmd[cmd.index("--models-max") + 1] == "0" and "--no-models-autoload" in cmd
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
 
 
@@ -61,7 +62,7 @@ def test_llama_swap_is_chosen_when_on_path_and_never_swaps(tmp_path, models_dir,
     assert (group["swap"], group["exclusive"]) == (False, False)
     assert sorted(group["members"]) == sorted(config["models"])
     tiny = config["models"]["ms/tiny:0.2m-f32"]
-    assert tiny["ttl"] == 60 and tiny["aliases"] == ["tiny:latest"]
+    assert "ttl" not in tiny and tiny["aliases"] == ["tiny:latest"]
     assert tiny["cmd"].startswith("/opt/llama-server --host 127.0.0.1 --port ${PORT}")
     assert "--temp 0.3 --top-nsigma 1.5" in tiny["cmd"]
     assert "--watch-config" in engine.command()

@@ -1,7 +1,8 @@
-"""The governor process: memory pressure watch, LRU unloading, admission decisions.
+"""The governor process: memory accounting and pressure signals, TTL, LRU unloading, and
+every load (admission first).
 
 It keeps no state of its own but learned footprints: after a restart it picks up from the
-proxy's /running. While it is down, serving goes on without admission.
+proxy's /running. While it is down, the proxy loads models itself, without admission.
 """
 
 from __future__ import annotations
@@ -14,30 +15,38 @@ import aiohttp
 from aiohttp import web
 
 from services.governor.scheduler import Scheduler
+from shared import pressure_signals
 from shared import settings as settings_mod
 from shared.catalog_holder import CatalogHolder
+from shared.engines import make_engine
+from shared.ollama import Ollama
 from shared.proxy_client import ProxyClient
 from shared.settings import Settings
 
 SCHEDULER = web.AppKey("scheduler", Scheduler)
+BACKENDS = ("engine", "ollama")
 
 
-async def admit(request: web.Request) -> web.Response:
+async def load(request: web.Request) -> web.Response:
+    """{"model", "backend"} → {"loaded": true} or {"loaded": false, "error": {...}}, once the
+    load is done or refused."""
     try:
-        model = (await request.json())["model"]
+        body = await request.json()
+        key = (body["backend"], body["model"])
+        if key[0] not in BACKENDS or not isinstance(key[1], str):
+            raise ValueError
     except (ValueError, KeyError, TypeError):
-        return web.json_response({"error": 'expected {"model": "<id>"}'}, status=400)
-    return web.json_response(await request.app[SCHEDULER].admit(model))
+        return web.json_response({"error": 'expected {"model": "<name>", "backend": '
+                                           '"engine" or "ollama"}'}, status=400)
+    return web.json_response(await request.app[SCHEDULER].load(key))
 
 
 async def health(request: web.Request) -> web.Response:
     s = request.app[SCHEDULER]
-    r = s.last_reading
     return web.json_response({
-        "status": "ok",
-        "memory": None if r is None else {"total": r.total, "available": r.available,
-                                          "used_pct": round(r.used_pct, 1)},
-        "threshold_pct": s.settings.pressure_threshold, "admissions": s.admissions,
+        "status": "degraded" if s.problem else "ok", "problem": s.problem,
+        "memory": s.memory, "admissions": s.admissions,
+        "loading": [name for (_, name), ld in s.loads.items() if ld.done_at is None],
         "unloads": s.unloads[-50:]})
 
 
@@ -45,9 +54,16 @@ def make_app(settings: Settings) -> web.Application:
     app = web.Application()
 
     async def lifecycle(app: web.Application):
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-            proxy = ProxyClient(settings.proxy_url, session, settings.api_key)
-            scheduler = Scheduler(settings, proxy, CatalogHolder(settings))
+        async with (aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as proxy_s,
+                    aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
+                        total=None, sock_connect=10)) as backend_s):
+            signals = pressure_signals.for_this_machine(
+                settings.psi_level, settings.paging_mib_s, settings.mac_pressure_level)
+            scheduler = Scheduler(settings, ProxyClient(settings.proxy_url, proxy_s,
+                                                        settings.api_key),
+                                  CatalogHolder(settings), make_engine(settings),
+                                  Ollama(settings.ollama_base, backend_s), backend_s, signals)
+            await asyncio.to_thread(scheduler.holder.refresh)
             app[SCHEDULER] = scheduler
             task = asyncio.create_task(scheduler.run())
             yield
@@ -56,7 +72,7 @@ def make_app(settings: Settings) -> web.Application:
                 await task
 
     app.cleanup_ctx.append(lifecycle)
-    app.router.add_post("/admit", admit)
+    app.router.add_post("/load", load)
     app.router.add_get("/health", health)
     return app
 

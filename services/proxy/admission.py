@@ -1,5 +1,7 @@
-"""Before a cold load: ask the governor for room, then load the model once, however many
-requests for it arrive together. Warm models skip all of this."""
+"""Before a cold model's first request: the governor loads it (admission first) and the
+request waits; when the governor does not answer, the proxy loads it itself and /health says
+so. One load per model however many requests wait for it, and each waiter gets its own
+answer. Warm models skip all of this."""
 
 from __future__ import annotations
 
@@ -10,89 +12,98 @@ import logging
 import aiohttp
 from aiohttp import web
 
-from services.proxy.ollama_chat import keep_alive
+from services.proxy.state import Usage
+from shared import loading
 from shared.catalog import Entry
 from shared.engines import Engine, EngineError
-from shared.errors import error_response
+from shared.loading import Key, LoadError
 from shared.ollama import Ollama, OllamaError, OllamaUnavailable
 from shared.settings import Settings
 
 log = logging.getLogger("model-serve.proxy")
+# Loading a large model from a slow disk can take minutes; the governor answers when done.
+LOAD_TIMEOUT = aiohttp.ClientTimeout(total=1800, sock_connect=2)
 
 
 class Admission:
     def __init__(self, settings: Settings, engine: Engine, session: aiohttp.ClientSession,
-                 ollama: Ollama) -> None:
+                 ollama: Ollama, usage: Usage) -> None:
         self.settings, self.engine, self.session, self.ollama = settings, engine, session, ollama
-        self.warm: set[str] = set()
-        self._pending: dict[str, asyncio.Task] = {}
+        self.usage = usage
+        self.warm: set[Key] = set()
+        self._pending: dict[Key, asyncio.Task[LoadError | None]] = {}
+        self._unloading: dict[Key, asyncio.Event] = {}
+        self._said_down = False
 
-    def forget(self, model_id: str) -> None:
-        self.warm.discard(model_id)
-
-    async def ensure(self, entry: Entry) -> web.Response | None:
-        """None when the model is loaded (or loading was left to the engine); otherwise
-        the error response for the client."""
-        if entry.id in self.warm:
+    async def ensure(self, key: Key, entry: Entry | None, use_id: str) -> web.Response | None:
+        """None once the model is loaded; otherwise this client's own error response."""
+        if key in self.warm:
             return None
-        task = self._pending.get(entry.id)
+        if key in self._unloading:  # being unloaded: load it again once it is gone
+            await self._unloading[key].wait()
+        task = self._pending.get(key)
         if task is None:
-            task = asyncio.create_task(self._admit_and_load(entry))
-            self._pending[entry.id] = task
-            task.add_done_callback(lambda _: self._pending.pop(entry.id, None))
+            task = asyncio.create_task(self._load(key, entry, use_id))
+            self._pending[key] = task
+            task.add_done_callback(lambda _: self._pending.pop(key, None))
         # shielded: a client that gives up does not cancel the load others wait for
-        return await asyncio.shield(task)
+        error = await asyncio.shield(task)
+        return None if error is None else error.response()
 
-    async def _admit_and_load(self, entry: Entry) -> web.Response | None:
-        if self.settings.memory_admission:
-            refused = await self._ask_governor(entry)
-            if refused:
-                return refused
+    def forget(self, key: Key) -> None:
+        self.warm.discard(key)
+
+    @contextlib.asynccontextmanager
+    async def unloading(self, key: Key):
+        """While a model is being unloaded, requests for it wait, then load it again."""
+        self.warm.discard(key)
+        done = self._unloading.setdefault(key, asyncio.Event())
         try:
-            if entry.backend == "ollama":
-                await self.ollama.call("POST", "/api/generate",
-                                       {"model": entry.ollama, "keep_alive": keep_alive(entry)})
-            else:
-                await self.engine.load(self.session, entry)
-        except (OllamaUnavailable, OllamaError):
-            return None  # the request itself reports Ollama's state
-        except aiohttp.ClientConnectorError:
-            return None  # likewise for the engine: 503 with what to do
-        except EngineError as e:
-            hint = f" (model file: {entry.path}; the engine log has the details)"
-            return error_response(500, f"engine: {e}{hint}", "engine_error")
-        self.warm.add(entry.id)
+            yield
+        finally:
+            self._unloading.pop(key, None)
+            done.set()
+
+    async def _load(self, key: Key, entry: Entry | None, use_id: str) -> LoadError | None:
+        try:
+            if not (self.settings.memory_admission and await self._by_governor(key)):
+                await loading.load(key, entry, self.engine, self.ollama, self.session)
+        except LoadError as e:
+            return e
+        self.warm.add(key)
+        self.usage.touch(use_id)
         return None
 
-    async def _ask_governor(self, entry: Entry) -> web.Response | None:
+    async def _by_governor(self, key: Key) -> bool:
+        """True when the governor loaded the model; LoadError when it refused or the load
+        failed; False when it does not answer (the caller loads it then)."""
         try:
-            async with self.session.post(self.settings.governor_url + "/admit",
-                                         json={"model": entry.id},
-                                         timeout=aiohttp.ClientTimeout(total=120)) as r:
+            async with self.session.post(self.settings.governor_url + "/load",
+                                         json={"backend": key[0], "model": key[1]},
+                                         timeout=LOAD_TIMEOUT) as r:
                 verdict = await r.json()
         except (aiohttp.ClientError, TimeoutError, ValueError) as e:
-            log.warning("governor not answering (%s); loading %s without admission",
-                        e.__class__.__name__, entry.id)
-            return None
-        if verdict.get("admitted"):
-            return None
-        return error_response(503, verdict.get("message", "not enough memory"),
-                              "insufficient_memory", **{k: verdict.get(k) for k in
-                                                        ("needed", "available", "busy")})
+            if not self._said_down:
+                log.warning("governor not answering (%s); loading models without admission "
+                            "until it is back", e.__class__.__name__)
+            self._said_down = True
+            return False
+        self._said_down = False
+        if not verdict.get("loaded"):
+            raise LoadError.from_dict(verdict.get("error") or {})
+        return True
 
     async def follow(self, holder, interval: float = 1.0) -> None:
-        """Keep `warm` true to the backends, which also unload on their own (TTL)."""
+        """Keep `warm` true to the backends: a model can also leave when its process ends,
+        and Ollama unloads its models after their keep_alive."""
         while True:
             await asyncio.sleep(interval)
-            catalog = holder.catalog
             try:
-                loaded = await self.engine.loaded(self.session, catalog)
+                loaded = await self.engine.loaded(self.session, holder.catalog)
             except (aiohttp.ClientError, ValueError, EngineError):
                 loaded = {}
-            by_ollama = [e for e in catalog.entries.values() if e.backend == "ollama"]
-            in_ollama: set[str] = set()
-            if by_ollama:  # no need to ask Ollama about models it does not serve
+            warm = {("engine", m) for m, state in loaded.items() if state == "loaded"}
+            if any(b == "ollama" for b, _ in self.warm):  # ask Ollama only when it serves us
                 with contextlib.suppress(OllamaUnavailable, OllamaError, ValueError):
-                    in_ollama = {m.get("name") for m in await self.ollama.ps()}
-            self.warm = {m for m, state in loaded.items() if state == "loaded"} | {
-                e.id for e in by_ollama if e.ollama in in_ollama}
+                    warm |= {("ollama", m.get("name", "")) for m in await self.ollama.ps()}
+            self.warm = warm

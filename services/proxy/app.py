@@ -73,8 +73,9 @@ def make_app(settings: Settings, engine: Engine | None = None) -> web.Applicatio
             except Exception as e:  # noqa: BLE001 - any failure: serve the rest, say why
                 log.error("Harmony unavailable, GPT-OSS models will fail: %s", e)
             ollama = Ollama(settings.ollama_base, ollama_session)
-            admission = Admission(settings, engine, session, ollama)
-            app[CTX] = Context(settings, engine, holder, Usage(), session, ollama,
+            usage = Usage()
+            admission = Admission(settings, engine, session, ollama, usage)
+            app[CTX] = Context(settings, engine, holder, usage, session, ollama,
                                OllamaModels(ollama), admission)
             tasks = [asyncio.create_task(holder.follow()),
                      asyncio.create_task(admission.follow(holder))]

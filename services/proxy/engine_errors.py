@@ -9,8 +9,20 @@ from aiohttp import web
 
 from shared.errors import error_response
 
+# What the router answers for a model it holds no process for (it runs --no-models-autoload).
+NOT_LOADED = "model is not loaded"
+
+
+class NotLoaded(Exception):
+    """The engine no longer holds the model the proxy thought was loaded."""
+
+    def __init__(self, response: web.Response) -> None:
+        super().__init__(NOT_LOADED)
+        self.response = response
+
 
 async def engine_error(up: aiohttp.ClientResponse, entry_path: str) -> web.Response:
+    """The client's error response; NotLoaded when the model has left the engine."""
     text = await up.text(errors="replace")
     try:
         err = json.loads(text)["error"]
@@ -19,4 +31,7 @@ async def engine_error(up: aiohttp.ClientResponse, entry_path: str) -> web.Respo
         message = text.strip()[:2000] or up.reason or "no reason given"
     if "failed to load" in message and entry_path:
         message += f" (model file: {entry_path}; the engine log has the details)"
-    return error_response(up.status, f"engine: {message}", "engine_error")
+    response = error_response(up.status, f"engine: {message}", "engine_error")
+    if up.status == 400 and message == NOT_LOADED:
+        raise NotLoaded(response)
+    return response

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from services.proxy import harmony_route, ollama_routes
 from services.proxy.context import CTX
-from services.proxy.engine_errors import engine_error
+from services.proxy.engine_errors import NotLoaded, engine_error
 from shared.catalog import Entry
 from shared.errors import error_response
 from shared.settings import Settings
@@ -84,20 +84,37 @@ async def forward(request: web.Request) -> web.StreamResponse:
             hint = f"; did you mean {', '.join(close)}?" if close else "; GET /v1/models lists them"
             return error_response(404, f"model {name!r} not found{hint}", "model_not_found",
                                   suggestions=close)
+    if target and (problem := ollama_routes.fixed_context(payload, entry, target)):
+        return problem
+    key = ("ollama", target) if target else ("engine", entry.id)
     use_id = entry.id if entry else target
     ctx.usage.start(use_id)
     try:
-        # an embedding request sent to Ollama by name leaves the engine's model alone
-        needs_load = entry is not None and (target is None or entry.backend == "ollama")
-        if needs_load and (refused := await ctx.admission.ensure(entry)):
+        if refused := await ctx.admission.ensure(key, entry, use_id):
             return refused
-        if target:
-            return await ollama_routes.answer(request, ctx.ollama, payload, target, entry)
-        if entry.harmony == "proxy" and request.path == "/v1/chat/completions":
-            return await harmony_route.chat(request, payload, entry)
-        return await to_engine(request, body, payload, entry)
+        try:
+            return await _answer(request, body, payload, entry, target)
+        except NotLoaded:
+            # it left (its process ended) before the proxy noticed: load it again, once
+            ctx.admission.forget(key)
+            if refused := await ctx.admission.ensure(key, entry, use_id):
+                return refused
+            try:
+                return await _answer(request, body, payload, entry, target)
+            except NotLoaded as e:
+                return e.response
     finally:
         ctx.usage.finish(use_id)
+
+
+async def _answer(request: web.Request, body: bytes, payload: dict, entry: Entry | None,
+                  target: str | None) -> web.StreamResponse:
+    if target:
+        return await ollama_routes.answer(request, request.app[CTX].ollama, payload, target,
+                                          entry)
+    if entry.harmony == "proxy" and request.path == "/v1/chat/completions":
+        return await harmony_route.chat(request, payload, entry)
+    return await to_engine(request, body, payload, entry)
 
 
 async def to_engine(request: web.Request, body: bytes, payload: dict,
@@ -105,8 +122,7 @@ async def to_engine(request: web.Request, body: bytes, payload: dict,
     ctx = request.app[CTX]
     name = payload["model"]
     if name not in entry.names:  # a loose spelling the engine does not know
-        payload["model"] = entry.id
-        body = json.dumps(payload).encode()
+        body = json.dumps({**payload, "model": entry.id}).encode()
     engine_name = ctx.engine.response_name(entry)
     renamer = ModelRenamer(engine_name, name) if engine_name != name else None
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP}
@@ -127,6 +143,4 @@ async def to_engine(request: web.Request, body: bytes, payload: dict,
             await resp.write_eof()
             return resp
     except aiohttp.ClientConnectorError:
-        return error_response(
-            503, f"the engine at {ctx.engine.url} is not reachable; start the stack with "
-            "`make up` or `model start`, or check `model status`", "engine_unavailable")
+        return error_response(503, ctx.engine.unreachable(), "engine_unavailable")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
 
 import aiohttp
@@ -12,8 +14,10 @@ from services.proxy.context import CTX, Context
 from shared.catalog import Entry
 from shared.engines import EngineError
 from shared.errors import error_response
-from shared.memory import Footprints, rss_by_port, system_reading
+from shared.loading import Key
+from shared.memory import Footprints, account
 from shared.ollama import OllamaError, OllamaUnavailable
+from shared.os_memory import memory_by_mapped_file, memory_by_port, system_memory
 
 
 async def _ollama_loaded(ctx: Context) -> dict[str, int]:
@@ -25,7 +29,18 @@ async def _ollama_loaded(ctx: Context) -> dict[str, int]:
         return {}
 
 
+def _ollama_entry(ctx: Context, name: str) -> Entry | None:
+    return next((e for e in ctx.holder.catalog.entries.values() if e.ollama == name), None)
+
+
+def _measure(ports: dict[str, int], blobs: dict[str, str]):
+    return memory_by_port(ports), memory_by_mapped_file(blobs) if blobs else {}
+
+
 async def running_models(ctx: Context) -> list[dict]:
+    """Every loaded model on every backend. `memory.measured` is the model's own memory;
+    `memory.reclaimable` the part of it the system's used figure leaves out (mapped weights),
+    which the governor adds back."""
     catalog = ctx.holder.catalog
     try:
         async with asyncio.timeout(5):
@@ -33,45 +48,71 @@ async def running_models(ctx: Context) -> list[dict]:
     except (aiohttp.ClientError, TimeoutError, ValueError):
         engine = {}
     ollama = await _ollama_loaded(ctx)
+    ollama_entries = {name: _ollama_entry(ctx, name) for name in ollama}
     ports = {mid: r.port for mid, r in engine.items() if r.port}
-    rss, footprints = await asyncio.gather(
-        asyncio.to_thread(rss_by_port, ports),
+    blobs = {name: os.path.realpath(e.path) for name, e in ollama_entries.items()
+             if e and e.path}
+    (by_port, by_file), footprints = await asyncio.gather(
+        asyncio.to_thread(_measure, ports, blobs),
         asyncio.to_thread(Footprints, ctx.settings.footprints_file))
     now = time.time()
     out = []
 
-    def row(mid: str, entry: Entry | None, backend: str, state: str, measured: int | None):
+    def row(mid: str, name: str, entry: Entry | None, backend: str, state: str,
+            measured: int | None, reclaimable: int | None) -> None:
         use = ctx.usage.models.get(mid)
-        last = use.last_used if use and use.last_used else None
+        last = ctx.usage.touch(mid, only_if_unseen=True) if state == "loaded" else (
+            use.last_used if use and use.last_used else None)
         ttl = entry.ttl if entry else None
+        key = f"{backend}:{name}"
+        estimated = (footprints.estimate(key, entry, backend) if entry else
+                     footprints.learned(key, [backend, name]))
         out.append({
-            "id": mid, "backend": backend, "state": state,
+            "id": mid, "name": name, "backend": backend, "state": state,
             "last_used": last, "idle_seconds": round(now - last, 1) if last else None,
             "in_flight": use.in_flight if use else 0,
             "requests": use.requests if use else 0,
-            "ttl": ttl, "expires_at": last + ttl if last and ttl else None,
-            "memory": {"estimated": footprints.estimate(entry) if entry else None,
-                       "measured": measured},
+            "ttl": ttl or None, "expires_at": last + ttl if last and ttl else None,
+            "memory": {"estimated": estimated, "measured": measured,
+                       "reclaimable": reclaimable},
             "pinned": bool(entry and entry.pin),
             "context_length": entry.ctx_size if entry else None,
             "parallel": entry.parallel if entry else None,
         })
 
     for mid, r in engine.items():
-        row(mid, catalog.entries.get(mid), "engine", r.state, rss.get(mid))
+        mem = by_port.get(mid)
+        row(mid, mid, catalog.entries.get(mid), "engine", r.state,
+            mem.total if mem else None, mem.reclaimable if mem else None)
     for name, size in ollama.items():
-        entry = next((e for e in catalog.entries.values() if e.ollama == name), None)
-        row(entry.id if entry else name, entry, "ollama", "loaded", size)
+        entry = ollama_entries[name]
+        # Ollama's runner measured like our own processes when it can be read; otherwise
+        # the size Ollama reports, all of it added to the system's figure.
+        mem = by_file.get(name)
+        row(entry.id if entry else name, name, entry, "ollama", "loaded",
+            mem.total if mem else size, mem.reclaimable if mem else size)
     return out
+
+
+async def _governor_memory(ctx: Context) -> dict | None:
+    try:
+        async with ctx.session.get(ctx.settings.governor_url + "/health",
+                                   timeout=aiohttp.ClientTimeout(total=1)) as r:
+            return (await r.json()).get("memory")
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return None
 
 
 async def running(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
-    reading = await asyncio.to_thread(system_reading)
-    return web.json_response({
-        "models": await running_models(ctx),
-        "system": {"total": reading.total, "available": reading.available,
-                   "used_pct": round(reading.used_pct, 1)}})
+    models, governed = await asyncio.gather(running_models(ctx), _governor_memory(ctx))
+    if governed is not None:  # what the governor last acted on, signals included
+        system = {**governed, "governor": "up"}
+    else:
+        reading = await asyncio.to_thread(system_memory)
+        acct = account(reading, models, 0, ctx.settings.pressure_threshold)
+        system = {**acct.to_dict(), "governor": "down"}
+    return web.json_response({"models": models, "system": system})
 
 
 async def _requested(request: web.Request) -> tuple[Entry | None, str | None, dict] | \
@@ -86,12 +127,26 @@ async def _requested(request: web.Request) -> tuple[Entry | None, str | None, di
     if not isinstance(name, str) or not name:
         return error_response(400, 'expected a JSON body {"model": "<id>"}', "missing_model")
     entry = await ctx.holder.resolve(name)
-    ollama_name = (entry.ollama if entry.backend == "ollama" else None) if entry else \
-        await ctx.ollama_models.lookup(name)
+    ollama_name = entry.ollama if entry else await ctx.ollama_models.lookup(name)
     if entry is None and ollama_name is None:
         return error_response(404, f"model {name!r} not found", "model_not_found",
                               suggestions=ctx.holder.catalog.closest(name))
     return entry, ollama_name, body
+
+
+async def _holders(ctx: Context, entry: Entry | None, ollama_name: str | None) -> list[Key]:
+    """The backends that hold the model now: an unload goes there, wherever the catalog
+    would send its requests."""
+    keys = []
+    if entry:
+        try:
+            if entry.id in await ctx.engine.loaded(ctx.session, ctx.holder.catalog):
+                keys.append(("engine", entry.id))
+        except (aiohttp.ClientError, ValueError, EngineError):
+            pass
+    if ollama_name and ollama_name in await _ollama_loaded(ctx):
+        keys.append(("ollama", ollama_name))
+    return keys
 
 
 async def unload(request: web.Request) -> web.Response:
@@ -101,21 +156,31 @@ async def unload(request: web.Request) -> web.Response:
         return found
     entry, ollama_name, body = found
     mid = entry.id if entry else ollama_name
+    keys = [k for k in await _holders(ctx, entry, ollama_name)
+            if body.get("backend") in (None, k[0])]
+    if not keys:
+        return error_response(409, f"{mid} is not loaded", "model_not_loaded")
+    # from the busy check on, nothing awaits until every holder is marked as unloading,
+    # so no request can slip in between
     use = ctx.usage.models.get(mid)
     if use and use.in_flight and not body.get("force"):
-        return error_response(409, f"{mid} is serving {use.in_flight} request(s); "
-                              'send "force": true to unload it anyway', "model_busy")
-    try:
-        if ollama_name:
-            await ctx.ollama.unload(ollama_name)
-        else:
-            await ctx.engine.unload(ctx.session, entry)
-    except (OllamaUnavailable, OllamaError) as e:
-        return error_response(503, str(e), "ollama_unavailable")
-    except (EngineError, aiohttp.ClientError) as e:
-        return error_response(503, f"engine: {e}", "engine_error")
-    ctx.admission.forget(mid)
-    return web.json_response({"model": mid, "unloaded": True})
+        return error_response(409, f"{mid} is serving {use.in_flight} request(s); unload it "
+                              "anyway with force (`model unload --force`)", "model_busy")
+    async with contextlib.AsyncExitStack() as stack:
+        for key in keys:
+            await stack.enter_async_context(ctx.admission.unloading(key))
+        try:
+            for backend, name in keys:
+                if backend == "ollama":
+                    await ctx.ollama.unload(name)
+                else:
+                    await ctx.engine.unload(ctx.session, entry)
+        except (OllamaUnavailable, OllamaError) as e:
+            return error_response(503, str(e), "ollama_unavailable")
+        except (EngineError, aiohttp.ClientError) as e:
+            return error_response(503, f"engine: {e}", "engine_error")
+    return web.json_response({"model": mid, "unloaded": True,
+                              "backends": [k[0] for k in keys]})
 
 
 async def load(request: web.Request) -> web.Response:
@@ -124,13 +189,9 @@ async def load(request: web.Request) -> web.Response:
     if isinstance(found, web.Response):
         return found
     entry, ollama_name, _ = found
-    if entry is None:  # one of Ollama's own models: Ollama loads it on an empty request
-        try:
-            await ctx.ollama.call("POST", "/api/generate", {"model": ollama_name})
-        except (OllamaUnavailable, OllamaError) as e:
-            return error_response(503, str(e), "ollama_unavailable")
-        return web.json_response({"model": ollama_name, "loaded": True})
-    refused = await ctx.admission.ensure(entry)
+    backend = "ollama" if entry is None or entry.backend == "ollama" else "engine"
+    key = (backend, ollama_name if backend == "ollama" else entry.id)
+    refused = await ctx.admission.ensure(key, entry, entry.id if entry else ollama_name)
     if refused:
         return refused
-    return web.json_response({"model": entry.id, "loaded": True})
+    return web.json_response({"model": entry.id if entry else ollama_name, "loaded": True})

@@ -9,6 +9,7 @@ import secrets
 
 from services.proxy.openai_shapes import Completion
 from shared.catalog import Entry
+from shared.ollama import keep_alive
 
 # OpenAI-request field → Ollama option.
 _OPTIONS = {
@@ -41,12 +42,6 @@ def preset_options(entry: Entry | None) -> dict:
             except ValueError:
                 options[_PRESET_FLAGS[flag]] = value
     return options
-
-
-def keep_alive(entry: Entry | None) -> str | int | None:
-    if entry is None:
-        return None
-    return f"{entry.ttl}s" if entry.ttl else -1
 
 
 def _text(content) -> str:

@@ -47,6 +47,22 @@ class OllamaModels:
         return None
 
 
+def fixed_context(payload: dict, entry: Entry | None, ollama_name: str) -> web.Response | None:
+    """A 400 for a request that would make Ollama reload its model at another context size:
+    that load would happen behind the governor's admission."""
+    configured = entry.ctx_size if entry else None
+    for field in ("num_ctx", "ctx_size"):
+        asked = payload.get(field)
+        if asked is not None and asked != configured:
+            where = (f"ctx_size of {entry.id} in custom_models.yaml (now {configured})"
+                     if entry else "Ollama's own settings for it")
+            return error_response(
+                400, f"{field}={asked!r}: {ollama_name} is served by Ollama, which would reload "
+                f"it at that context outside memory admission; set the {where} instead",
+                "context_fixed")
+    return None
+
+
 def _failure(e: Exception) -> web.Response:
     if isinstance(e, OllamaUnavailable):
         return error_response(503, str(e), "ollama_unavailable")

@@ -30,3 +30,12 @@ class Usage:
         use = self.models[model_id]
         use.in_flight -= 1
         use.last_used = time.time()
+
+    def touch(self, model_id: str, only_if_unseen: bool = False) -> float:
+        """A load counts as a use, and so does the first sight of a model loaded elsewhere
+        (`model load`, a restart, Ollama loading it for another client), so the minimum
+        age protects it too. Returns the last use."""
+        use = self.models.setdefault(model_id, ModelUse())
+        if not (only_if_unseen and use.last_used):
+            use.last_used = time.time()
+        return use.last_used

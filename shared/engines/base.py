@@ -24,7 +24,7 @@ class EngineError(RuntimeError):
 
 @dataclass(frozen=True)
 class Running:
-    state: str  # "loaded", "loading" or "sleeping" (weights freed, process kept)
+    state: str  # "loaded" or "loading"
     port: int | None  # of the model's own llama-server, to measure its memory
 
 
@@ -79,6 +79,10 @@ class Engine(ABC):
 
     def environment(self) -> dict[str, str]:
         return {}
+
+    def unreachable(self) -> str:
+        return (f"the engine at {self.url} is not reachable; start the stack with `make up` or "
+                "`model start`, or check `model status`")
 
     def completion_url(self, entry: Entry) -> str:
         """llama-server's raw /completion endpoint for this model (Harmony goes there)."""

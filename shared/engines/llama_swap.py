@@ -33,11 +33,9 @@ class LlamaSwap(Engine):
                 argv = [server, "--host", "127.0.0.1", "--port", "${PORT}", "--alias", entry.id,
                         "--model", entry.path]
                 cmd = shlex.join(argv + model_args(entry)).replace("'${PORT}'", "${PORT}")
-            models[entry.id] = {
-                "cmd": cmd,
-                "ttl": entry.ttl,
-                **({"aliases": entry.aliases} if entry.aliases else {}),
-            }
+            # no `ttl`: the governor unloads idle models, so nothing leaves behind its back
+            models[entry.id] = {"cmd": cmd,
+                                **({"aliases": entry.aliases} if entry.aliases else {})}
         config = {
             "healthCheckTimeout": 300,
             "models": models,

@@ -66,15 +66,15 @@ class Router(Engine):
             if entry.path:
                 lines.append(f"model = {entry.path}")
             lines.append(f"alias = {','.join(entry.names)}")
-            if entry.ttl:
-                lines.append(f"sleep-idle-seconds = {entry.ttl}")
             lines += [f"{k} = {v}" for k, v in _ini_pairs(model_args(entry))]
             lines.append("")
         return "\n".join(lines)
 
     def command(self) -> list[str]:
+        # The governor alone loads and unloads (TTL included): the router never loads on a
+        # request and never puts a model to sleep (a sleeping child reloads on a request).
         return [self.llama_server(), "--models-preset", str(self.config_path),
-                "--models-max", "0", "--host", "127.0.0.1",
+                "--models-max", "0", "--no-models-autoload", "--host", "127.0.0.1",
                 "--port", str(self.settings.engine_port)]
 
     def environment(self) -> dict[str, str]:
@@ -91,7 +91,7 @@ class Router(Engine):
         out: dict[str, Running] = {}
         for entry in served(catalog):
             status = items.get(section_name(entry.id), {})
-            if status.get("value") in ("loaded", "loading", "sleeping"):
+            if status.get("value") in ("loaded", "loading"):
                 out[entry.id] = Running(status["value"], _port(status.get("args") or []))
         return out
 
@@ -111,7 +111,7 @@ class Router(Engine):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             status = (await self._models(session)).get(name, {})
-            if status.get("value") in ("loaded", "sleeping"):
+            if status.get("value") == "loaded":
                 return
             if status.get("failed"):
                 raise EngineError(f"model {entry.id} failed to load (exit code "
