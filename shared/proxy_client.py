@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import aiohttp
 
 
@@ -19,10 +21,17 @@ class ProxyClient:
     async def _call(self, method: str, path: str, body: dict | None = None) -> dict:
         async with self.session.request(method, self.base + path, json=body,
                                         headers=self.headers) as r:
-            data = await r.json(content_type=None)
-            if r.status >= 400:
-                raise ProxyError(r.status, (data.get("error") or {}).get("message", str(data)))
-            return data
+            text = await r.text()
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+        if r.status >= 400 or not isinstance(data, dict):
+            error = data.get("error") if isinstance(data, dict) else None
+            if isinstance(error, dict) and error.get("message"):
+                raise ProxyError(r.status, str(error["message"]))
+            raise ProxyError(r.status, f"{method} {path}: HTTP {r.status}: {text.strip()[:300]}")
+        return data
 
     async def running(self) -> dict:
         return await self._call("GET", "/running")

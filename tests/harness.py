@@ -39,6 +39,12 @@ def http(method: str, url: str, body: dict | bytes | None = None, headers: dict 
         return status, raw.decode(errors="replace")
 
 
+def limit_threshold(system: dict, limit_bytes: int) -> str:
+    """MEMORY_PRESSURE_THRESHOLD that puts the governor's limit `limit_bytes` above what the
+    machine counts as used in `system` (/running's system line)."""
+    return f"{100 * (system['os_used'] + limit_bytes) / system['total']:.3f}"
+
+
 def swap_bin_dir(tmp: Path) -> Path:
     """A PATH folder whose `llama-swap` is the stand-in."""
     bindir = tmp / "swap-bin"

@@ -1,7 +1,7 @@
-"""The governor with real llama-server processes on models big enough to matter, loaded
-without mmap so their memory is real. The machine's size is simulated (MEMORY_SIMULATION_
-FILE: total and what everything else uses) so thresholds are deterministic; each model's
-memory is measured from its real process."""
+"""The governor's decisions with real llama-server processes on models big enough to matter,
+loaded as users load them (mmap). The machine's size is simulated (MEMORY_SIMULATION_FILE:
+total and what everything else uses) so thresholds are deterministic; each model's memory is
+measured from its real process. test_governor_memory.py runs on the machine's real memory."""
 
 import json
 import threading
@@ -45,7 +45,7 @@ def custom(config_dir: Path, extra: str = "") -> None:
     lines = ["models:"]
     for name, p in (("alpha", "40.0m"), ("bravo", "40.0m"), ("charlie", "40.0m"),
                     ("delta", "78.8m")):
-        lines += [f"  {name}:{p}-f32:", "    ctx_size: 1024", "    sampler_args: --load-mode none"]
+        lines += [f"  {name}:{p}-f32:", "    ctx_size: 1024"]
     (config_dir / "custom_models.yaml").write_text("\n".join(lines) + "\n" + extra)
 
 
@@ -69,11 +69,16 @@ def gov_stack(stack_factory, tmp_path, gov_models, config_dir, machine, monkeypa
     custom(config_dir)
 
     def make(**env):
-        stack = stack_factory(MODELS_DIR=str(gov_models), MEMORY_SIMULATION_FILE=str(
-            machine.file), PRESSURE_CHECK_INTERVAL="0.2", MIN_MODEL_AGE_SECONDS="0",
-            GOVERNOR_PORT=str(free_port()), **env)
+        stack = stack_factory(**{
+            "MODELS_DIR": str(gov_models), "MEMORY_SIMULATION_FILE": str(machine.file),
+            "PRESSURE_CHECK_INTERVAL": "0.2", "MIN_MODEL_AGE_SECONDS": "0",
+            "GOVERNOR_PORT": str(free_port()), **env})
         return stack.start("engine", "proxy", "governor")
     return make
+
+
+def running_system(stack) -> dict:
+    return http("GET", stack.url + "/running")[1]["system"]
 
 
 def running(stack) -> dict[str, dict]:
@@ -95,9 +100,12 @@ def measured(stack) -> dict[str, int]:
     raise AssertionError(f"not measured: {got}")
 
 
+def governor_health(stack) -> dict:
+    return http("GET", f"http://127.0.0.1:{stack.env['GOVERNOR_PORT']}/health")[1]
+
+
 def unloads(stack) -> list[str]:
-    port = stack.env["GOVERNOR_PORT"]
-    return [u["model"] for u in http("GET", f"http://127.0.0.1:{port}/health")[1]["unloads"]]
+    return [u["model"] for u in governor_health(stack)["unloads"]]
 
 
 def wait(check, timeout: float = 20) -> None:
@@ -216,8 +224,7 @@ def test_concurrent_first_requests_give_one_admission_and_one_load(gov_stack) ->
     engine = psutil.Process(stack.procs[0].pid)
     children = [p for p in engine.children(recursive=True) if section_name(C) in p.cmdline()]
     assert len(children) == 1
-    port = stack.env["GOVERNOR_PORT"]
-    assert http("GET", f"http://127.0.0.1:{port}/health")[1]["admissions"] == 1
+    assert governor_health(stack)["admissions"] == 1
 
 
 def test_management_api_running_unload_load(gov_stack, tmp_path) -> None:
@@ -262,14 +269,71 @@ def test_ollama_models_take_part_in_the_same_lru_order(gov_stack, machine, ollam
                and r.get("keep_alive") == 0 for r in seen)
 
 
+def test_a_model_ollama_holds_is_unloaded_from_ollama_whatever_the_catalog_says(
+        gov_stack, machine, ollama) -> None:
+    """An engine model whose Ollama twin another client loaded: the unload goes to Ollama,
+    which holds it, once, instead of to the engine over and over."""
+    url, store = ollama
+    stack = gov_stack(OLLAMA_BASE=url, OLLAMA_MODELS=str(store))
+    assert stack.cli("pull", "plain:1b").returncode == 0
+    plain = "ms/plain:0.2m-f32"
+    assert http("POST", url + "/api/generate", {"model": "plain:1b"})[0] == 200
+    wait(lambda: plain in running(stack))  # once the proxy has read the synced catalog
+    rows = running(stack)
+    assert rows[plain]["backend"] == "ollama" and rows[plain]["name"] == "plain:1b"
+    machine(total=10 * 1024**3, base_used=10 * 1024**3)
+    wait(lambda: not running(stack))
+    time.sleep(1)
+    assert unloads(stack) == [plain]
+    assert governor_health(stack)["status"] == "ok"
+    seen = http("GET", url + "/_standin/requests")[1]
+    assert [r.get("keep_alive") for r in seen if r["path"] == "/api/generate"] == [None, 0]
+    # a client cannot make Ollama reload a model at another context behind admission
+    machine(total=10**15)
+    status, body = http("POST", stack.url + "/v1/chat/completions",
+                        {**chat("plain:1b"), "num_ctx": 65536})
+    assert status == 200  # an engine model: num_ctx is not Ollama's there
+    assert stack.cli("pull", "big-mxfp4:1b").returncode == 0
+    status, body = http("POST", stack.url + "/v1/chat/completions",
+                        {**chat("big-mxfp4:1b"), "num_ctx": 65536})
+    assert status == 400 and body["error"]["code"] == "context_fixed"
+    assert "custom_models.yaml" in body["error"]["message"]
+
+
+def test_a_model_loaded_without_a_request_keeps_the_minimum_age(gov_stack, machine) -> None:
+    stack = gov_stack(MIN_MODEL_AGE_SECONDS="3")
+    assert stack.cli("load", A).returncode == 0
+    started = time.monotonic()
+    machine(total=10 * 1024**3, base_used=10 * 1024**3)  # over the threshold at once
+    wait(lambda: A not in running(stack))
+    assert time.monotonic() - started > 2  # a load counts as a use
+
+
+def test_a_model_whose_process_ended_is_loaded_again_through_admission(gov_stack) -> None:
+    stack = gov_stack()
+    use(stack, A)
+    admissions = governor_health(stack)["admissions"]
+    engine = psutil.Process(stack.procs[0].pid)
+    child = next(p for p in engine.children(recursive=True) if section_name(A) in p.cmdline())
+    child.kill()
+    # once the engine has seen it go; the proxy may still think it warm (the engine then
+    # says "not loaded") or know already: either way the request loads it through admission
+    wait(lambda: section_name(A) not in http("GET", stack.engine_url + "/models")[1]["data"]
+         or {m["id"]: m["status"]["value"] for m in http(
+             "GET", stack.engine_url + "/models")[1]["data"]}[section_name(A)] == "unloaded")
+    use(stack, A)
+    assert governor_health(stack)["admissions"] == admissions + 1
+
+
 def test_footprints_are_learned_and_kept_for_the_next_estimate(gov_stack) -> None:
     stack = gov_stack()
     use(stack, A)
     real = measured(stack)[A]
     file = stack.state_dir / "footprints.json"
-    wait(lambda: file.exists() and A in json.loads(file.read_text()))
-    assert json.loads(file.read_text())[A]["bytes"] >= real * 0.9
-    assert running(stack)[A]["memory"]["estimated"] == json.loads(file.read_text())[A]["bytes"]
+    key = f"engine:{A}"
+    wait(lambda: file.exists() and key in json.loads(file.read_text()))
+    assert json.loads(file.read_text())[key]["bytes"] >= real * 0.9
+    assert running(stack)[A]["memory"]["estimated"] == json.loads(file.read_text())[key]["bytes"]
 
 
 def test_serving_goes_on_without_the_governor_and_it_picks_up_again(gov_stack,
@@ -281,6 +345,11 @@ def test_serving_goes_on_without_the_governor_and_it_picks_up_again(gov_stack,
     use(stack, A)  # admission cannot be asked: the load goes ahead
     use(stack, B)
     assert "without admission" in (stack.root / "proxy.log").read_text()
+    status, health = http("GET", stack.url + "/health")
+    assert status == 200 and health["status"] == "degraded"
+    assert health["governor"]["status"] == "down" and "without memory admission" in \
+        health["governor"]["problem"]
+    assert running_system(stack)["governor"] == "down"
     stack.start("governor", wait=False)
     sizes = measured(stack)
     machine(total=int(sum(sizes.values()) / 0.80), base_used=sizes[A])

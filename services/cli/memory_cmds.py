@@ -60,8 +60,15 @@ def stats() -> None:
     else:
         click.echo("no models loaded")
     s = data["system"]
-    click.echo(f"system memory: {mib(s['total'] - s['available'])} used of {mib(s['total'])} "
-               f"({s['used_pct']}%), {mib(s['available'])} available")
+    click.echo(f"system memory: {mib(s['used'])} used of {mib(s['total'])} ({s['used_pct']}%, "
+               f"limit {s['threshold_pct']:g}%): the system counts {mib(s['os_used'])}, "
+               f"models' mapped files add {mib(s['models_reclaimable'])}"
+               + (f", loads in progress reserve {mib(s['reserved'])}" if s["reserved"] else ""))
+    if s["governor"] == "down":
+        click.echo("governor: down (models load without memory admission; no pressure signals)")
+    else:
+        click.echo("pressure signals: " + ("; ".join(s.get("firing", [])) or "none firing")
+                   + "".join(f"\n  unavailable: {m}" for m in s.get("missing", [])))
 
 
 @click.command()

@@ -133,5 +133,9 @@ def status() -> None:
     click.echo(f"engine: {engine.get('name')} at {engine.get('url')}: "
                f"{'up' if engine.get('ok') else 'DOWN'}; loaded: "
                f"{', '.join(engine.get('loaded', [])) or 'none'}")
+    governor = body.get("governor") or {}
+    if governor:
+        click.echo(f"governor: {governor.get('url')}: {governor.get('status')}"
+                   + (f" ({governor['problem']})" if governor.get("problem") else ""))
     if code != 200:
         raise SystemExit(1)

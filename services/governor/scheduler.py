@@ -264,7 +264,7 @@ class Scheduler:
         while time.monotonic() < deadline:
             if all(row_key(r) != key for r in await self.rows()):
                 return True
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.1)
         log.warning("%s still listed %.0fs after its unload", mid, UNLOAD_WAIT)
         return True
 
@@ -277,6 +277,11 @@ class Scheduler:
             current.waiters.append(event.reply)
             return
         entry = self.entry(key)
+        if key[0] == "engine" and entry is None:  # the catalog changed meanwhile
+            event.reply.set_result({"loaded": False, "error": LoadError(
+                404, f"model {key[1]!r} is no longer in the catalog", "model_not_found")
+                .to_dict()})
+            return
         rows = await self.rows()
         if any(row_key(r) == key and r["state"] == "loaded" for r in rows):
             event.reply.set_result({"loaded": True})
@@ -301,20 +306,21 @@ class Scheduler:
     def refusal(self, key: Key, need: int, acct: Accounting, rows: list[dict]) -> dict:
         busy = [r["id"] for r in rows if r["in_flight"]]
         pinned = [r["id"] for r in rows if r["pinned"]]
-        loading_now = [k[1] for k, ld in self.loads.items() if ld.done_at is None]
         free = max(acct.room, 0)
-        limit = f"the {self.settings.pressure_threshold:g}% limit (MEMORY_PRESSURE_THRESHOLD)"
         if need > acct.limit - acct.os_used:
-            advice = (f"it does not fit even with every model unloaded: raise {limit[4:]} or "
-                      "use a smaller quantisation or ctx_size")
+            advice = ("it does not fit even with every model unloaded: raise "
+                      "MEMORY_PRESSURE_THRESHOLD, or use a smaller quantisation or ctx_size")
         else:
-            held = [f"busy: {', '.join(busy)}" if busy else "",
-                    f"pinned: {', '.join(pinned)} (unpin in custom_models.yaml)" if pinned else "",
-                    f"loading: {', '.join(loading_now)}" if loading_now else ""]
-            advice = ("the loaded models cannot leave now (" + "; ".join(h for h in held if h)
-                      + "); try again when they are idle, or raise " + limit[4:])
+            held = {"busy": busy, "pinned (unpin in custom_models.yaml)": pinned,
+                    "loading": [k[1] for k, ld in self.loads.items() if ld.done_at is None],
+                    "used moments ago": [r["id"] for r in rows if r["state"] == "loaded"
+                                         and r["id"] not in busy + pinned]}
+            advice = ("the models holding memory cannot leave now ("
+                      + "; ".join(f"{why}: {', '.join(ids)}" for why, ids in held.items() if ids)
+                      + "); try again when they are idle, or raise MEMORY_PRESSURE_THRESHOLD")
         message = (f"not enough memory to load {key[1]}: it needs about {size(need)}, "
-                   f"{size(free)} is free under {limit}; {advice}")
+                   f"{size(free)} is free under the {self.settings.pressure_threshold:g}% "
+                   f"limit; {advice}")
         log.warning("refused %s: %s", key[1], message)
         return {"loaded": False, "error": {
             "status": 503, "code": "insufficient_memory", "message": message, "needed": need,

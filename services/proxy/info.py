@@ -60,15 +60,32 @@ async def list_models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": data})
 
 
+async def governor_state(ctx: Context) -> dict:
+    """The governor's own /health in brief; when it does not answer, the proxy loads models
+    itself, without admission."""
+    url = ctx.settings.governor_url
+    try:
+        async with ctx.session.get(url + "/health", timeout=aiohttp.ClientTimeout(total=1)) as r:
+            body = await r.json()
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return {"url": url, "ok": False, "status": "down",
+                "problem": "not answering: models load without memory admission"}
+    return {"url": url, "ok": body.get("status") == "ok", "status": body.get("status"),
+            "problem": body.get("problem")}
+
+
 async def health(request: web.Request) -> web.Response:
+    """200 while the proxy can serve (the engine answers); `status` says "degraded" when the
+    governor is down or cannot decide, which serving survives."""
     ctx = request.app[CTX]
-    states = await engine_states(ctx)
+    states, ollama, governor = await asyncio.gather(engine_states(ctx), ollama_states(ctx),
+                                                    governor_state(ctx))
     engine = {"name": ctx.engine.name, "url": ctx.engine.url, "ok": states is not None}
     if states is not None:
         engine["loaded"] = sorted(states)
-    ollama = await ollama_states(ctx)
     ok = states is not None
-    body = {"status": "ok" if ok else "degraded", "proxy": "ok", "engine": engine,
+    body = {"status": "ok" if ok and governor["ok"] else "degraded", "proxy": "ok",
+            "engine": engine, "governor": governor,
             "ollama": {"url": ctx.settings.ollama_base, "ok": ollama is not None},
             "models": len(ctx.holder.catalog.entries)}
     return web.json_response(body, status=200 if ok else 503)

@@ -94,25 +94,24 @@ async def running_models(ctx: Context) -> list[dict]:
     return out
 
 
-async def _governor_memory(ctx: Context) -> dict | None:
+async def _governor_memory(ctx: Context) -> tuple[bool, dict | None]:
+    """(whether the governor answers, the accounting it last acted on)."""
     try:
         async with ctx.session.get(ctx.settings.governor_url + "/health",
                                    timeout=aiohttp.ClientTimeout(total=1)) as r:
-            return (await r.json()).get("memory")
+            return True, (await r.json()).get("memory")
     except (aiohttp.ClientError, TimeoutError, ValueError):
-        return None
+        return False, None
 
 
 async def running(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
-    models, governed = await asyncio.gather(running_models(ctx), _governor_memory(ctx))
-    if governed is not None:  # what the governor last acted on, signals included
-        system = {**governed, "governor": "up"}
-    else:
+    models, (up, governed) = await asyncio.gather(running_models(ctx), _governor_memory(ctx))
+    if governed is None:  # no governor, or none of its checks yet: the same sum, no signals
         reading = await asyncio.to_thread(system_memory)
-        acct = account(reading, models, 0, ctx.settings.pressure_threshold)
-        system = {**acct.to_dict(), "governor": "down"}
-    return web.json_response({"models": models, "system": system})
+        governed = account(reading, models, 0, ctx.settings.pressure_threshold).to_dict()
+    return web.json_response({"models": models,
+                              "system": {**governed, "governor": "up" if up else "down"}})
 
 
 async def _requested(request: web.Request) -> tuple[Entry | None, str | None, dict] | \
