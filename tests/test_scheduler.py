@@ -20,6 +20,7 @@ from shared.engines import make_engine
 from shared.engines.base import section_name
 from shared.memory import first_estimate
 from shared.ollama import Ollama
+from shared.pressure_signals import Signal
 from shared.proxy_client import ProxyClient
 
 MIB = 1024**2
@@ -207,5 +208,48 @@ def test_a_reservation_holds_memory_until_the_model_is_measured(tmp_path) -> Non
         await wait_for(lambda: s.memory is not None and s.memory["reserved"] == need)
         first.cancel()
         await stop(s, task, fakes)
+
+    asyncio.run(go())
+
+
+class Firing:
+    """The OS saying memory is short, for as long as `on` is set."""
+
+    missing = ["psi: not on this machine"]
+
+    def __init__(self) -> None:
+        self.on = True
+
+    def sample(self) -> list:
+        return [Signal("refault", 80.0 if self.on else 0.0, 32, " MiB/s", self.on)]
+
+
+def test_a_pressure_signal_unloads_the_lru_idle_model_and_names_itself(tmp_path,
+                                                                       caplog) -> None:
+    async def go() -> None:
+        rows = [row(A, 100, idle=30), row(B, 100, idle=90)]  # far under the threshold
+        gone: list[str] = []
+
+        def unload(request):
+            gone.append(B if not gone else A)
+            rows[:] = [r for r in rows if r["id"] not in gone]
+            return answer(model=gone[-1], unloaded=True)
+
+        s, fakes = await governor(tmp_path, 10**12, {
+            ("GET", "/running"): lambda r: answer(models=rows),
+            ("POST", "/models/unload"): unload})
+        s.signals = Firing()
+        task = asyncio.create_task(s.run())
+        await wait_for(lambda: gone == [B])
+        assert s.memory["firing"] == ["refault 80.0 MiB/s (level 32 MiB/s)"]
+        assert s.unloads[0]["cause"] == "signal" and "refault 80.0 MiB/s" in \
+            s.unloads[0]["reason"]
+        await asyncio.sleep(1)  # the system gets time to recover before another may go
+        assert gone == [B]
+        s.signals.on = False
+        await asyncio.sleep(3.5)
+        assert gone == [B] and s.memory["firing"] == []
+        await stop(s, task, fakes)
+        assert "pressure signal unavailable, going on without it: psi" in caplog.text
 
     asyncio.run(go())
