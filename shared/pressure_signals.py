@@ -2,8 +2,10 @@
 
 Linux: PSI (`/proc/pressure/memory`: share of time some task stalled waiting for memory) and
 paging from /proc/vmstat (swap-ins, and refaults: pages evicted and read back, which is how
-mapped weights thrash). macOS: the kernel's pressure level (`kern.memorystatus_vm_pressure_
-level`) and swap-outs. Rates are taken between two samples, so the first sample never fires.
+mapped weights thrash). Paging counts only while the kernel is reclaiming memory: some kernels
+count refaults with no reclaim at all (seen on a test machine: 2 GiB of refaults, no page ever
+scanned). macOS: the kernel's pressure level (`kern.memorystatus_vm_pressure_level`) and
+swap-outs. Rates are taken between two samples, so the first sample never fires.
 A signal this machine does not offer is listed in `missing` and left out.
 """
 
@@ -83,7 +85,10 @@ class LinuxSignals:
         counters = parse_vmstat((self.proc / "vmstat").read_text())
         refaults = counters.get("workingset_refault_anon", 0) + counters.get(
             "workingset_refault_file", counters.get("workingset_refault", 0))
-        current = {"swapin": counters.get("pswpin", 0), "refault": refaults}
+        scanned = sum(v for k, v in counters.items()
+                      if k.startswith(("pgscan_kswapd", "pgscan_direct")))
+        current = {"swapin": counters.get("pswpin", 0), "refault": refaults, "scan": scanned}
+        reclaiming = _rate(scanned, self.last.get("scan"), seconds, self.page)
         if self.has_psi:
             avg10, total = parse_psi((self.proc / "pressure/memory").read_text())
             current["psi_us"] = total
@@ -95,7 +100,9 @@ class LinuxSignals:
                                   f"{recent:.1f}% over the last {seconds:.1f}s"))
         for name, key in (("swap-in", "swapin"), ("refault", "refault")):
             rate = _rate(current[key], self.last.get(key), seconds, self.page)
-            signals.append(Signal(name, rate, self.paging, " MiB/s", rate >= self.paging))
+            signals.append(Signal(name, rate, self.paging, " MiB/s",
+                                  rate >= self.paging and reclaiming > 0,
+                                  f"the kernel reclaiming {reclaiming:.1f} MiB/s"))
         self.last, self.last_at = current, now
         return signals
 

@@ -4,6 +4,8 @@ total and what everything else uses) so thresholds are deterministic; each model
 measured from its real process. test_governor_memory.py runs on the machine's real memory."""
 
 import json
+import os
+import signal
 import threading
 import time
 from http.client import HTTPConnection
@@ -354,6 +356,20 @@ def test_serving_goes_on_without_the_governor_and_it_picks_up_again(gov_stack,
     sizes = measured(stack)
     machine(total=int(sum(sizes.values()) / 0.80), base_used=sizes[A])
     wait(lambda: A not in running(stack))  # it found both from /running; A is the oldest
+
+
+def test_a_hung_governor_is_given_up_on_and_the_proxy_loads_itself(gov_stack) -> None:
+    stack = gov_stack()
+    governor = stack.procs[2]
+    os.kill(governor.pid, signal.SIGSTOP)  # accepts connections, never answers
+    try:
+        started = time.monotonic()
+        use(stack, A)
+        assert time.monotonic() - started < 20
+        assert "without admission" in (stack.root / "proxy.log").read_text()
+        assert http("GET", stack.url + "/health")[1]["governor"]["status"] == "down"
+    finally:
+        os.kill(governor.pid, signal.SIGCONT)
 
 
 def test_model_stats_load_and_unload_commands(gov_stack) -> None:

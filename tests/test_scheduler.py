@@ -253,3 +253,20 @@ def test_a_pressure_signal_unloads_the_lru_idle_model_and_names_itself(tmp_path,
         assert "pressure signal unavailable, going on without it: psi" in caplog.text
 
     asyncio.run(go())
+
+
+def test_no_model_is_unloaded_for_a_load_that_could_not_fit_anyway(tmp_path) -> None:
+    async def go() -> None:
+        # limit 120 MiB, A (idle) holds 100 of it; B needs more than all 120
+        s, fakes = await governor(tmp_path, int(120 * MIB / 0.75), {
+            ("GET", "/running"): lambda r: answer(models=[row(A, 100)]),
+            ("POST", "/models/unload"): lambda r: answer(model=A, unloaded=True)})
+        assert first_estimate(ENTRY) > 120 * MIB
+        task = asyncio.create_task(s.run())
+        verdict = await asyncio.wait_for(s.load(("engine", B)), 5)
+        await stop(s, task, fakes)
+        assert verdict["error"]["code"] == "insufficient_memory"
+        assert "does not fit even with every model unloaded" in verdict["error"]["message"]
+        assert "/models/unload" not in fakes[0].calls
+
+    asyncio.run(go())

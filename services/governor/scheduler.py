@@ -40,6 +40,11 @@ def row_key(row: dict) -> Key:
     return row["backend"], row["name"]
 
 
+def _memory(rows: list[dict]) -> int:
+    """What these models free when they leave."""
+    return sum(r["memory"]["measured"] or 0 for r in rows)
+
+
 @dataclass
 class LoadRequest:
     key: Key
@@ -290,7 +295,7 @@ class Scheduler:
         skip: set[Key] = set()
         while (acct := await self.account(rows)).room < need:
             victims = self.victims(rows, exclude=key, skip=skip)
-            if not victims:
+            if need > acct.room + _memory(victims):  # no unload helps: none is made
                 event.reply.set_result(self.refusal(key, need, acct, rows))
                 return
             reason = (f"making room for {key[1]} (needs {size(need)}, "
@@ -307,7 +312,7 @@ class Scheduler:
         busy = [r["id"] for r in rows if r["in_flight"]]
         pinned = [r["id"] for r in rows if r["pinned"]]
         free = max(acct.room, 0)
-        if need > acct.limit - acct.os_used:
+        if need > acct.room + _memory(rows):
             advice = ("it does not fit even with every model unloaded: raise "
                       "MEMORY_PRESSURE_THRESHOLD, or use a smaller quantisation or ctx_size")
         else:

@@ -12,6 +12,7 @@ import logging
 import aiohttp
 from aiohttp import web
 
+from services.proxy.governor_client import governor_health
 from services.proxy.state import Usage
 from shared import loading
 from shared.catalog import Entry
@@ -22,7 +23,8 @@ from shared.settings import Settings
 
 log = logging.getLogger("model-serve.proxy")
 # Loading a large model from a slow disk can take minutes; the governor answers when done.
-LOAD_TIMEOUT = aiohttp.ClientTimeout(total=1800, sock_connect=2)
+LOAD_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=2)
+GOVERNOR_CHECK = 5.0  # seconds between checks that the governor we wait for still answers
 
 
 class Admission:
@@ -76,22 +78,32 @@ class Admission:
 
     async def _by_governor(self, key: Key) -> bool:
         """True when the governor loaded the model; LoadError when it refused or the load
-        failed; False when it does not answer (the caller loads it then)."""
+        failed; False when it does not answer (the caller loads it then). A load may take
+        minutes, so there is no deadline; a governor that stops answering its /health while
+        we wait (hung, or stopped) is given up on."""
+        ask = asyncio.ensure_future(self._ask_governor(key))
         try:
-            async with self.session.post(self.settings.governor_url + "/load",
-                                         json={"backend": key[0], "model": key[1]},
-                                         timeout=LOAD_TIMEOUT) as r:
-                verdict = await r.json()
+            while not (await asyncio.wait({ask}, timeout=GOVERNOR_CHECK))[0]:
+                if await governor_health(self.session, self.settings, 2.0) is None:
+                    raise TimeoutError("it stopped answering")
+            verdict = ask.result()
         except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+            ask.cancel()
             if not self._said_down:
                 log.warning("governor not answering (%s); loading models without admission "
-                            "until it is back", e.__class__.__name__)
+                            "until it is back", str(e) or e.__class__.__name__)
             self._said_down = True
             return False
         self._said_down = False
         if not verdict.get("loaded"):
             raise LoadError.from_dict(verdict.get("error") or {})
         return True
+
+    async def _ask_governor(self, key: Key) -> dict:
+        async with self.session.post(self.settings.governor_url + "/load",
+                                     json={"backend": key[0], "model": key[1]},
+                                     timeout=LOAD_TIMEOUT) as r:
+            return await r.json()
 
     async def follow(self, holder, interval: float = 1.0) -> None:
         """Keep `warm` true to the backends: a model can also leave when its process ends,

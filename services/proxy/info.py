@@ -9,6 +9,7 @@ import aiohttp
 from aiohttp import web
 
 from services.proxy.context import CTX, Context
+from services.proxy.governor_client import governor_health
 from shared.ollama import OllamaError, OllamaUnavailable
 
 CREATED = int(time.time())
@@ -63,15 +64,12 @@ async def list_models(request: web.Request) -> web.Response:
 async def governor_state(ctx: Context) -> dict:
     """The governor's own /health in brief; when it does not answer, the proxy loads models
     itself, without admission."""
-    url = ctx.settings.governor_url
-    try:
-        async with ctx.session.get(url + "/health", timeout=aiohttp.ClientTimeout(total=1)) as r:
-            body = await r.json()
-    except (aiohttp.ClientError, TimeoutError, ValueError):
-        return {"url": url, "ok": False, "status": "down",
+    body = await governor_health(ctx.session, ctx.settings)
+    if body is None:
+        return {"url": ctx.settings.governor_url, "ok": False, "status": "down",
                 "problem": "not answering: models load without memory admission"}
-    return {"url": url, "ok": body.get("status") == "ok", "status": body.get("status"),
-            "problem": body.get("problem")}
+    return {"url": ctx.settings.governor_url, "ok": body.get("status") == "ok",
+            "status": body.get("status"), "problem": body.get("problem")}
 
 
 async def health(request: web.Request) -> web.Response:

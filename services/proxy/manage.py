@@ -11,6 +11,7 @@ import aiohttp
 from aiohttp import web
 
 from services.proxy.context import CTX, Context
+from services.proxy.governor_client import governor_health
 from shared.catalog import Entry
 from shared.engines import EngineError
 from shared.errors import error_response
@@ -94,24 +95,16 @@ async def running_models(ctx: Context) -> list[dict]:
     return out
 
 
-async def _governor_memory(ctx: Context) -> tuple[bool, dict | None]:
-    """(whether the governor answers, the accounting it last acted on)."""
-    try:
-        async with ctx.session.get(ctx.settings.governor_url + "/health",
-                                   timeout=aiohttp.ClientTimeout(total=1)) as r:
-            return True, (await r.json()).get("memory")
-    except (aiohttp.ClientError, TimeoutError, ValueError):
-        return False, None
-
-
 async def running(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
-    models, (up, governed) = await asyncio.gather(running_models(ctx), _governor_memory(ctx))
-    if governed is None:  # no governor, or none of its checks yet: the same sum, no signals
+    models, health = await asyncio.gather(running_models(ctx),
+                                          governor_health(ctx.session, ctx.settings))
+    governed = health and health.get("memory")
+    if not governed:  # no governor, or none of its checks yet: the same sum, no signals
         reading = await asyncio.to_thread(system_memory)
         governed = account(reading, models, 0, ctx.settings.pressure_threshold).to_dict()
     return web.json_response({"models": models,
-                              "system": {**governed, "governor": "up" if up else "down"}})
+                              "system": {**governed, "governor": "up" if health else "down"}})
 
 
 async def _requested(request: web.Request) -> tuple[Entry | None, str | None, dict] | \
