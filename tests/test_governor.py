@@ -320,9 +320,8 @@ def test_a_model_whose_process_ended_is_loaded_again_through_admission(gov_stack
     child.kill()
     # once the engine has seen it go; the proxy may still think it warm (the engine then
     # says "not loaded") or know already: either way the request loads it through admission
-    wait(lambda: section_name(A) not in http("GET", stack.engine_url + "/models")[1]["data"]
-         or {m["id"]: m["status"]["value"] for m in http(
-             "GET", stack.engine_url + "/models")[1]["data"]}[section_name(A)] == "unloaded")
+    wait(lambda: {m["id"]: m["status"]["value"] for m in http(
+        "GET", stack.engine_url + "/models")[1]["data"]}[section_name(A)] == "unloaded")
     use(stack, A)
     assert governor_health(stack)["admissions"] == admissions + 1
 

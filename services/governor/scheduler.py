@@ -288,6 +288,7 @@ class Scheduler:
                 .to_dict()})
             return
         rows = await self.rows()
+        self.settle(rows)  # a model loaded a moment ago may leave once measured
         if any(row_key(r) == key and r["state"] == "loaded" for r in rows):
             event.reply.set_result({"loaded": True})
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import aiohttp
 from aiohttp import web
@@ -10,10 +11,11 @@ from aiohttp import web
 from services.proxy import harmony_route, ollama_routes
 from services.proxy.context import CTX
 from services.proxy.engine_errors import NotLoaded, engine_error
-from shared.catalog import Entry
+from shared.catalog import Catalog, Entry
 from shared.errors import error_response
 from shared.settings import Settings
 
+log = logging.getLogger("model-serve.proxy")
 # Headers that describe one hop, or that are ours (the API key), never the engine's.
 _DROP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive",
          "authorization", "accept-encoding", "upgrade", "te", "trailer"}
@@ -57,6 +59,13 @@ def _parse(body: bytes) -> tuple[dict | None, web.Response | None]:
     return payload, None
 
 
+def not_found(catalog: Catalog, name: str) -> web.Response:
+    close = catalog.closest(name)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; GET /v1/models lists them"
+    return error_response(404, f"model {name!r} not found{hint}", "model_not_found",
+                          suggestions=close)
+
+
 def ollama_target(settings: Settings, entry: Entry, path: str) -> str | None:
     """The Ollama name to send this request to, or None for the engine."""
     if entry.backend == "ollama":
@@ -80,10 +89,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
     if entry is None:
         target = await ctx.ollama_models.lookup(name)
         if target is None:
-            close = ctx.holder.catalog.closest(name)
-            hint = f"; did you mean {', '.join(close)}?" if close else "; GET /v1/models lists them"
-            return error_response(404, f"model {name!r} not found{hint}", "model_not_found",
-                                  suggestions=close)
+            return not_found(ctx.holder.catalog, name)
     if target and (problem := ollama_routes.fixed_context(payload, entry, target)):
         return problem
     key = ("ollama", target) if target else ("engine", entry.id)
@@ -96,6 +102,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
             return await _answer(request, body, payload, entry, target)
         except NotLoaded:
             # it left (its process ended) before the proxy noticed: load it again, once
+            log.info("%s had left the engine; loading it again", entry.id)
             ctx.admission.forget(key)
             if refused := await ctx.admission.ensure(key, entry, use_id):
                 return refused

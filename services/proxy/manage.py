@@ -11,6 +11,7 @@ import aiohttp
 from aiohttp import web
 
 from services.proxy.context import CTX, Context
+from services.proxy.forward import not_found
 from services.proxy.governor_client import governor_health
 from shared.catalog import Entry
 from shared.engines import EngineError
@@ -121,8 +122,7 @@ async def _requested(request: web.Request) -> tuple[Entry | None, str | None, di
     entry = await ctx.holder.resolve(name)
     ollama_name = entry.ollama if entry else await ctx.ollama_models.lookup(name)
     if entry is None and ollama_name is None:
-        return error_response(404, f"model {name!r} not found", "model_not_found",
-                              suggestions=ctx.holder.catalog.closest(name))
+        return not_found(ctx.holder.catalog, name)
     return entry, ollama_name, body
 
 
