@@ -70,7 +70,7 @@ async def run(stack) -> None:
     direct, proxy = stack.engine_url, stack.url
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
-        await one(session, direct, body(False, 1))  # load the model
+        await one(session, proxy, body(False, 1))  # load the model (the engine never does)
         await small(session, direct, proxy)  # warm both paths
         times = await small(session, direct, proxy)
         rows = [("small requests", "p50 ms", "p99 ms")]
