@@ -88,8 +88,7 @@ async def chat(request: web.Request, payload: dict, entry: Entry) -> web.StreamR
                     break  # leaving the block closes the upstream: generation stops
     except aiohttp.ClientConnectorError:
         if resp is None:
-            return error_response(503, f"the engine at {ctx.engine.url} is not reachable",
-                                  "engine_unavailable")
+            return error_response(503, ctx.engine.unreachable(), "engine_unavailable")
     except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, ValueError):
         stop_type = stop_type or "error"  # the engine went away: finish with what came
     tail = decoder.finish()
