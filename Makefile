@@ -21,7 +21,6 @@ llama-server: $(STAMP)
 	@if [ -n "$$LLAMA_SERVER" ] || command -v llama-server >/dev/null; then :; \
 	else \
 	  command -v cmake >/dev/null || $(BIN)/pip install --quiet cmake; \
-	  echo "building llama-server (first time only, a few minutes)..."; \
 	  bash services/engine/build_llama_server.sh >/dev/null; \
 	fi
 

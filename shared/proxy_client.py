@@ -36,8 +36,12 @@ class ProxyClient:
     async def running(self) -> dict:
         return await self._call("GET", "/running")
 
-    async def unload(self, model: str, force: bool = False, backend: str | None = None) -> dict:
-        body = {"model": model, "force": force, **({"backend": backend} if backend else {})}
+    async def unload(self, model: str, force: bool = False, backend: str | None = None,
+                     reason: str | None = None) -> dict:
+        """`reason`: the caller logs the unload with it (the governor); without one the proxy
+        logs it as a client's request."""
+        body = {"model": model, "force": force, **({"backend": backend} if backend else {}),
+                **({"reason": reason} if reason else {})}
         return await self._call("POST", "/models/unload", body)
 
     async def load(self, model: str) -> dict:

@@ -7,6 +7,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# Set by `model supervise` for every process of one running stack; /health reports it.
+INSTANCE_ENV = "MODEL_SERVE_INSTANCE"
+# Every variable load() reads (the installed service carries those set when it is installed).
+ENV_KEYS = (
+    "API_KEY", "BRIDGE_SYNC_INTERVAL", "CONFIG_DIR", "DEFAULT_CTX_SIZE", "DEFAULT_PARALLEL",
+    "DEMO_MODEL", "EMBEDDINGS_TO_OLLAMA", "ENGINE", "GOVERNOR_PORT", "HARMONY_PROXY_PORT",
+    "LISTEN_HOST", "LLAMA_SERVER", "LLAMA_SWAP_PORT", "MAX_BODY_BYTES", "MEMORY_ADMISSION",
+    "MEMORY_PRESSURE_THRESHOLD", "MEMORY_SIMULATION_FILE", "MIN_MODEL_AGE_SECONDS", "MODELS_DIR",
+    "MODEL_PREFIX", "MODEL_SERVE_ENV_FILE", "MODEL_TTL", "OLLAMA_BASE", "OLLAMA_MODELS",
+    "PRESSURE_CHECK_INTERVAL", "PRESSURE_MACOS_LEVEL", "PRESSURE_PAGING_MIB_S",
+    "PRESSURE_PSI_LEVEL", "ROUTE_TO_OLLAMA", "STATE_DIR", "SYNC_DEBOUNCE_SECONDS")
 
 
 class SettingsError(ValueError):

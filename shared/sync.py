@@ -64,8 +64,7 @@ def rebuild(settings: Settings, engine: Engine) -> SyncResult:
         catalog = catalog_mod.build(settings)
         if not catalog.entries and settings.demo_model:
             catalog = catalog_mod.build(settings, [settings.models_dir, _ensure_demo(settings)])
-    except ConfigError as e:
-        log.error("config not applied, still serving the last good catalog:\n%s", e)
+    except ConfigError as e:  # the caller says so: the sync service logs it, the CLI prints it
         return SyncResult(catalog=load_last_good(settings), error=str(e))
     for notice in catalog.notices:
         log.warning("%s", notice)

@@ -127,6 +127,7 @@ def make_stack(tmp: Path, models_dir: Path, config_dir: Path, **env: str) -> Sta
         "CONFIG_DIR": str(config_dir),
         "HARMONY_PROXY_PORT": str(free_port()),
         "LLAMA_SWAP_PORT": str(free_port()),
+        "GOVERNOR_PORT": str(free_port()),  # never a port the user's own stack may hold
         "MODEL_SERVE_ENV_FILE": str(tmp / "no.env"),
         "ENGINE": "router",
         # never a real Ollama of the machine's

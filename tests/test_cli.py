@@ -1,15 +1,14 @@
-"""`model sync`, `model start`, `model stop`, `model status` as a user runs them."""
+"""`model sync`, `doctor`, `show` and `run` as a user runs them (start, stop, status and
+the runner are in test_runner.py)."""
 
-import json
+import signal
+import socket
 import subprocess
-import time
+import sys
 
-import psutil
-
-from shared.llama_server import find_llama_server
-from shared.settings import load
+from shared.settings import ROOT
 from shared.tiny_gguf import write_model
-from tests.harness import free_port, http
+from tests.harness import http
 from tests.streams import chat
 
 TINY, OTHER = "ms/tiny:0.2m-f32", "ms/other:0.2m-f32"
@@ -53,29 +52,69 @@ def test_sync_with_a_bad_config_says_why_and_keeps_serving(stack_factory, config
     assert http("POST", stack.url + "/v1/chat/completions", chat(TINY))[0] == 200
 
 
-def test_start_status_stop_touch_only_their_own_processes(stack_factory) -> None:
+def test_sync_says_a_config_error_once(stack_factory, config_dir) -> None:
     stack = stack_factory()
-    settings = load(stack.env)
-    stranger = subprocess.Popen([find_llama_server(settings), "--port", str(free_port())],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        result = stack.cli("start")
-        assert result.returncode == 0 and "is up on" in result.stdout, result.stderr
-        assert stack.cli("start").stdout.startswith("already running")
-        assert http("POST", stack.url + "/v1/chat/completions", chat(TINY))[0] == 200
-        status = stack.cli("status")
-        assert status.returncode == 0 and f"loaded: {TINY}" in status.stdout
-        started = psutil.Process(json.loads((stack.state_dir / "stack.pid").read_text())["pid"])
-        ours = [started, *started.children(recursive=True)]
-        assert any("llama-server" in " ".join(p.cmdline()) for p in ours)
+    (config_dir / "custom_models.yaml").write_text("models:\n  tiny:0.2m-f32:\n    ttl: soon\n")
+    result = stack.cli("sync")
+    assert result.returncode == 1
+    assert (result.stdout + result.stderr).count("models.tiny:0.2m-f32.ttl") == 1
 
-        result = stack.cli("stop")
-        assert result.returncode == 0 and "stopped" in result.stdout
-        time.sleep(0.5)
-        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ours)
-        assert stranger.poll() is None  # a llama-server we did not start lives on
-        assert stack.cli("status").returncode == 1
-        assert stack.cli("stop").stdout.strip() == "not running"
+
+def test_doctor_passes_a_good_setup_and_names_the_setting_to_fix(stack_factory,
+                                                                  config_dir) -> None:
+    stack = stack_factory()
+    good = stack.cli("doctor")
+    assert good.returncode == 0, good.stdout
+    assert "OK    llama-server:" in good.stdout and "(router mode)" in good.stdout
+    assert "WARN  Ollama is not reachable" in good.stdout  # optional: a warning only
+    assert "OK    Harmony vocabulary" in good.stdout and "limit 75%" in good.stdout
+
+    old = stack_factory(LLAMA_SERVER="/bin/true").cli("doctor")
+    assert old.returncode == 1 and "too old for router mode" in old.stdout
+    assert "LLAMA_SERVER" in old.stdout
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", int(stack.env["GOVERNOR_PORT"])))
+    holder.listen()
+    try:
+        taken = stack.cli("doctor")
     finally:
-        stranger.terminate()
-        stranger.wait()
+        holder.close()
+    assert taken.returncode == 1
+    assert f"FAIL  port {stack.env['GOVERNOR_PORT']} (GOVERNOR_PORT) is taken by pid" in \
+        taken.stdout and "set GOVERNOR_PORT in .env" in taken.stdout
+
+    (config_dir / "custom_models.yaml").write_text("models:\n  tiny:0.2m-f32:\n    pin: 3\n")
+    bad = stack.cli("doctor")
+    assert bad.returncode == 1 and "custom_models.yaml: models.tiny:0.2m-f32.pin" in bad.stdout
+
+
+def test_show_reads_like_prose_and_gives_the_engines_own_arguments(stack_factory) -> None:
+    stack = stack_factory().start()
+    shown = stack.cli("show", TINY)
+    assert shown.returncode == 0, shown.stderr
+    assert "None" not in shown.stdout and "False" not in shown.stdout and "[" not in \
+        shown.stdout.split("runs it as")[0]
+    assert "llama-server router runs it as" in shown.stdout
+    assert "--alias ms_tiny_0.2m-f32 --ctx-size 4096" in shown.stdout
+
+
+def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(stack_factory, models_dir,
+                                                     config_dir) -> None:
+    write_model(models_dir / "pub" / "slow" / "slow-F32.gguf", name="slow", n_embd=512,
+                n_layer=8)
+    (config_dir / "custom_models.yaml").write_text(
+        "models:\n  slow:33.8m-f32:\n    sampler_args: --ignore-eos --n-predict 100000\n")
+    stack = stack_factory().start()
+    chat_proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run",
+                                  "ms/slow:33.8m-f32"], cwd=ROOT, env=stack.env,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE)
+    chat_proc.stdin.write(b"tell me everything\n")
+    chat_proc.stdin.flush()
+    answer = chat_proc.stdout.read(40)  # the prompt, then the answer streaming
+    assert len(answer) == 40
+    chat_proc.send_signal(signal.SIGINT)
+    out, err = chat_proc.communicate(b"/bye\n", timeout=60)
+    assert chat_proc.returncode == 0, err
+    assert b"[stopped]" in out and out.rstrip().endswith(b">>>")

@@ -12,7 +12,7 @@ import pytest
 from shared.catalog import params_label
 from shared.gguf_header import read_header
 from shared.tiny_gguf import write_model
-from tests.harness import free_port, http, limit_threshold
+from tests.harness import http, limit_threshold
 from tests.streams import chat
 
 GIB, MIB = 1024**3, 1024**2
@@ -51,8 +51,7 @@ def real(stack_factory, tmp_path, gib_models, config_dir):
     def make(custom: str = "models: {}\n"):
         (config_dir / "custom_models.yaml").write_text(custom)
         stack = stack_factory(MODELS_DIR=str(root), DEFAULT_CTX_SIZE="1024",
-                              PRESSURE_CHECK_INTERVAL="0.5", MIN_MODEL_AGE_SECONDS="0",
-                              GOVERNOR_PORT=str(free_port()))
+                              PRESSURE_CHECK_INTERVAL="0.5", MIN_MODEL_AGE_SECONDS="0")
         return stack.start("engine", "proxy")
     return make
 

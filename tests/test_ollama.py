@@ -58,8 +58,9 @@ def test_pull_serves_from_the_real_engine_then_rm_removes(stack, models_dir) -> 
     config = stack.cli("list", "--config", "qwen")
     assert sid in config.stdout and "4096" in config.stdout
     shown = stack.cli("show", "qwen-tiny:1b")
-    assert shown.returncode == 0 and f"alias = {sid}" in shown.stdout
-    assert "ctx-size = 4096" in shown.stdout
+    assert shown.returncode == 0 and f"id               {sid}" in shown.stdout
+    assert "aliases          qwen-tiny:1b" in shown.stdout
+    assert "--ctx-size 4096" in shown.stdout  # as the engine runs it
 
     result = stack.cli("rm", "qwen-tiny:1b", "--yes")
     assert result.returncode == 0 and "removed qwen-tiny:1b" in result.stdout, result.stderr
@@ -198,6 +199,11 @@ def test_ollama_down_is_503_naming_ollama_base(stack_factory, models_dir) -> Non
         assert result.returncode == 1 and base in result.stderr
 
 
+def test_an_empty_ollama_is_said_plainly(stack) -> None:
+    result = stack.cli("list")
+    assert result.returncode == 0 and "Ollama has no models" in result.stdout
+
+
 def test_cli_names_nothing_and_bad_usage_exit_non_zero(stack) -> None:
     assert stack.cli("rm", "nothing:here", "--yes").returncode == 1
     assert "no Ollama model matches" in stack.cli("rm", "nothing:here", "--yes").stderr
@@ -212,7 +218,8 @@ def test_model_run_chats_through_the_proxy(stack) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("Hello from chat-mxfp4:1b") == 2
     result = stack.cli("run", "no-such-model", input="hi\n")
-    assert result.returncode == 1 and "not found" in result.stderr
+    assert result.returncode == 1 and "no model named 'no-such-model'" in result.stderr
+    assert ">>>" not in result.stdout  # said before the prompt, not after the first message
 
 
 def test_hugging_face_pulls_are_served_under_the_name_pulled(stack, models_dir) -> None:

@@ -31,3 +31,12 @@ def test_bad_settings_name_the_key_and_the_reason(tmp_path: Path, env, words) ->
         load(env, env_file=tmp_path / "none")
     for word in words:
         assert word in str(e.value)
+
+
+def test_env_keys_lists_every_variable_settings_read() -> None:
+    import re
+
+    from shared import settings as mod
+    source = Path(mod.__file__).read_text().split("def load(")[1]
+    read = set(re.findall(r'"([A-Z][A-Z_]+)"', source)) - {"HARMONY_PROXY_PORT, LLAMA_SWAP_PORT"}
+    assert read <= set(mod.ENV_KEYS)

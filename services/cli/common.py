@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 import aiohttp
@@ -47,3 +48,10 @@ def with_ollama(settings: settings_mod.Settings, work: Callable[[Ollama], Awaita
 
 def matching(names: list[str], text: str | None) -> list[str]:
     return [n for n in names if not text or text.lower() in n.lower()]
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from services.cli import memory_cmds, models, ollama_cmds, stack
+from services.cli import doctor, logs_cmd, memory_cmds, models, ollama_cmds, service, stack
 from services.cli.sync_cmd import sync
 
 
@@ -15,7 +15,9 @@ def cli() -> None:
     """model-serve: every local GGUF model on one OpenAI-compatible port."""
 
 
-for command in (sync, stack.start, stack.stop, stack.status, ollama_cmds.pull, ollama_cmds.rm,
+for command in (sync, stack.start, stack.stop, stack.status, stack.restart, stack.supervise,
+                logs_cmd.logs, service.service, doctor.doctor, ollama_cmds.pull,
+                ollama_cmds.rm,
                 ollama_cmds.list_models, ollama_cmds.names, models.show, models.run,
                 memory_cmds.stats, memory_cmds.load, memory_cmds.unload):
     cli.add_command(command)

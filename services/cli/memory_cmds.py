@@ -49,7 +49,7 @@ def stats() -> None:
     rows = [("MODEL", "BACKEND", "CONTEXT", "SLOTS", "STATE", "IDLE", "TTL LEFT",
              "ESTIMATED", "MEASURED", "PINNED")]
     for m in data["models"]:
-        left = m["expires_at"] - now if m["expires_at"] else None
+        left = max(0.0, m["expires_at"] - now) if m["expires_at"] else None
         rows.append((m["id"], m["backend"], str(m["context_length"] or "-"),
                      str(m["parallel"] or "-"),
                      f"{m['state']}" + (f" ({m['in_flight']} busy)" if m["in_flight"] else ""),
@@ -59,6 +59,9 @@ def stats() -> None:
         table(rows)
     else:
         click.echo("no models loaded")
+    if not data.get("ollama", {}).get("ok", True):
+        click.echo(f"note: Ollama is not reachable at {data['ollama']['url']}: the models it "
+                   "holds are not listed")
     s = data["system"]
     click.echo(f"system memory: {mib(s['used'])} used of {mib(s['total'])} ({s['used_pct']}%, "
                f"limit {s['threshold_pct']:g}%): the system counts {mib(s['os_used'])}, "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import json
+import shlex
 import urllib.error
 import urllib.request
 from dataclasses import asdict
@@ -10,8 +12,31 @@ from dataclasses import asdict
 import click
 
 from services.cli.common import load_catalog, load_settings
-from shared.catalog import Catalog
+from shared.catalog import Catalog, Entry, loose
 from shared.engines import make_engine
+from shared.engines.base import section_name
+
+
+def _value(value) -> str:
+    if value is None or value == [] or value == "":
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value) if all(isinstance(v, str) and " " not in v
+                                                       for v in value) else shlex.join(value)
+    return str(value)
+
+
+def _live_args(settings, entry: Entry) -> list[str] | None:
+    """The arguments llama-server's router runs this model with, as it reports them."""
+    try:
+        with urllib.request.urlopen(settings.engine_url + "/models", timeout=3) as r:
+            data = json.loads(r.read()).get("data", [])
+    except (OSError, ValueError):
+        return None
+    item = next((m for m in data if m.get("id") == section_name(entry.id)), None)
+    return (item or {}).get("status", {}).get("args")
 
 
 @click.command()
@@ -26,20 +51,29 @@ def show(name: str) -> None:
         raise click.ClickException(f"no model named {name!r}" +
                                    (f"; closest: {', '.join(close)}" if close else ""))
     for key, value in asdict(entry).items():
-        if key != "info":
-            click.echo(f"{key:12} {value}")
+        if key == "size_bytes":
+            click.echo(f"{'size':16} {value / 1e9:.2f} GB")
+        elif key != "info":
+            click.echo(f"{key.replace('_', ' '):16} {_value(value)}")
     info = entry.info
-    click.echo(f"{'gguf':12} {info.get('architecture')}, {info.get('param_count', 0):,} "
+    click.echo(f"{'gguf':16} {info.get('architecture')}, {info.get('param_count', 0):,} "
                f"parameters, {info.get('file_type')}, trained context "
                f"{info.get('context_length')}, {info.get('block_count')} layers")
-    engine = make_engine(settings)
-    if entry.backend == "engine":
-        click.echo(f"\n{engine.name} config for this model:")
-        one = engine.render(Catalog(entries={entry.id: entry}))
-        click.echo("\n".join(line for line in one.splitlines()
-                             if line and not line.startswith(("#", ";"))))
-    else:
+    if entry.backend != "engine":
         click.echo(f"\nanswered by Ollama as {entry.ollama} ({settings.ollama_base})")
+        return
+    engine = make_engine(settings)
+    args = _live_args(settings, entry) if engine.name != "llama-swap" else None
+    if args:
+        click.echo(f"\n{engine.name} runs it as (the port is chosen at each load):")
+        click.echo("  " + shlex.join(args))
+        return
+    click.echo(f"\n{engine.name} config for this model"
+               + (" (the engine is not running to say more):" if engine.name != "llama-swap"
+                  else ":"))
+    one = engine.render(Catalog(entries={entry.id: entry}))
+    click.echo("\n".join("  " + line for line in one.splitlines()
+                         if line and not line.startswith(("#", ";"))))
 
 
 def _stream(url: str, body: dict, key: str) -> str:
@@ -63,11 +97,40 @@ def _stream(url: str, body: dict, key: str) -> str:
     return "".join(answer)
 
 
+def _known(settings, name: str) -> None:
+    """Fail before the prompt when the proxy is down or has no such model."""
+    headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+    req = urllib.request.Request(settings.proxy_url + "/v1/models", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            models = json.loads(r.read()).get("data", [])
+    except urllib.error.HTTPError as e:
+        raise click.ClickException(_message(e)) from None
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f"the proxy at {settings.proxy_url} is not answering "
+                                   f"({e}); start it with `model start`") from None
+    names = {n for m in models for n in [m["id"], *m.get("aliases", [])]}
+    if name not in names | {loose(n) for n in names} | {f"{n}:latest" for n in names}:
+        close = difflib.get_close_matches(name, sorted(names), n=3, cutoff=0.4)
+        raise click.ClickException(f"no model named {name!r}" +
+                                   (f"; closest: {', '.join(close)}" if close else
+                                    "; `model list --config` lists them"))
+
+
+def _message(e: urllib.error.HTTPError) -> str:
+    try:
+        return json.loads(e.read())["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return str(e.reason)
+
+
 @click.command()
 @click.argument("name")
 def run(name: str) -> None:
-    """Chat with NAME through the proxy, streaming. /bye or Ctrl-D ends."""
+    """Chat with NAME through the proxy, streaming. /bye or Ctrl-D ends; Ctrl-C stops an
+    answer."""
     settings = load_settings()
+    _known(settings, name)
     url = settings.proxy_url + "/v1/chat/completions"
     messages: list[dict] = []
     while True:
@@ -84,12 +147,12 @@ def run(name: str) -> None:
         try:
             reply = _stream(url, {"model": name, "messages": messages, "stream": True},
                             settings.api_key)
+        except KeyboardInterrupt:
+            click.echo("\n[stopped]")
+            messages.pop()  # the question goes unanswered; the chat goes on
+            continue
         except urllib.error.HTTPError as e:
-            try:
-                message = json.loads(e.read())["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = e.reason
-            raise click.ClickException(message) from None
+            raise click.ClickException(_message(e)) from None
         except OSError as e:
             raise click.ClickException(f"the proxy at {settings.proxy_url} is not answering "
                                        f"({e}); start it with `model start`") from None

@@ -96,9 +96,12 @@ def list_models(filter_text: str | None, served: bool) -> None:
                 d = m.get("details") or {}
                 rows.append((m["name"], _size(m.get("size", 0)), d.get("parameter_size", ""),
                              d.get("quantization_level", ""), m.get("modified_at", "")[:16]))
+    if len(rows) == 1 and filter_text:
+        raise click.ClickException(f"no model matches {filter_text!r}")
     if len(rows) == 1:
-        raise click.ClickException(f"no model matches {filter_text!r}" if filter_text
-                                   else "no models")
+        click.echo("no models served (put GGUF files in MODELS_DIR, then `model sync`)"
+                   if served else "Ollama has no models (pull one with `model pull NAME`)")
+        return
     table(rows)
 
 

@@ -1,43 +1,59 @@
-"""Start, stop and inspect the Procfile stack run in the background by honcho.
+"""Start, stop, restart and inspect the stack, which supervisord runs (services/runner).
 
-The pid file records honcho's pid and start time, so `stop` signals only the process
-group this command started, never a stranger that reused the pid.
+`model supervise` runs supervisord in the foreground (the launchd/systemd service runs it);
+`model start` runs that in the background and waits until the stack's own proxy answers.
+STATE_DIR/instance.json records supervisord's pid, start time and the stack's instance id,
+so `stop` signals only the supervisord this command started and `start`/`status` never take
+another stack's /health for this one's.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
+import secrets
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+import xmlrpc.client
 from pathlib import Path
 
 import click
 import psutil
 
-from services.cli.common import load_settings
-from shared.settings import ROOT, Settings
+from services.cli.common import load_settings, tail
+from services.runner import client, config
+from services.runner.listener import exits_file
+from shared.files import write_atomic, write_if_changed
+from shared.settings import INSTANCE_ENV, Settings
+
+PORTS = (("HARMONY_PROXY_PORT", "proxy_port"), ("LLAMA_SWAP_PORT", "engine_port"),
+         ("GOVERNOR_PORT", "governor_port"))
 
 
-def pid_file(settings: Settings) -> Path:
-    return settings.state_dir / "stack.pid"
+def instance_file(settings: Settings) -> Path:
+    return settings.state_dir / "instance.json"
 
 
-def log_file(settings: Settings) -> Path:
-    return settings.state_dir / "stack.log"
+def recorded(settings: Settings) -> dict | None:
+    try:
+        return json.loads(instance_file(settings).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def running_stack(settings: Settings) -> psutil.Process | None:
+    """The supervisord this stack's `model supervise` became, if it still runs."""
+    rec = recorded(settings)
     try:
-        record = json.loads(pid_file(settings).read_text())
-        proc = psutil.Process(record["pid"])
-        if abs(proc.create_time() - record["started"]) < 1 and proc.is_running():
+        proc = psutil.Process(rec["pid"])
+        if abs(proc.create_time() - rec["started"]) < 1 and proc.is_running() \
+                and proc.status() != psutil.STATUS_ZOMBIE:
             return proc
-    except (OSError, ValueError, KeyError, psutil.Error):
+    except (TypeError, KeyError, psutil.Error):
         pass
     return None
 
@@ -55,87 +71,234 @@ def get_health(settings: Settings, timeout: float = 3) -> tuple[int, dict] | Non
         return None
 
 
+def ours(settings: Settings, health: tuple[int, dict] | None) -> bool:
+    rec = recorded(settings)
+    return bool(health and rec and health[1].get("instance") == rec.get("instance"))
+
+
+def port_holder(host: str, port: int) -> str | None:
+    """None when the port is free; otherwise who holds it, as far as we may see."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            return None
+        except OSError:
+            pass
+    try:
+        for conn in psutil.net_connections("tcp"):
+            if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN \
+                    and conn.pid:
+                cmd = " ".join(psutil.Process(conn.pid).cmdline())
+                return f"pid {conn.pid} ({cmd[:100]})"
+    except (psutil.Error, OSError):
+        pass
+    return "another process"
+
+
+def taken_ports(settings: Settings) -> list[str]:
+    out = []
+    for key, attr in PORTS:
+        port = getattr(settings, attr)
+        host = settings.listen_host if attr == "proxy_port" else "127.0.0.1"
+        if holder := port_holder(host, port):
+            out.append(f"port {port} ({key}) is taken by {holder}")
+    return out
+
+
+@click.command()
+def supervise() -> None:
+    """Run the stack in the foreground under supervisord (the installed service runs this)."""
+    settings = load_settings()
+    config.logs_dir(settings).mkdir(parents=True, exist_ok=True)
+    write_if_changed(config.conf_path(settings), config.render(settings))
+    bindir = Path(sys.executable).parent
+    instance = secrets.token_hex(8)
+    write_atomic(instance_file(settings), json.dumps({
+        "instance": instance, "pid": os.getpid(), "started": psutil.Process().create_time()}))
+    env = {**os.environ, INSTANCE_ENV: instance, "PYTHONUNBUFFERED": "1",
+           "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    exe = str(bindir / "supervisord")
+    os.execve(exe, [exe, "-c", str(config.conf_path(settings))], env)
+
+
+def _fail_start(settings: Settings, proc: subprocess.Popen, why: str) -> None:
+    if proc.poll() is None:
+        _shutdown(settings, psutil.Process(proc.pid))
+    instance_file(settings).unlink(missing_ok=True)
+    raise click.ClickException(why)
+
+
 @click.command()
 @click.option("--wait", default=120, show_default=True, help="Seconds to wait for /health.")
-def start(wait: int) -> None:
-    """Start the stack in the background; returns once /health answers."""
+@click.option("--quiet", is_flag=True, help="Say nothing when it is already running (cron).")
+def start(wait: int, quiet: bool) -> None:
+    """Start the stack in the background; returns once its own proxy answers."""
     settings = load_settings()
     if running_stack(settings):
-        click.echo(f"already running (pid file {pid_file(settings)})")
+        if not quiet:
+            click.echo(f"already running (see `model status`; logs: "
+                       f"{config.logs_dir(settings)})")
         return
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    bindir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
-    with open(log_file(settings), "ab") as log:
-        proc = subprocess.Popen(
-            [os.path.join(bindir, "honcho"), "start", "-f", str(ROOT / "Procfile"),
-             "-d", str(ROOT), "--no-prefix"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, start_new_session=True)
-    started = psutil.Process(proc.pid).create_time()
-    pid_file(settings).write_text(json.dumps({"pid": proc.pid, "started": started}))
+    if taken := taken_ports(settings):
+        raise click.ClickException("cannot start: " + "; ".join(taken) +
+                                   " (stop it, or set the port in .env)")
+    logs = config.logs_dir(settings)
+    logs.mkdir(parents=True, exist_ok=True)
+    instance_file(settings).unlink(missing_ok=True)
+    with open(logs / "supervise.out", "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "supervise"],
+                                cwd=config.PROCFILE.parent, stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pid_file(settings).unlink(missing_ok=True)
-            raise click.ClickException(
-                f"the stack exited (code {proc.returncode}); see {log_file(settings)}:\n"
-                + _tail(log_file(settings)))
+            _fail_start(settings, proc, f"the stack exited (code {proc.returncode}):\n"
+                        + tail(logs / "supervise.out") + "\n" + tail(logs / "supervisord.log"))
+        infos = client.processes(settings) or []
+        for p in infos:
+            if p["statename"] == "FATAL":
+                _fail_start(settings, proc, f"{p['name']} could not start; the last lines of "
+                            f"{config.log_file(settings, p['name'])}:\n"
+                            + tail(config.log_file(settings, p["name"])))
         health = get_health(settings, timeout=1)
-        if health and health[0] == 200:
+        started = bool(infos) and all(p["statename"] == "RUNNING" for p in infos)
+        if started and health and health[0] == 200 and ours(settings, health):
             click.echo(f"model-serve is up on {settings.proxy_url} "
-                       f"({health[1].get('models', 0)} models); logs: {log_file(settings)}")
+                       f"({health[1].get('models', 0)} models); logs: {logs}")
             return
         time.sleep(0.3)
-    raise click.ClickException(f"/health did not answer within {wait}s; see "
-                               f"{log_file(settings)}, stop with `model stop`")
+    raise click.ClickException(f"/health did not answer within {wait}s; see `model status` "
+                               f"and {logs}; stop with `model stop`")
 
 
-def _tail(path: Path, lines: int = 15) -> str:
+def _shutdown(settings: Settings, proc: psutil.Process) -> None:
+    """supervisord stops every process it runs (the proxy finishing its streams), then
+    itself."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
+        client.connect(settings).supervisor.shutdown()
+    except (OSError, xmlrpc.client.Fault, xmlrpc.client.ProtocolError):
+        proc.terminate()
+    try:
+        proc.wait(120)
+    except psutil.TimeoutExpired:
+        proc.kill()
 
 
 @click.command()
 def stop() -> None:
-    """Stop exactly the stack that `model start` (or `make up`) started."""
+    """Stop exactly the stack that `model start` (or `make up`, or the service) started."""
     settings = load_settings()
     proc = running_stack(settings)
     if proc is None:
-        pid_file(settings).unlink(missing_ok=True)
+        instance_file(settings).unlink(missing_ok=True)
         click.echo("not running")
         return
-    group = [proc, *proc.children(recursive=True)]
-    os.killpg(proc.pid, signal.SIGTERM)
-    _, alive = psutil.wait_procs(group, timeout=20)
-    for p in alive:
-        p.kill()
-    pid_file(settings).unlink(missing_ok=True)
+    _shutdown(settings, proc)
+    instance_file(settings).unlink(missing_ok=True)
     click.echo("stopped")
 
 
 @click.command()
+@click.argument("name", required=False)
+def restart(name: str | None) -> None:
+    """Restart one process (engine, proxy, governor, sync), or all of them."""
+    settings = load_settings()
+    names = list(config.processes())
+    if name and name not in names:
+        raise click.UsageError(f"no process {name!r}; the processes: {', '.join(names)}")
+    if not running_stack(settings):
+        raise click.ClickException("not running; start it with `model start`")
+    server = client.connect(settings).supervisor
+    for n in [name] if name else names:
+        try:
+            server.stopProcess(n)
+        except xmlrpc.client.Fault as e:
+            if "NOT_RUNNING" not in e.faultString:
+                raise click.ClickException(f"{n}: {e.faultString}") from None
+        server.startProcess(n)
+        click.echo(f"restarted {n}")
+
+
+def _uptime(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _crashes(settings: Settings, name: str, since: float) -> list[dict]:
+    try:
+        lines = exits_file(settings).read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("process") == name and not rec.get("expected") and rec.get("at", 0) > since:
+            out.append(rec)
+    return out
+
+
+def _process_lines(settings: Settings) -> bool:
+    """One line per process; True when every one runs."""
+    infos = client.processes(settings) or []
+    all_running = bool(infos)
+    for p in infos:
+        state, name = p["statename"], p["name"]
+        line = f"  {name:9} {state:9}"
+        if state == "RUNNING":
+            line += f" pid {p['pid']}, up {_uptime(p['now'] - p['start'])}"
+        crashes = _crashes(settings, name, time.time() - 3600)
+        if crashes:
+            line += (f"; crashed {len(crashes)} time(s) in the last hour, last at "
+                     f"{time.strftime('%H:%M:%S', time.localtime(crashes[-1]['at']))}")
+        if state == "FATAL":
+            line += "; gave up restarting it (it kept failing at start)"
+        click.echo(line)
+        if state not in ("RUNNING", "STARTING"):
+            all_running = False
+            log = config.log_file(settings, name)
+            click.echo(f"    last lines of {log}:")
+            click.echo("\n".join(f"    {x}" for x in tail(log, 5).splitlines()))
+    return all_running
+
+
+@click.command()
 def status() -> None:
-    """Whether the stack runs, and what its /health says."""
+    """Each process (running, crashed, stopped), and what the proxy, the engine, the governor
+    and Ollama say."""
     settings = load_settings()
     proc = running_stack(settings)
-    click.echo(f"stack: running, pid {proc.pid}" if proc else "stack: not started by model start")
+    ok = proc is not None
+    if proc:
+        click.echo(f"stack: running (supervisord pid {proc.pid}, up "
+                   f"{_uptime(time.time() - proc.create_time())})")
+        ok = _process_lines(settings)
+    elif recorded(settings):
+        click.echo("stack: crashed (its supervisord is gone); the last lines of its log:")
+        click.echo(tail(config.logs_dir(settings) / "supervisord.log", 5))
+    else:
+        click.echo("stack: stopped (start it with `model start`)")
     health = get_health(settings)
     if health is None:
         click.echo(f"proxy: not answering on {settings.proxy_url}")
         raise SystemExit(1)
     code, body = health
-    engine = body.get("engine", {})
+    if not ours(settings, health):
+        click.echo(f"proxy: {settings.proxy_url} answers for another model-serve stack "
+                   f"(state dir {body.get('state_dir')})")
+        raise SystemExit(1)
+    engine, governor, ollama = (body.get(k) or {} for k in ("engine", "governor", "ollama"))
     click.echo(f"proxy: {settings.proxy_url} ({body.get('status')}), "
                f"{body.get('models', 0)} models")
     click.echo(f"engine: {engine.get('name')} at {engine.get('url')}: "
                f"{'up' if engine.get('ok') else 'DOWN'}; loaded: "
                f"{', '.join(engine.get('loaded', [])) or 'none'}")
-    governor = body.get("governor") or {}
-    if governor:
-        click.echo(f"governor: {governor.get('url')}: {governor.get('status')}"
-                   + (f" ({governor['problem']})" if governor.get("problem") else ""))
-    if code != 200:
+    click.echo(f"governor: {governor.get('url')}: {governor.get('status')}"
+               + (f" ({governor['problem']})" if governor.get("problem") else ""))
+    click.echo(f"ollama: {ollama.get('url')}: " + ("up" if ollama.get("ok") else
+                                                   "not reachable (models it answers fail)"))
+    if code != 200 or not ok:
         raise SystemExit(1)

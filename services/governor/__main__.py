@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 
 import aiohttp
 from aiohttp import web
 
 from services.governor.scheduler import Scheduler
-from shared import pressure_signals
+from shared import logs, pressure_signals
 from shared import settings as settings_mod
 from shared.catalog_holder import CatalogHolder
 from shared.engines import make_engine
@@ -78,7 +77,7 @@ def make_app(settings: Settings) -> web.Application:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="governor: %(message)s")
+    logs.setup("governor")
     settings = settings_mod.load()
     web.run_app(make_app(settings), host="127.0.0.1", port=settings.governor_port,
                 print=None, access_log=None)

@@ -109,6 +109,9 @@ class Scheduler:
                 else:
                     self.finish(event)
             except Exception as e:  # noqa: BLE001 - no failure may end the loop
+                if isinstance(e, aiohttp.ClientConnectorError) and self.memory is None \
+                        and event is None:
+                    continue  # the proxy is starting too: nothing to say yet
                 problem = f"{e.__class__.__name__}: {e}"
                 if problem != self.problem:  # once per episode, not at every tick
                     log.warning("cannot decide now (%s); will try again", problem,
@@ -246,7 +249,7 @@ class Scheduler:
         """Through the proxy, which refuses (409) if a request has just arrived for it."""
         key, mid = row_key(row), row["id"]
         try:
-            await self.proxy.unload(mid, backend=row["backend"])
+            await self.proxy.unload(mid, backend=row["backend"], reason=cause)
         except ProxyError as e:
             if e.status == 409:
                 log.info("did not unload %s: %s", mid, e)

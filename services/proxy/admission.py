@@ -70,6 +70,7 @@ class Admission:
         try:
             if not (self.settings.memory_admission and await self._by_governor(key)):
                 await loading.load(key, entry, self.engine, self.ollama, self.session)
+                log.info("loaded %s on %s without admission", key[1], key[0])
         except LoadError as e:
             return e
         self.warm.add(key)

@@ -40,6 +40,9 @@ async def openai_errors(request: web.Request, handler) -> web.StreamResponse:
         if e.status < 400:
             raise
         return error_response(e.status, f"{request.method} {request.path}: {e.reason}")
+    except ConnectionResetError:
+        # the client went away mid-answer, as when it is cancelled: nothing to log
+        raise asyncio.CancelledError from None
 
 
 @web.middleware

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import aiohttp
@@ -11,6 +12,7 @@ from aiohttp import web
 from services.proxy.context import CTX, Context
 from services.proxy.governor_client import governor_health
 from shared.ollama import OllamaError, OllamaUnavailable
+from shared.settings import INSTANCE_ENV
 
 CREATED = int(time.time())
 
@@ -85,5 +87,7 @@ async def health(request: web.Request) -> web.Response:
     body = {"status": "ok" if ok and governor["ok"] else "degraded", "proxy": "ok",
             "engine": engine, "governor": governor,
             "ollama": {"url": ctx.settings.ollama_base, "ok": ollama is not None},
-            "models": len(ctx.holder.catalog.entries)}
+            "models": len(ctx.holder.catalog.entries),
+            # which stack answers: `model start` and `model status` trust only their own
+            "instance": os.environ.get(INSTANCE_ENV), "state_dir": str(ctx.settings.state_dir)}
     return web.json_response(body, status=200 if ok else 503)

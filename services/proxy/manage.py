@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
 
@@ -21,14 +22,16 @@ from shared.memory import Footprints, account
 from shared.ollama import OllamaError, OllamaUnavailable
 from shared.os_memory import memory_by_mapped_file, memory_by_port, system_memory
 
+log = logging.getLogger("model-serve.proxy")
 
-async def _ollama_loaded(ctx: Context) -> dict[str, int]:
-    """Ollama name → size of each model Ollama holds; empty when Ollama is not there."""
+
+async def _ollama_loaded(ctx: Context) -> dict[str, int] | None:
+    """Ollama name → size of each model Ollama holds; None when Ollama is not there."""
     try:
         async with asyncio.timeout(3):
             return {m.get("name", ""): int(m.get("size", 0)) for m in await ctx.ollama.ps()}
     except (OllamaUnavailable, OllamaError, aiohttp.ClientError, TimeoutError, ValueError):
-        return {}
+        return None
 
 
 def _ollama_entry(ctx: Context, name: str) -> Entry | None:
@@ -39,7 +42,7 @@ def _measure(ports: dict[str, int], blobs: dict[str, str]):
     return memory_by_port(ports), memory_by_mapped_file(blobs) if blobs else {}
 
 
-async def running_models(ctx: Context) -> list[dict]:
+async def running_models(ctx: Context) -> tuple[list[dict], bool]:
     """Every loaded model on every backend. `memory.measured` is the model's own memory;
     `memory.reclaimable` the part of it the system's used figure leaves out (mapped weights),
     which the governor adds back."""
@@ -49,7 +52,8 @@ async def running_models(ctx: Context) -> list[dict]:
             engine = await ctx.engine.running(ctx.session, catalog)
     except (aiohttp.ClientError, TimeoutError, ValueError):
         engine = {}
-    ollama = await _ollama_loaded(ctx)
+    ollama_up = (ollama := await _ollama_loaded(ctx)) is not None
+    ollama = ollama or {}
     ollama_entries = {name: _ollama_entry(ctx, name) for name in ollama}
     ports = {mid: r.port for mid, r in engine.items() if r.port}
     blobs = {name: os.path.realpath(e.path) for name, e in ollama_entries.items()
@@ -93,19 +97,20 @@ async def running_models(ctx: Context) -> list[dict]:
         mem = by_file.get(name)
         row(entry.id if entry else name, name, entry, "ollama", "loaded",
             mem.total if mem else size, mem.reclaimable if mem else size)
-    return out
+    return out, ollama_up
 
 
 async def running(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
-    models, health = await asyncio.gather(running_models(ctx),
-                                          governor_health(ctx.session, ctx.settings))
+    (models, ollama_up), health = await asyncio.gather(
+        running_models(ctx), governor_health(ctx.session, ctx.settings))
     governed = health and health.get("memory")
     if not governed:  # no governor, or none of its checks yet: the same sum, no signals
         reading = await asyncio.to_thread(system_memory)
         governed = account(reading, models, 0, ctx.settings.pressure_threshold).to_dict()
     return web.json_response({"models": models,
-                              "system": {**governed, "governor": "up" if health else "down"}})
+                              "system": {**governed, "governor": "up" if health else "down"},
+                              "ollama": {"url": ctx.settings.ollama_base, "ok": ollama_up}})
 
 
 async def _requested(request: web.Request) -> tuple[Entry | None, str | None, dict] | \
@@ -136,7 +141,7 @@ async def _holders(ctx: Context, entry: Entry | None, ollama_name: str | None) -
                 keys.append(("engine", entry.id))
         except (aiohttp.ClientError, ValueError, EngineError):
             pass
-    if ollama_name and ollama_name in await _ollama_loaded(ctx):
+    if ollama_name and ollama_name in (await _ollama_loaded(ctx) or {}):
         keys.append(("ollama", ollama_name))
     return keys
 
@@ -171,6 +176,9 @@ async def unload(request: web.Request) -> web.Response:
             return error_response(503, str(e), "ollama_unavailable")
         except (EngineError, aiohttp.ClientError) as e:
             return error_response(503, f"engine: {e}", "engine_error")
+    if not body.get("reason"):  # the governor logs its own, with the numbers
+        log.info("unloaded %s from %s at a client's request%s", mid,
+                 " and ".join(k[0] for k in keys), " (forced)" if use and use.in_flight else "")
     return web.json_response({"model": mid, "unloaded": True,
                               "backends": [k[0] for k in keys]})
 

@@ -14,6 +14,7 @@ import time
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from shared import logs
 from shared import settings as settings_mod
 from shared.engines import Engine, make_engine
 from shared.settings import Settings
@@ -39,6 +40,8 @@ class Changes(FileSystemEventHandler):
 def sync_once(settings: Settings, engine: Engine) -> None:
     started = time.monotonic()
     _, result = sync_all(settings, engine)
+    if result.error:
+        log.error("config not applied, still serving the last good catalog:\n%s", result.error)
     if result.error or result.catalog is None:
         return
     reloaded = reload_engine(result, engine)
@@ -63,7 +66,7 @@ def watch(settings: Settings, changes: Changes) -> Observer:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="sync: %(message)s")
+    logs.setup("sync")
     settings = settings_mod.load()
     engine = make_engine(settings)
     changes = Changes()

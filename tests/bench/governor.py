@@ -26,7 +26,7 @@ from shared.catalog import Catalog, params_label
 from shared.gguf_header import read_header
 from shared.memory import first_estimate
 from shared.tiny_gguf import write_model
-from tests.harness import free_port, http, limit_threshold, make_stack
+from tests.harness import http, limit_threshold, make_stack
 
 MIB = 1024**2
 INTERVAL = 2.0
@@ -110,10 +110,9 @@ def reaction(tmp: Path) -> list[float]:
     set_machine(machine, 10**15)
     run = tmp / "reaction"
     run.mkdir()
-    stack = make_stack(run, root, custom(run, []), GOVERNOR_PORT=str(free_port()),
-                       MIN_MODEL_AGE_SECONDS="0", PRESSURE_CHECK_INTERVAL=str(INTERVAL),
-                       MEMORY_SIMULATION_FILE=str(machine)).start("engine", "proxy",
-                                                                   "governor")
+    stack = make_stack(run, root, custom(run, []), MIN_MODEL_AGE_SECONDS="0",
+                       PRESSURE_CHECK_INTERVAL=str(INTERVAL),
+                       MEMORY_SIMULATION_FILE=str(machine)).start("engine", "proxy", "governor")
     times = []
     try:
         for _ in range(3):
@@ -173,8 +172,8 @@ def workload(tmp: Path) -> tuple[list[tuple[str, ...]], int, int]:
     for n, (label, env) in enumerate(setups):
         run = tmp / f"workload{n}"
         run.mkdir()
-        stack = make_stack(run, root, config, GOVERNOR_PORT=str(free_port()),
-                           MIN_MODEL_AGE_SECONDS="0", PRESSURE_CHECK_INTERVAL="0.5", **env)
+        stack = make_stack(run, root, config, MIN_MODEL_AGE_SECONDS="0",
+                           PRESSURE_CHECK_INTERVAL="0.5", **env)
         stack.start("engine", "proxy")
         try:
             system = running(stack)["system"]

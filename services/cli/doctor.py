@@ -1,0 +1,191 @@
+"""`model doctor`: everything the stack needs, each finding with its fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import psutil
+
+from lm_studio_ollama_bridge.links import LinkRecord
+from services.cli.stack import get_health, ours, port_holder, running_stack
+from shared import catalog as catalog_mod
+from shared import harmony_encoding
+from shared import settings as settings_mod
+from shared.custom_models import ConfigError
+from shared.engines import make_engine
+from shared.llama_server import find_llama_server
+from shared.memory import first_estimate
+from shared.os_memory import system_memory
+from shared.settings import Settings
+
+GIB = 1024**3
+
+
+@dataclass
+class Finding:
+    level: str  # ok, warn, fail
+    what: str
+    fix: str = ""
+
+
+def check_llama_server(settings: Settings) -> Finding:
+    engine = make_engine(settings)
+    if engine.name == "llama-swap":
+        out = subprocess.run([shutil.which("llama-swap") or "llama-swap", "--version"],
+                             capture_output=True, text=True, timeout=20)
+        return Finding("ok", f"engine: llama-swap ({(out.stdout or out.stderr).strip()})")
+    try:
+        binary = find_llama_server(settings)
+    except FileNotFoundError as e:
+        return Finding("fail", f"llama-server: {e}", "run `make install`, or set LLAMA_SERVER "
+                       "to a llama-server binary (Homebrew: `brew install llama.cpp`)")
+    try:
+        help_text = subprocess.run([binary, "--help"], capture_output=True, text=True,
+                                   timeout=30).stdout
+    except OSError as e:
+        return Finding("fail", f"llama-server {binary} does not run: {e}",
+                       "set LLAMA_SERVER to a working binary, or run `make install`")
+    missing = [f for f in ("--models-preset", "--no-models-autoload") if f not in help_text]
+    if missing:
+        return Finding("fail", f"llama-server {binary} is too old for router mode (no "
+                       f"{', '.join(missing)})", "update llama.cpp (`brew upgrade llama.cpp`), "
+                       "or unset LLAMA_SERVER to use the build `make install` makes")
+    return Finding("ok", f"llama-server: {binary} (router mode)")
+
+
+def check_ollama(settings: Settings) -> Finding:
+    try:
+        with urllib.request.urlopen(settings.ollama_base + "/api/version", timeout=3) as r:
+            version = json.loads(r.read()).get("version")
+        return Finding("ok", f"Ollama {version} at {settings.ollama_base}")
+    except (OSError, ValueError):
+        return Finding("warn", f"Ollama is not reachable at {settings.ollama_base}: pulls, and "
+                       "the models it answers (MXFP4, embeddings), will fail",
+                       "start it (`ollama serve`), or set OLLAMA_BASE; not needed otherwise")
+
+
+def check_ports(settings: Settings) -> list[Finding]:
+    if running_stack(settings) and ours(settings, get_health(settings)):
+        return [Finding("ok", "ports: this stack is running on them")]
+    out = []
+    for key, attr in (("HARMONY_PROXY_PORT", "proxy_port"), ("LLAMA_SWAP_PORT", "engine_port"),
+                      ("GOVERNOR_PORT", "governor_port")):
+        port = getattr(settings, attr)
+        host = settings.listen_host if attr == "proxy_port" else "127.0.0.1"
+        holder = port_holder(host, port)
+        out.append(Finding("ok", f"port {port} ({key}) is free") if holder is None else
+                   Finding("fail", f"port {port} ({key}) is taken by {holder}",
+                           f"stop that process, or set {key} in .env to a free port"))
+    return out
+
+
+def check_folders(settings: Settings) -> list[Finding]:
+    out = []
+    if settings.models_dir.is_dir():
+        out.append(Finding("ok", f"MODELS_DIR {settings.models_dir}"))
+    else:
+        out.append(Finding("warn", f"MODELS_DIR {settings.models_dir} does not exist: only "
+                           "the demo model will be served",
+                           "put GGUF files there (LM Studio does), `model pull` one, or set "
+                           "MODELS_DIR"))
+    try:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=settings.state_dir):
+            pass
+        out.append(Finding("ok", f"STATE_DIR {settings.state_dir} is writable"))
+    except OSError as e:
+        out.append(Finding("fail", f"STATE_DIR {settings.state_dir} is not writable: {e}",
+                           "set STATE_DIR to a folder you can write"))
+    return out
+
+
+def check_links(settings: Settings) -> Finding:
+    record = LinkRecord.load(settings.bridge_record)
+    broken = [path for path in record.links if not Path(path).exists()]
+    if broken:
+        return Finding("warn", f"{len(broken)} link(s) the bridge made point nowhere: "
+                       + ", ".join(broken[:3]), "run `model sync` (it removes them)")
+    return Finding("ok", f"bridge links: {len(record.links)}, none broken")
+
+
+def check_config_and_memory(settings: Settings) -> list[Finding]:
+    try:
+        catalog = catalog_mod.build(settings)
+    except ConfigError as e:
+        return [Finding("fail", f"config: {e}", "fix that entry in custom_models.yaml; the "
+                        "last good catalog keeps serving meanwhile")]
+    out = [Finding("ok", f"config: {len(catalog.entries)} models")]
+    memory = system_memory()
+    limit = memory.total * settings.pressure_threshold / 100
+    room = limit - memory.used
+    biggest = max(catalog.entries.values(), key=first_estimate, default=None)
+    line = (f"memory: {memory.total / GIB:.1f} GiB, limit {settings.pressure_threshold:g}% = "
+            f"{limit / GIB:.1f} GiB, {max(room, 0) / GIB:.1f} GiB free under it now")
+    if biggest and first_estimate(biggest) > room:
+        out.append(Finding("warn", f"{line}; the largest model, {biggest.id}, needs about "
+                           f"{first_estimate(biggest) / GIB:.1f} GiB and cannot load now",
+                           "raise MEMORY_PRESSURE_THRESHOLD, or close other programs"))
+    else:
+        out.append(Finding("ok", line))
+    if sys.platform == "darwin" and biggest:
+        out.append(check_wired_limit(first_estimate(biggest), biggest.id))
+    return out
+
+
+def check_wired_limit(need: int, model: str) -> Finding:
+    """On Apple Silicon the GPU may wire at most iogpu.wired_limit_mb (0: the default, about
+    two thirds to three quarters of memory); a model beyond it runs partly on the CPU."""
+    out = subprocess.run(["sysctl", "-n", "iogpu.wired_limit_mb"], capture_output=True,
+                         text=True)
+    mb = int(out.stdout.strip() or 0) if out.returncode == 0 else 0
+    limit = mb * 1024**2 or int(psutil.virtual_memory().total * 0.75)
+    if need > limit:
+        return Finding("warn", f"GPU wired limit {limit / GIB:.1f} GiB"
+                       f"{'' if mb else ' (the default)'} is below what {model} needs, "
+                       f"{need / GIB:.1f} GiB", "raise it: `sudo sysctl iogpu.wired_limit_mb="
+                       f"{int(need / 1024**2 * 1.1)}` (until reboot)")
+    return Finding("ok", f"GPU wired limit {limit / GIB:.1f} GiB holds the largest model")
+
+
+def check_harmony() -> Finding:
+    try:
+        path = harmony_encoding.check_vocabulary()
+        return Finding("ok", f"Harmony vocabulary {path}")
+    except (OSError, harmony_encoding.VocabularyError) as e:
+        return Finding("fail", f"Harmony vocabulary: {e}", "restore shared/data from git "
+                       "(`git checkout shared/data`); GPT-OSS models need it")
+
+
+CHECKS: list[Callable[[Settings], Finding | list[Finding]]] = [
+    check_llama_server, check_ollama, check_ports, check_folders, check_links,
+    check_config_and_memory, lambda _: check_harmony()]
+
+
+@click.command()
+def doctor() -> None:
+    """Check everything the stack needs; each problem comes with its fix."""
+    try:
+        settings = settings_mod.load()
+    except settings_mod.SettingsError as e:
+        click.echo(f"FAIL  settings: {e}\n      fix: correct it in .env or the environment")
+        raise SystemExit(1) from None
+    failed = False
+    for check in CHECKS:
+        found = check(settings)
+        for f in found if isinstance(found, list) else [found]:
+            click.echo(f"{f.level.upper():5} {f.what}" + (f"\n      fix: {f.fix}" if f.fix and
+                                                          f.level != "ok" else ""))
+            failed |= f.level == "fail"
+    if os.environ.get("MODEL_SERVE_ENV_FILE") is None and not (settings_mod.ROOT / ".env").exists():
+        click.echo("note  no .env: the defaults apply (copy .env.example to change them)")
+    raise SystemExit(1 if failed else 0)
