@@ -198,7 +198,8 @@ def test_a_process_that_cannot_start_is_reported_with_its_log(runner) -> None:
 def test_logs_have_times_processes_and_a_file_per_model(runner) -> None:
     stack = runner()
     assert stack.cli("start").returncode == 0
-    assert http("POST", stack.url + "/v1/chat/completions", chat(TINY))[0] == 200
+    status, body = http("POST", stack.url + "/v1/chat/completions", chat(TINY))
+    assert status == 200, (body, stack.cli("logs", "-n", "60").stdout)
     wait(lambda: "loaded ms/tiny" in stack.cli("logs", "governor").stdout, 10)
     merged = stack.cli("logs", "-n", "200").stdout.splitlines()
     assert merged and all(line[:4].isdigit() and line[4] == "-" for line in merged[:5])
@@ -226,7 +227,8 @@ def test_the_suite_runs_beside_a_users_own_stack(stack_factory) -> None:
             s.close()  # already taken on this machine: as good
     try:
         stack = stack_factory().start("engine", "proxy", "governor")
-        assert http("POST", stack.url + "/v1/chat/completions", chat(TINY))[0] == 200
+        status, body = http("POST", stack.url + "/v1/chat/completions", chat(TINY))
+        assert status == 200, body
         governor = f"http://127.0.0.1:{stack.env['GOVERNOR_PORT']}/health"
         assert stack.env["GOVERNOR_PORT"] != "5848" and http("GET", governor)[0] == 200
     finally:

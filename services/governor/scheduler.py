@@ -285,6 +285,8 @@ class Scheduler:
             current.waiters.append(event.reply)
             return
         entry = self.entry(key)
+        if entry is None and await asyncio.to_thread(self.holder.refresh):
+            entry = self.entry(key)  # the proxy may have read a newer catalog than ours
         if key[0] == "engine" and entry is None:  # the catalog changed meanwhile
             event.reply.set_result({"loaded": False, "error": LoadError(
                 404, f"model {key[1]!r} is no longer in the catalog", "model_not_found")
