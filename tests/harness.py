@@ -39,6 +39,14 @@ def http(method: str, url: str, body: dict | bytes | None = None, headers: dict 
         return status, raw.decode(errors="replace")
 
 
+def wait(check, timeout: float = 60) -> None:
+    """Until `check()` is true; fails the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
 def limit_threshold(system: dict, limit_bytes: int) -> str:
     """MEMORY_PRESSURE_THRESHOLD that puts the governor's limit `limit_bytes` above what the
     machine counts as used in `system` (/running's system line)."""

@@ -16,7 +16,7 @@ import pytest
 
 from shared.engines.base import section_name
 from shared.tiny_gguf import write_model
-from tests.harness import http
+from tests.harness import http, wait
 from tests.streams import chat
 
 MIB = 1024**2
@@ -108,12 +108,6 @@ def governor_health(stack) -> dict:
 def unloads(stack) -> list[str]:
     return [u["model"] for u in governor_health(stack)["unloads"]]
 
-
-def wait(check, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 class Stream(threading.Thread):

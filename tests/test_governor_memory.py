@@ -12,7 +12,7 @@ import pytest
 from shared.catalog import params_label
 from shared.gguf_header import read_header
 from shared.tiny_gguf import write_model
-from tests.harness import http, limit_threshold
+from tests.harness import http, limit_threshold, wait
 from tests.streams import chat
 
 GIB, MIB = 1024**3, 1024**2
@@ -80,12 +80,6 @@ def use(stack, model: str) -> None:
                         timeout=120)
     assert status == 200, body
 
-
-def wait(check, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 def unloads(stack) -> list[tuple[str, str]]:

@@ -19,7 +19,7 @@ from services.runner import client
 from shared.llama_server import find_llama_server
 from shared.settings import load
 from shared.tiny_gguf import write_model
-from tests.harness import free_port, http
+from tests.harness import free_port, http, wait
 from tests.streams import chat
 
 TINY = "ms/tiny:0.2m-f32"
@@ -44,12 +44,6 @@ def pids(stack) -> dict[str, int]:
     return {p["name"]: p["pid"] for p in client.processes(load(stack.env)) or []
             if p["statename"] == "RUNNING"}
 
-
-def wait(check, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 class Traffic(threading.Thread):

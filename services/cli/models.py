@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import json
 import shlex
@@ -9,12 +10,12 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict
 
+import aiohttp
 import click
 
 from services.cli.common import load_catalog, load_settings
 from shared.catalog import Catalog, Entry, loose
-from shared.engines import make_engine
-from shared.engines.base import section_name
+from shared.engines import EngineError, make_engine
 
 
 def _value(value) -> str:
@@ -28,15 +29,18 @@ def _value(value) -> str:
     return str(value)
 
 
-def _live_args(settings, entry: Entry) -> list[str] | None:
-    """The arguments llama-server's router runs this model with, as it reports them."""
+def _arguments(settings, entry: Entry) -> list[str] | None:
+    """The engine's command line for the model, or None when the engine does not answer."""
+    engine = make_engine(settings)
+
+    async def ask() -> list[str]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            return await engine.arguments(session, entry)
+
     try:
-        with urllib.request.urlopen(settings.engine_url + "/models", timeout=3) as r:
-            data = json.loads(r.read()).get("data", [])
-    except (OSError, ValueError):
+        return asyncio.run(ask())
+    except (aiohttp.ClientError, EngineError, TimeoutError, ValueError):
         return None
-    item = next((m for m in data if m.get("id") == section_name(entry.id)), None)
-    return (item or {}).get("status", {}).get("args")
 
 
 @click.command()
@@ -63,14 +67,13 @@ def show(name: str) -> None:
         click.echo(f"\nanswered by Ollama as {entry.ollama} ({settings.ollama_base})")
         return
     engine = make_engine(settings)
-    args = _live_args(settings, entry) if engine.name != "llama-swap" else None
+    args = _arguments(settings, entry)
     if args:
         click.echo(f"\n{engine.name} runs it as (the port is chosen at each load):")
         click.echo("  " + shlex.join(args))
         return
-    click.echo(f"\n{engine.name} config for this model"
-               + (" (the engine is not running to say more):" if engine.name != "llama-swap"
-                  else ":"))
+    click.echo(f"\n{engine.name} config for this model (the engine is not running to say "
+               "more):")
     one = engine.render(Catalog(entries={entry.id: entry}))
     click.echo("\n".join("  " + line for line in one.splitlines()
                          if line and not line.startswith(("#", ";"))))

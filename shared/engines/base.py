@@ -108,6 +108,10 @@ class Engine(ABC):
     async def unload(self, session: aiohttp.ClientSession, entry: Entry) -> None: ...
 
     @abstractmethod
+    async def arguments(self, session: aiohttp.ClientSession, entry: Entry) -> list[str]:
+        """The command line the engine runs this model with."""
+
+    @abstractmethod
     async def reload(self, session: aiohttp.ClientSession) -> None:
         """Pick up a rewritten config, keeping unchanged loaded models loaded where it can."""
 

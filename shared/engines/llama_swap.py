@@ -70,6 +70,11 @@ class LlamaSwap(Engine):
         # llama-swap starts a model on any request through /upstream/<id>/.
         await self._call(session, "GET", f"/upstream/{quote(entry.id, safe='')}/health")
 
+    async def arguments(self, session: aiohttp.ClientSession, entry: Entry) -> list[str]:
+        """llama-swap runs the configured command as written, with its ${PORT}."""
+        config = yaml.safe_load(self.render(Catalog(entries={entry.id: entry})))
+        return shlex.split(config["models"][entry.id]["cmd"])
+
     async def unload(self, session: aiohttp.ClientSession, entry: Entry) -> None:
         await self._call(session, "POST", f"/api/models/unload/{quote(entry.id, safe='')}")
 

@@ -119,6 +119,13 @@ class Router(Engine):
             await asyncio.sleep(0.05)
         raise EngineError(f"model {entry.id} did not load within {timeout:.0f}s")
 
+    async def arguments(self, session: aiohttp.ClientSession, entry: Entry) -> list[str]:
+        """As the router itself reports them (it fills in the port at each load)."""
+        args = (await self._models(session)).get(section_name(entry.id), {}).get("args")
+        if not args:
+            raise EngineError(f"the router does not list {entry.id}")
+        return args
+
     async def unload(self, session: aiohttp.ClientSession, entry: Entry) -> None:
         await self._call(session, "POST", "/models/unload", json={"model": section_name(entry.id)})
 
