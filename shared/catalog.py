@@ -6,22 +6,21 @@ STATE_DIR/catalog.json; the proxy and the governor only read that file.
 
 from __future__ import annotations
 
+import copy
 import difflib
-import hashlib
 import json
 import re
-import shlex
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import yaml
-
 from lm_studio_ollama_bridge.links import LinkRecord
-from shared import custom_models
+from shared import custom_models, model_flags
 from shared.custom_models import ConfigError, CustomModel
 from shared.gguf_header import GGUFError, GGUFInfo
 from shared.metadata_cache import MetadataCache
 from shared.model_files import SHARD, ModelFile, discover
+from shared.model_flags import Option, flatten
+from shared.model_ids import stable_ids
 from shared.settings import Settings
 
 GIB = 1024**3
@@ -37,8 +36,9 @@ class Entry:
     ctx_size: int = 8192
     parallel: int = 1
     ttl: int = 1800
-    args: list[str] = field(default_factory=list)
-    cmd: str | None = None
+    options: list[Option] = field(default_factory=list)  # checked llama-server flags
+    cmd: str | None = None  # as written in custom_models.yaml
+    binary: str | None = None  # the llama-server `cmd` runs; None: the engine's own
     pin: bool = False
     size_bytes: int = 0
     base_model: str | None = None
@@ -50,6 +50,10 @@ class Entry:
     @property
     def names(self) -> list[str]:
         return [self.id, *self.aliases]
+
+    @property
+    def args(self) -> list[str]:
+        return flatten(self.options)
 
 
 def slug(text: str) -> str:
@@ -101,6 +105,7 @@ def default_ctx(settings: Settings, size_bytes: int, trained: int) -> int:
 class Catalog:
     entries: dict[str, Entry] = field(default_factory=dict)
     notices: list[str] = field(default_factory=list)
+    prefix: str = ""  # MODEL_PREFIX: a name written without it resolves too
     _index: dict[str, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -118,8 +123,13 @@ class Catalog:
         self._index = index
 
     def resolve(self, name: str) -> Entry | None:
-        eid = self._index.get(name) or self._index.get(loose(name))
-        return self.entries.get(eid) if eid else None
+        """As written, without the colon, and either of those with MODEL_PREFIX before it:
+        custom_models.yaml and users name models without the prefix."""
+        full = self.prefix + name
+        for candidate in (name, loose(name), full, loose(full)):
+            if eid := self._index.get(candidate):
+                return self.entries.get(eid)
+        return None
 
     def closest(self, name: str, n: int = 3) -> list[str]:
         ids = list(self.entries)
@@ -131,32 +141,28 @@ class Catalog:
 
     def to_json(self) -> str:
         return json.dumps(
-            {"notices": self.notices, "entries": [asdict(e) for e in self.entries.values()]},
+            {"prefix": self.prefix, "notices": self.notices,
+             "entries": [asdict(e) for e in self.entries.values()]},
             indent=1,
         )
 
     @classmethod
     def from_json(cls, text: str) -> Catalog:
         data = json.loads(text)
-        entries = {e["id"]: Entry(**e) for e in data.get("entries", [])}
-        return cls(entries=entries, notices=data.get("notices", []))
+        # a file from an older version may hold fields since replaced (`args`)
+        known = {f.name for f in fields(Entry)}
+        entries = {e["id"]: Entry(**{k: v for k, v in e.items() if k in known})
+                   for e in data.get("entries", [])}
+        # files written before the prefix was stored have none: names resolve as written
+        return cls(entries=entries, notices=data.get("notices", []),
+                   prefix=data.get("prefix", ""))
 
 
-def _custom_args(custom: CustomModel) -> list[str]:
-    args = shlex.split(custom.get("sampler_args", ""))
-    if "jinja" in custom.settings:
-        args.append("--jinja" if custom.get("jinja") else "--no-jinja")
-    if custom.get("chat_template_file"):
-        args += ["--chat-template-file", custom.get("chat_template_file")]
-    kwargs = custom.get("chat_template_kwargs")
-    if kwargs:
-        text = kwargs if isinstance(kwargs, str) else json.dumps(kwargs)
-        args += ["--chat-template-kwargs", text]
-    return args
-
-
-def _apply(entry: Entry, custom: CustomModel) -> None:
-    entry.args = _custom_args(custom)
+def _apply(entry: Entry, custom: CustomModel, settings: Settings) -> None:
+    """ConfigError, before the entry changes, when its llama-server flags are wrong."""
+    flags = model_flags.from_custom(custom, entry.path, settings)
+    entry.options, entry.binary = flags.options, flags.binary
+    entry.path = flags.model or entry.path
     entry.ctx_size = custom.get("ctx_size", entry.ctx_size)
     entry.ttl = custom.get("ttl", entry.ttl)
     entry.parallel = custom.get("parallel", entry.parallel)
@@ -174,38 +180,40 @@ def _apply(entry: Entry, custom: CustomModel) -> None:
             entry.aliases.append(entry.ollama)
 
 
-def _unique_ids(found: list[tuple[ModelFile, GGUFInfo]], prefix: str) -> list[str]:
-    """Stable ids for files sorted by path; of two that would share one, the first keeps it."""
-    ids: list[str] = []
-    for model, info in found:
-        name, tag = readable_name(model, info)
-        mid = f"{prefix}{name}:{tag}"
-        if mid in ids:
-            mid += "-" + hashlib.sha1(str(model.rel).encode()).hexdigest()[:6]
-        ids.append(mid)
-    return ids
+def _model_id(model: ModelFile, info: GGUFInfo, prefix: str) -> str:
+    name, tag = readable_name(model, info)
+    return f"{prefix}{name}:{tag}"
 
 
 def build(settings: Settings, roots: list[Path] | None = None) -> Catalog:
-    """Scan the model folders and apply custom_models.yaml. Raises ConfigError."""
+    """Scan the model folders and apply custom_models.yaml. Never raises for what the files
+    hold: a file or an entry that cannot be used is left out with a notice."""
     cache = MetadataCache(settings.state_dir / "gguf-cache.json")
     notices: list[str] = []
-    found: list[tuple[ModelFile, GGUFInfo]] = []
+    found: list[tuple[str, ModelFile, GGUFInfo]] = []  # (file as ids.json names it, ...)
+    present: set[str] = set()
     for root in roots or [settings.models_dir]:
         files, root_notices = discover(root)
         notices += root_notices
         for model in files:
+            # relative to MODELS_DIR, so ids survive the folder moving; the demo's in full
+            file = str(model.rel) if root == settings.models_dir else str(model.path)
+            present.add(file)
             try:
-                found.append((model, cache.get(model.path)))
+                info = cache.get(model.path)
             except (OSError, GGUFError) as e:
                 notices.append(f"{model.path}: unreadable GGUF header ({e}), skipped")
+                continue
+            if not info.is_projector:
+                found.append((file, model, info))
     cache.save()
-    found.sort(key=lambda mi: str(mi[0].rel))
+    found.sort(key=lambda f: f[0])
+    ids = stable_ids(settings.state_dir / "ids.json",
+                     [(file, _model_id(model, info, settings.model_prefix))
+                      for file, model, info in found], present)
 
     entries: dict[str, Entry] = {}
-    for (model, info), mid in zip(found, _unique_ids(found, settings.model_prefix), strict=True):
-        if info.is_projector:
-            continue
+    for (_, model, info), mid in zip(found, ids, strict=True):
         entries[mid] = Entry(
             id=mid,
             path=str(model.path),
@@ -218,7 +226,8 @@ def build(settings: Settings, roots: list[Path] | None = None) -> Catalog:
             info=info.to_dict(),
         )
     _add_ollama_names(entries, settings)
-    catalog = Catalog(entries=dict(sorted(entries.items())), notices=notices)
+    catalog = Catalog(entries=dict(sorted(entries.items())), notices=notices,
+                      prefix=settings.model_prefix)
     _apply_harmony_list(catalog, settings)
     _apply_custom(catalog, settings)
     return catalog
@@ -243,79 +252,116 @@ def _apply_harmony_list(catalog: Catalog, settings: Settings) -> None:
     """config/harmony_models.yaml (`harmony_models: [names]`): more models that speak
     Harmony than the GGUF architecture shows, e.g. fine-tunes under another name."""
     file = settings.config_dir / "harmony_models.yaml"
-    if not file.is_file():
-        return
     try:
-        data = yaml.safe_load(file.read_text()) or {}
-        names = data.get("harmony_models") or []
-        if not isinstance(names, list):
-            raise TypeError
-    except (yaml.YAMLError, OSError, AttributeError, TypeError):
-        raise ConfigError([f"{file}: expected 'harmony_models:' and a list of model names"]) \
-            from None
+        data = custom_models.read_yaml(file)
+    except ConfigError as e:
+        catalog.notices += [f"{p}; the list is ignored" for p in e.problems]
+        return
+    if data is None:
+        return
+    names = (data.get("harmony_models") or []) if isinstance(data, dict) else None
+    if not isinstance(names, list):
+        catalog.notices.append(f"{file}: expected 'harmony_models:' and a list of model names; "
+                               "the list is ignored")
+        return
     for name in names:
-        entry = catalog.resolve(str(name)) or catalog.resolve(settings.model_prefix + str(name))
-        if entry:
+        if entry := catalog.resolve(str(name)):
             entry.harmony = "proxy"
         else:
             catalog.notices.append(f"{file}: {name}: no such model; ignored until there is one")
 
 
 def _apply_custom(catalog: Catalog, settings: Settings) -> None:
-    file = settings.custom_models_file
-    problems: list[str] = []
-    customs = custom_models.load(file)
-    aliases: list[CustomModel] = []
+    """custom_models.yaml entry by entry: one that cannot apply is left out with notices
+    naming the file, model, key and reason, and every other entry still applies."""
+    customs, notices = custom_models.load(settings.custom_models_file)
+    catalog.notices += notices
+    settled: dict[str, str] = {}  # entry id → the name of the entry that set it
+    for custom in customs:
+        if not custom.get("base_model"):
+            _apply_settings(catalog, settings, custom, settled)
+    catalog.reindex()
     for custom in customs:
         if custom.get("base_model"):
-            aliases.append(custom)
-            continue
-        entry = catalog.resolve(custom.name) or catalog.resolve(settings.model_prefix + custom.name)
-        if entry is None:
-            if custom.get("cmd"):
-                entry = Entry(id=_prefixed(custom.name, settings), path="",
-                              ctx_size=settings.default_ctx_size,
-                              parallel=settings.default_parallel, ttl=settings.model_ttl)
-                catalog.entries[entry.id] = entry
-            else:
-                catalog.notices.append(
-                    f"{file}: models.{custom.name}: no model file with this name is installed; "
-                    "its settings wait until one is")
-                continue
-        _apply(entry, custom)
-    catalog.reindex()
-    for custom in aliases:
-        base_name = custom.get("base_model")
-        base = catalog.resolve(base_name) or catalog.resolve(settings.model_prefix + base_name)
-        if base is None:
-            hint = catalog.closest(settings.model_prefix + base_name)
-            problems.append(
-                f"{file}: models.{custom.name}.base_model: no model named {base_name!r}"
-                + (f" (closest: {', '.join(hint)})" if hint else ""))
-            continue
-        aid = _prefixed(custom.name, settings)
-        if aid in catalog.entries:
-            problems.append(f"{file}: models.{custom.name}: the name is already a model's id")
-            continue
-        entry = Entry(id=aid, path=base.path, mmproj=base.mmproj, backend=base.backend,
-                      ctx_size=base.ctx_size, parallel=base.parallel, ttl=base.ttl,
-                      size_bytes=base.size_bytes, base_model=base.id, info=base.info)
-        _apply(entry, custom)
-        catalog.entries[aid] = entry
-    for entry in catalog.entries.values():
-        if entry.backend == "ollama" and not entry.ollama:
-            problems.append(f"{file}: {entry.id}: backend is ollama but Ollama does not have "
-                            "this model; pull it with Ollama or set ollama_model")
-    taken: dict[str, str] = {}
-    for entry in catalog.entries.values():
-        for name in entry.names:
-            if name in taken and taken[name] != entry.id:
-                problems.append(f"{file}: the name {name!r} is used by both "
-                                f"{taken[name]} and {entry.id}")
-            taken[name] = entry.id
-    if problems:
-        raise ConfigError(problems)
-    catalog.reindex()
+            _add_alias(catalog, settings, custom)
+
+
+def _applied(base: Entry, custom: CustomModel, settings: Settings, where: str, outcome: str,
+             notices: list[str]) -> Entry | None:
+    """A copy of `base` with the entry's settings, or None and notices when they cannot
+    apply; the copy, so that settings failing halfway leave `base` as it was."""
+    entry = copy.deepcopy(base)
+    try:
+        _apply(entry, custom, settings)
+    except ConfigError as e:
+        notices += [f"{p}; {outcome}" for p in e.problems]
+        return None
+    if entry.backend == "ollama" and not entry.ollama:
+        notices.append(f"{where}.backend: ollama, but Ollama does not have this model (pull it "
+                       f"with Ollama or set ollama_model); {outcome}")
+        return None
+    return entry
+
+
+def _apply_settings(catalog: Catalog, settings: Settings, custom: CustomModel,
+                    settled: dict[str, str]) -> None:
+    where = f"{settings.custom_models_file}: models.{custom.name}"
+    entry = catalog.resolve(custom.name)
+    if entry is None and not custom.get("cmd"):
+        catalog.notices.append(f"{where}: no model file with this name is installed; "
+                               "its settings wait until one is")
+        return
+    if entry is not None and entry.id in settled:
+        catalog.notices.append(f"{where}: {entry.id} already has its settings from "
+                               f"models.{settled[entry.id]}; entry ignored")
+        return
+    if entry is None:  # a `cmd` model: the command is the model
+        base = Entry(id=_prefixed(custom.name, settings), path="",
+                     ctx_size=settings.default_ctx_size, parallel=settings.default_parallel,
+                     ttl=settings.model_ttl)
+        outcome = "entry ignored"
+    else:
+        base, outcome = entry, f"entry ignored, {entry.id} is served with default settings"
+    applied = _applied(base, custom, settings, where, outcome, catalog.notices)
+    if applied is not None:
+        _drop_taken_names(catalog, applied, where)
+        catalog.entries[applied.id] = applied
+        settled[applied.id] = custom.name
+
+
+def _add_alias(catalog: Catalog, settings: Settings, custom: CustomModel) -> None:
+    where = f"{settings.custom_models_file}: models.{custom.name}"
+    base_name = custom.get("base_model")
+    base = catalog.resolve(base_name)
+    if base is None:
+        hint = catalog.closest(_prefixed(base_name, settings))
+        catalog.notices.append(f"{where}.base_model: no model named {base_name!r}"
+                               + (f" (closest: {', '.join(hint)})" if hint else "")
+                               + "; alias ignored")
+        return
+    aid = _prefixed(custom.name, settings)
+    if taken := catalog.resolve(aid):
+        catalog.notices.append(f"{where}: the name is already {taken.id}'s; alias ignored")
+        return
+    alias = Entry(id=aid, path=base.path, mmproj=base.mmproj, backend=base.backend,
+                  ctx_size=base.ctx_size, parallel=base.parallel, ttl=base.ttl,
+                  size_bytes=base.size_bytes, base_model=base.id, info=base.info)
+    if applied := _applied(alias, custom, settings, where, "alias ignored",
+                            catalog.notices):
+        _drop_taken_names(catalog, applied, where)
+        catalog.entries[aid] = applied
+        catalog.reindex()  # the next alias must see this one's names as taken
+
+
+def _drop_taken_names(catalog: Catalog, entry: Entry, where: str) -> None:
+    """A name points at one model: a name the entry would add that another model has (its
+    id, with or without MODEL_PREFIX, or an alias given earlier) stays with that model."""
+    owners = {name: other.id for other in catalog.entries.values() if other.id != entry.id
+              for name in (*other.names, other.id.removeprefix(catalog.prefix))}
+    for name in [n for n in entry.aliases if n in owners]:
+        entry.aliases.remove(name)
+        catalog.notices.append(f"{where}: the name {name!r} is already {owners[name]}'s; "
+                               f"not given to {entry.id}")
 
 
 def _prefixed(name: str, settings: Settings) -> str:

@@ -8,6 +8,8 @@ settings.
 
 from __future__ import annotations
 
+import difflib
+import json
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,8 +64,9 @@ def _type_name(types: tuple[type, ...]) -> str:
 def _check(file: Path, name: str, key: str, value, problems: list[str]) -> None:
     where = f"{file}: models.{name}.{key}"
     if key not in _TYPES:
-        known = ", ".join(sorted(_TYPES))
-        problems.append(f"{where}: unknown key (known keys: {known})")
+        close = difflib.get_close_matches(key, _TYPES, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        problems.append(f"{where}: unknown key ({hint}known keys: {', '.join(sorted(_TYPES))})")
         return
     types = _TYPES[key]
     if isinstance(value, bool) and bool not in types or not isinstance(value, types):
@@ -88,33 +91,67 @@ def _check(file: Path, name: str, key: str, value, problems: list[str]) -> None:
         problems.append(f"{where}: expected a list of names")
 
 
-def load(file: Path) -> list[CustomModel]:
-    """The file's entries in order; a missing file means no custom settings."""
-    if not file.is_file():
-        return []
+def read_yaml(file: Path) -> object:
+    """The file's data (None when there is no file); ConfigError with one notice naming the
+    file and the reason when it cannot be read or parsed at all."""
     try:
-        data = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError([f"{file}: not valid YAML: {e}"]) from None
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        return None
     except OSError as e:
-        raise ConfigError([f"{file}: cannot read: {e.strerror}"]) from None
+        raise ConfigError([f"{file}: cannot read: {e.strerror or e}"]) from None
+    try:
+        return yaml.safe_load(raw)  # bytes: PyYAML finds UTF-8 or, by its BOM, UTF-16
+    except RecursionError:
+        raise ConfigError([f"{file}: not valid YAML: nested too deeply"]) from None
+    except Exception as e:
+        # Besides YAMLError, PyYAML's constructors raise plain ValueError (`2001-13-45`),
+        # KeyError (`!!bool 7`) and more; for a hand-edited file any of them means the same.
+        raise ConfigError([f"{file}: not valid YAML: {' '.join(str(e).split())}"]) from None
+
+
+def load(file: Path) -> tuple[list[CustomModel], list[str]]:
+    """The file's usable entries in order, and notices. Never raises: a file that cannot be
+    parsed gives one notice and no entries; a bad entry is left out with its problems."""
+    ignored = "; no custom settings are applied until it is fixed"
+    try:
+        data = read_yaml(file)
+    except ConfigError as e:
+        return [], [p + ignored for p in e.problems]
     if data is None:
-        return []
-    if not isinstance(data, dict) or set(data) - {"models"}:
-        raise ConfigError([f"{file}: expected a top-level 'models:' mapping and nothing else"])
+        return [], []
+    if not isinstance(data, dict):
+        return [], [f"{file}: expected a top-level 'models:' mapping" + ignored]
+    notices = [f"{file}: {key!r}: unknown top-level key, ignored (only 'models:' is read)"
+               for key in data if key != "models"]
     models = data.get("models") or {}
     if not isinstance(models, dict):
-        raise ConfigError([f"{file}: models: expected a mapping of model names to settings"])
-    problems: list[str] = []
+        return [], [*notices, f"{file}: models: expected a mapping of model names to "
+                    "settings" + ignored]
     out: list[CustomModel] = []
     for name, settings in models.items():
-        settings = settings or {}
-        if not isinstance(settings, dict):
-            problems.append(f"{file}: models.{name}: expected a mapping of settings")
+        if not isinstance(name, str) or not name:
+            notices.append(f"{file}: models.{name!r}: a model name must be text; "
+                           "entry ignored")
             continue
+        settings = {} if settings is None else settings
+        if not isinstance(settings, dict):
+            notices.append(f"{file}: models.{name}: expected a mapping of settings, got "
+                           f"{settings!r:.60}; entry ignored")
+            continue
+        try:
+            # YAML can hold what JSON cannot (a date, bytes, a list containing itself), and
+            # the settings end up in the engine's arguments and catalog.json
+            json.dumps(settings)
+        except (TypeError, ValueError, RecursionError) as e:
+            notices.append(f"{file}: models.{name}: a value that is not plain text, numbers, "
+                           f"lists and mappings ({e}); entry ignored")
+            continue
+        problems: list[str] = []
         for key, value in settings.items():
-            _check(file, str(name), str(key), value, problems)
-        out.append(CustomModel(str(name), settings))
-    if problems:
-        raise ConfigError(problems)
-    return out
+            _check(file, name, str(key), value, problems)
+        if problems:
+            notices += [f"{p}; entry ignored" for p in problems]
+        else:
+            out.append(CustomModel(name, settings))
+    return out, notices

@@ -7,9 +7,10 @@ skipping arrays it does not need, with the package's own type and file-type tabl
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from gguf import GGUFValueType, LlamaFileType
@@ -53,6 +54,16 @@ class GGUFInfo:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: object) -> GGUFInfo | None:
+        """What to_dict gave, or None for anything else (a damaged cache file)."""
+        kinds = {"str": str, "int": int, "bool": bool}
+        if not isinstance(data, dict) or set(data) != {f.name for f in fields(cls)}:
+            return None
+        if all(type(data[f.name]) is kinds[f.type] for f in fields(cls)):
+            return cls(**data)
+        return None
+
 
 class _Cursor:
     def __init__(self, buf: mmap.mmap) -> None:
@@ -87,8 +98,11 @@ class _Cursor:
         raise GGUFError(f"unknown value type {vtype}")
 
 
-# Arrays worth decoding: per-layer head counts of models whose layers differ.
-_KEEP_ARRAYS = ("head_count", "head_count_kv")
+# The counts _info reads. Their arrays are decoded (per-layer values of models whose layers
+# differ), so that an odd value is seen and named; other arrays are skipped.
+_KEEP_ARRAYS = ("context_length", "block_count", "embedding_length", "feed_forward_length",
+                "head_count", "head_count_kv", "key_length", "value_length", "pooling_type",
+                "file_type")
 
 
 def read_header(path: Path) -> GGUFInfo:
@@ -101,6 +115,8 @@ def read_header(path: Path) -> GGUFInfo:
         return _parse(_Cursor(buf))
     except struct.error as e:
         raise GGUFError(f"truncated header: {e}") from e
+    except RecursionError:  # arrays of arrays of arrays...
+        raise GGUFError("arrays nested too deeply") from None
     finally:
         buf.close()
 
@@ -131,32 +147,46 @@ def _parse(cur: _Cursor) -> GGUFInfo:
     return _info(kv, params)
 
 
-def _first(value: object) -> int:
-    """Per-layer arrays count by their largest layer, which sizes the KV cache safely."""
-    if isinstance(value, list):
-        return int(max(value)) if value else 0
-    return int(value or 0)
+def _count(value: object) -> int | None:
+    """A whole number of 0 or more (a float one too), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    return value if isinstance(value, int) and value >= 0 else None
+
+
+def _number(kv: dict[str, object], key: str) -> int:
+    """A count from the header; a per-layer array counts by its largest layer, which sizes
+    the KV cache safely. A value of another kind makes the file unusable: GGUFError."""
+    value = kv.get(key, 0)
+    counts = [_count(v) for v in value] if isinstance(value, list) else [_count(value)]
+    if None in counts:
+        raise GGUFError(f"{key}: expected a whole number, got {value!r:.60}")
+    return max(counts, default=0)
 
 
 def _file_type(kv: dict[str, object]) -> str:
-    ft = kv.get("general.file_type")
-    if ft is None:
+    if "general.file_type" not in kv:
         return ""
+    ft = _number(kv, "general.file_type")
     try:
-        name = LlamaFileType(int(ft)).name
+        name = LlamaFileType(ft).name
     except ValueError:
         return f"type{ft}"
     return name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
 
 
 def _info(kv: dict[str, object], params: int) -> GGUFInfo:
-    arch = str(kv.get("general.architecture", ""))
+    arch = kv.get("general.architecture", "")
+    if not isinstance(arch, str):
+        raise GGUFError(f"general.architecture: expected a name, got {arch!r:.60}")
 
-    def a(key: str) -> object:
-        return kv.get(f"{arch}.{key}", 0)
+    def a(key: str) -> int:
+        return _number(kv, f"{arch}.{key}")
 
-    heads = _first(a("attention.head_count"))
-    embd = _first(a("embedding_length"))
+    heads = a("attention.head_count")
+    embd = a("embedding_length")
     head_dim = embd // heads if heads else 0
     return GGUFInfo(
         architecture=arch,
@@ -165,14 +195,14 @@ def _info(kv: dict[str, object], params: int) -> GGUFInfo:
         size_label=str(kv.get("general.size_label", "")),
         file_type=_file_type(kv),
         param_count=params,
-        context_length=_first(a("context_length")),
-        block_count=_first(a("block_count")),
+        context_length=a("context_length"),
+        block_count=a("block_count"),
         embedding_length=embd,
-        feed_forward_length=_first(a("feed_forward_length")),
+        feed_forward_length=a("feed_forward_length"),
         head_count=heads,
-        head_count_kv=_first(a("attention.head_count_kv")) or heads,
-        key_length=_first(a("attention.key_length")) or head_dim,
-        value_length=_first(a("attention.value_length")) or head_dim,
+        head_count_kv=a("attention.head_count_kv") or heads,
+        key_length=a("attention.key_length") or head_dim,
+        value_length=a("attention.value_length") or head_dim,
         is_projector=arch == "clip" or kv.get("general.type") == "mmproj",
-        pooling_type=_first(a("pooling_type")),
+        pooling_type=a("pooling_type"),
     )

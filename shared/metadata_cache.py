@@ -9,8 +9,9 @@ from pathlib import Path
 from shared.files import write_atomic
 from shared.gguf_header import GGUFInfo, read_header
 
-# Bump when GGUFInfo gains a field, so older cached headers are read again.
-VERSION = 3
+# Bump when GGUFInfo gains a field or is read differently, so older cached headers are
+# read again.
+VERSION = 4
 
 
 class MetadataCache:
@@ -21,9 +22,9 @@ class MetadataCache:
         if file and file.is_file():
             try:
                 data = json.loads(file.read_text())
-                if data.get("version") == VERSION:
+                if data.get("version") == VERSION and isinstance(data.get("entries"), dict):
                     self.entries = data["entries"]
-            except (OSError, ValueError, AttributeError, KeyError):
+            except (OSError, ValueError, AttributeError, RecursionError):
                 self.entries = {}
 
     def get(self, path: Path) -> GGUFInfo:
@@ -31,8 +32,10 @@ class MetadataCache:
         key = str(path)
         stamp = [st.st_mtime_ns, st.st_size]
         hit = self.entries.get(key)
-        if hit and hit.get("stamp") == stamp:
-            return GGUFInfo(**hit["info"])
+        # an entry of another shape (a damaged file) is read again from the header
+        if isinstance(hit, dict) and hit.get("stamp") == stamp and (
+                info := GGUFInfo.from_dict(hit.get("info"))):
+            return info
         info = read_header(path)
         self.entries[key] = {"stamp": stamp, "info": info.to_dict()}
         self.dirty = True

@@ -31,6 +31,14 @@ def _size(path: Path) -> int:
         return 0
 
 
+def _utf8(path: Path) -> bool:
+    try:
+        str(path).encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def is_projector_name(name: str) -> bool:
     return name.lower().startswith("mmproj")
 
@@ -43,7 +51,11 @@ def discover(root: Path) -> tuple[list[ModelFile], list[str]]:
         return found, notices
     seen_dirs: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        st = os.stat(dirpath)
+        try:
+            st = os.stat(dirpath)
+        except OSError:  # removed since it was listed: nothing left to find in it
+            dirnames[:] = []
+            continue
         if (st.st_dev, st.st_ino) in seen_dirs:
             dirnames[:] = []  # a symlink loop
             continue
@@ -55,8 +67,13 @@ def discover(root: Path) -> tuple[list[ModelFile], list[str]]:
         projectors: list[Path] = []
         for name in ggufs:
             path = here / name
+            if not _utf8(path):
+                # the engine's config and catalog.json are UTF-8 text: no way to name it there
+                notices.append(f"{str(path)!r}: the path is not valid UTF-8, skipped")
+                continue
             if not path.is_file():
-                notices.append(f"{path}: broken link, skipped")
+                if path.is_symlink():  # else it was removed since it was listed
+                    notices.append(f"{path}: broken link, skipped")
                 continue
             if not is_gguf(path):
                 notices.append(f"{path}: not a GGUF file, skipped")

@@ -54,6 +54,8 @@ class Ollama:
                     yield item
         except aiohttp.ClientConnectionError:
             raise self.unavailable() from None
+        except (aiohttp.ClientPayloadError, ValueError) as e:
+            raise OllamaError(502, f"the answer broke off ({e})") from None
 
     async def tags(self) -> list[dict]:
         return (await self.call("GET", "/api/tags")).get("models") or []

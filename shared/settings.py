@@ -11,13 +11,15 @@ ROOT = Path(__file__).resolve().parent.parent
 INSTANCE_ENV = "MODEL_SERVE_INSTANCE"
 # Every variable load() reads (the installed service carries those set when it is installed).
 ENV_KEYS = (
-    "API_KEY", "BRIDGE_SYNC_INTERVAL", "CONFIG_DIR", "DEFAULT_CTX_SIZE", "DEFAULT_PARALLEL",
-    "DEMO_MODEL", "EMBEDDINGS_TO_OLLAMA", "ENGINE", "GOVERNOR_PORT", "HARMONY_PROXY_PORT",
-    "LISTEN_HOST", "LLAMA_SERVER", "LLAMA_SWAP_PORT", "MAX_BODY_BYTES", "MEMORY_ADMISSION",
-    "MEMORY_PRESSURE_THRESHOLD", "MEMORY_SIMULATION_FILE", "MIN_MODEL_AGE_SECONDS", "MODELS_DIR",
-    "MODEL_PREFIX", "MODEL_SERVE_ENV_FILE", "MODEL_TTL", "OLLAMA_BASE", "OLLAMA_MODELS",
-    "PRESSURE_CHECK_INTERVAL", "PRESSURE_MACOS_LEVEL", "PRESSURE_PAGING_MIB_S",
-    "PRESSURE_PSI_LEVEL", "ROUTE_TO_OLLAMA", "STATE_DIR", "SYNC_DEBOUNCE_SECONDS")
+    "ALLOWED_HOSTS", "API_KEY", "BRIDGE_SYNC_INTERVAL", "CONFIG_DIR", "CORS_ORIGINS",
+    "DEFAULT_CTX_SIZE", "DEFAULT_PARALLEL", "DEMO_MODEL", "DRAIN_SECONDS",
+    "EMBEDDINGS_TO_OLLAMA", "ENGINE", "GOVERNOR_PORT", "HARMONY_PROXY_PORT", "LISTEN_HOST",
+    "LLAMA_SERVER", "LLAMA_SWAP_PORT", "MAX_BODY_BYTES", "MAX_MESSAGES", "MEMORY_ADMISSION",
+    "MEMORY_PRESSURE_THRESHOLD", "MEMORY_SIMULATION_FILE", "MIN_MODEL_AGE_SECONDS",
+    "MODELS_DIR", "MODEL_PREFIX", "MODEL_SERVE_ENV_FILE", "MODEL_TTL", "OLLAMA_BASE",
+    "OLLAMA_MODELS", "PRESSURE_CHECK_INTERVAL", "PRESSURE_MACOS_LEVEL",
+    "PRESSURE_PAGING_MIB_S", "PRESSURE_PSI_LEVEL", "REQUEST_READ_TIMEOUT", "ROUTE_TO_OLLAMA",
+    "STATE_DIR", "SYNC_DEBOUNCE_SECONDS")
 
 
 class SettingsError(ValueError):
@@ -39,7 +41,12 @@ class Settings:
     state_dir: Path
     config_dir: Path
     max_body_bytes: int
+    max_messages: int
+    request_read_timeout: float
+    drain_seconds: float
     api_key: str
+    allowed_hosts: tuple[str, ...]
+    cors_origins: tuple[str, ...]
     ollama_base: str
     ollama_models: Path
     bridge_sync_interval: int
@@ -183,6 +190,11 @@ def load(environ: dict[str, str] | None = None, env_file: Path | None = None) ->
     prefix = env.get("MODEL_PREFIX", "ms/")
     if any(c.isspace() or c == "," for c in prefix):
         raise SettingsError(f"MODEL_PREFIX={prefix!r}: no spaces or commas")
+    cors_origins = tuple(o.rstrip("/") for o in _words(env, "CORS_ORIGINS", ""))
+    for origin in cors_origins:
+        if not origin.startswith(("http://", "https://")) or "/" in origin.split("://", 1)[1]:
+            raise SettingsError(f"CORS_ORIGINS: {origin!r} is not an origin such as "
+                                "http://localhost:3000")
     ollama_base = env.get("OLLAMA_BASE", "http://localhost:11434").strip().rstrip("/")
     if not ollama_base.startswith(("http://", "https://")):
         raise SettingsError(f"OLLAMA_BASE={ollama_base!r}: must start with http:// or https://")
@@ -201,7 +213,12 @@ def load(environ: dict[str, str] | None = None, env_file: Path | None = None) ->
         state_dir=_path(env, "STATE_DIR", Path.home() / ".local/state/model-serve"),
         config_dir=_path(env, "CONFIG_DIR", ROOT / "config"),
         max_body_bytes=_int(env, "MAX_BODY_BYTES", 32 * 1024 * 1024, 1024),
+        max_messages=_int(env, "MAX_MESSAGES", 4096, 1),
+        request_read_timeout=max(1.0, _number(env, "REQUEST_READ_TIMEOUT", 30.0)),
+        drain_seconds=max(0.0, _number(env, "DRAIN_SECONDS", 30.0)),
         api_key=env.get("API_KEY", "").strip(),
+        allowed_hosts=_words(env, "ALLOWED_HOSTS", ""),
+        cors_origins=cors_origins,
         ollama_base=ollama_base,
         ollama_models=_path(env, "OLLAMA_MODELS", Path.home() / ".ollama/models"),
         bridge_sync_interval=_int(env, "BRIDGE_SYNC_INTERVAL", 3600, 0),

@@ -1,18 +1,20 @@
-"""Catalog → engine config: rebuild both, write only what changed, keep the last good one."""
+"""Bridge → catalog → engine config: rebuild them, write only what changed, one writer at a
+time (STATE_DIR/sync.lock)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 
 from lm_studio_ollama_bridge import Bridge, SyncReport, read_store
+from lm_studio_ollama_bridge.lock import locked
 from shared import catalog as catalog_mod
 from shared.catalog import Catalog
-from shared.custom_models import ConfigError
 from shared.engines import Engine
 from shared.files import write_if_changed
 from shared.settings import Settings
@@ -23,10 +25,15 @@ log = logging.getLogger("model-serve.sync")
 
 @dataclass
 class SyncResult:
-    catalog: Catalog | None
+    catalog: Catalog
     catalog_changed: bool = False
     engine_changed: bool = False
-    error: str | None = None
+
+
+def sync_lock(settings: Settings) -> AbstractContextManager[None]:
+    """Held by whatever writes the bridge's record, ids.json, catalog.json or the engine
+    config, so two syncs at once (the sync service and `model pull`) lose nothing."""
+    return locked(settings.state_dir / "sync.lock")
 
 
 def demo_root(settings: Settings) -> Path:
@@ -53,21 +60,26 @@ def run_bridge(settings: Settings, dry_run: bool = False) -> SyncReport:
     models, notices = read_store(settings.ollama_models)
     report = Bridge(settings.models_dir, settings.bridge_record).sync(models, dry_run)
     report.notices[:0] = notices
-    for line in report.lines(dry_run):
-        log.info("bridge: %s", line)
     return report
 
 
 def rebuild(settings: Settings, engine: Engine) -> SyncResult:
-    """Blocking (disk and GGUF headers): call it off the event loop."""
-    try:
-        catalog = catalog_mod.build(settings)
-        if not catalog.entries and settings.demo_model:
-            catalog = catalog_mod.build(settings, [settings.models_dir, _ensure_demo(settings)])
-    except ConfigError as e:  # the caller says so: the sync service logs it, the CLI prints it
-        return SyncResult(catalog=load_last_good(settings), error=str(e))
-    for notice in catalog.notices:
-        log.warning("%s", notice)
+    """Blocking (disk and GGUF headers): call it off the event loop. The caller shows the
+    catalog's notices (the sync service logs them, the CLI prints them), each once."""
+    with sync_lock(settings):
+        return _rebuild(settings, engine)
+
+
+def _rebuild(settings: Settings, engine: Engine) -> SyncResult:
+    catalog = catalog_mod.build(settings)
+    if not catalog.entries and settings.demo_model:
+        catalog = catalog_mod.build(settings, [settings.models_dir, _ensure_demo(settings)])
+    refused = engine.refusals(catalog)
+    for mid, reason in refused.items():  # left out, so clients are not offered it either
+        catalog.notices.append(f"{mid}: not served by {engine.name}: {reason}")
+        del catalog.entries[mid]
+    if refused:
+        catalog.reindex()
     engine_changed = write_if_changed(engine.config_path, engine.render(catalog))
     catalog_changed = write_if_changed(settings.catalog_file, catalog.to_json())
     return SyncResult(catalog, catalog_changed, engine_changed)
@@ -76,12 +88,13 @@ def rebuild(settings: Settings, engine: Engine) -> SyncResult:
 def sync_all(settings: Settings, engine: Engine) -> tuple[SyncReport | None, SyncResult]:
     """Bridge then rebuild: what `model sync` and the sync service do on every change.
     A bridge that cannot run (an unreadable store) is logged; the catalog is still rebuilt."""
-    try:
-        report = run_bridge(settings)
-    except OSError as e:
-        log.error("bridge failed: %s", e)
-        report = None
-    return report, rebuild(settings, engine)
+    with sync_lock(settings):
+        try:
+            report = run_bridge(settings)
+        except OSError as e:
+            log.error("bridge failed: %s", e)
+            report = None
+        return report, _rebuild(settings, engine)
 
 
 async def apply(result: SyncResult, engine: Engine, session: aiohttp.ClientSession) -> bool:

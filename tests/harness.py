@@ -82,6 +82,12 @@ class Stack:
     def state_dir(self) -> Path:
         return Path(self.env["STATE_DIR"])
 
+    @property
+    def engine_headers(self) -> dict[str, str]:
+        """What the stack's own processes send the engine: its per-start key."""
+        key = (self.state_dir / "engine.key").read_text().strip()
+        return {"Authorization": f"Bearer {key}"}
+
     def start(self, *services: str, wait: bool = True) -> Stack:
         for service in services or ("engine", "proxy"):
             log = open(self.root / f"{service}.log", "ab")  # noqa: SIM115 - lives with the proc

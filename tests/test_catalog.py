@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 
 from shared import catalog as catalog_mod
-from shared.custom_models import ConfigError
 from shared.engines import make_engine
 from shared.gguf_header import GGUFError, read_header
 from shared.settings import load
@@ -130,6 +129,7 @@ models:
 @pytest.mark.parametrize(("yaml_text", "words"), [
     ("models:\n  tiny:0.2m-f32:\n    temprature: 1\n", ["models.tiny:0.2m-f32.temprature",
                                                          "unknown key"]),
+    ("models:\n  tiny:0.2m-f32:\n    ctx_sise: 10\n", ["unknown key (did you mean ctx_size?"]),
     ("models:\n  tiny:0.2m-f32:\n    ttl: soon\n", ["models.tiny:0.2m-f32.ttl", "whole number"]),
     ("models:\n  tiny:0.2m-f32:\n    pin: 1\n", ["models.tiny:0.2m-f32.pin", "true or false"]),
     ("models:\n  tiny:0.2m-f32:\n    backend: vllm\n", ["backend", "engine, ollama"]),
@@ -141,28 +141,29 @@ def test_config_errors_name_file_model_key_and_reason(tmp_path, models_dir, conf
                                                       yaml_text, words) -> None:
     path = config_dir / "custom_models.yaml"
     path.write_text(yaml_text)
-    with pytest.raises(ConfigError) as e:
-        catalog_mod.build(settings_for(tmp_path, models_dir, config_dir))
-    assert str(path) in str(e.value)
+    cat = catalog_mod.build(settings_for(tmp_path, models_dir, config_dir))
+    assert sorted(cat.entries) == ["ms/other:0.2m-f32", "ms/tiny:0.2m-f32"]  # still served
+    [notice] = cat.notices
+    assert str(path) in notice
     for word in words:
-        assert word in str(e.value)
+        assert word in notice
 
 
-def test_a_bad_config_keeps_the_last_good_catalog(tmp_path, models_dir, config_dir) -> None:
+def test_a_bad_entry_is_left_out_and_the_others_apply(tmp_path, models_dir, config_dir) -> None:
     settings = settings_for(tmp_path, models_dir, config_dir)
     engine = make_engine(settings)
     path = config_dir / "custom_models.yaml"
     path.write_text("models:\n  tiny:0.2m-f32:\n    ttl: 60\n")
-    good = rebuild(settings, engine)
-    assert good.error is None and good.engine_changed
-    presets = engine.config_path.read_text()
+    assert rebuild(settings, engine).catalog.entries["ms/tiny:0.2m-f32"].ttl == 60
 
-    path.write_text("models:\n  tiny:0.2m-f32:\n    ttl: -5\n")
-    bad = rebuild(settings, engine)
-    assert "models.tiny:0.2m-f32.ttl" in bad.error and not bad.engine_changed
-    assert bad.catalog.entries["ms/tiny:0.2m-f32"].ttl == 60
-    assert engine.config_path.read_text() == presets
-    assert path.read_text() == "models:\n  tiny:0.2m-f32:\n    ttl: -5\n"  # never touched
+    bad = "models:\n  tiny:0.2m-f32:\n    ttl: -5\n  other:0.2m-f32:\n    ttl: 70\n"
+    path.write_text(bad)
+    result = rebuild(settings, engine)
+    assert result.catalog.entries["ms/tiny:0.2m-f32"].ttl == 1800  # its defaults
+    assert result.catalog.entries["ms/other:0.2m-f32"].ttl == 70
+    assert result.catalog.notices == [
+        f"{path}: models.tiny:0.2m-f32.ttl: must be 0 or more seconds, got -5; entry ignored"]
+    assert path.read_text() == bad  # never touched
 
 
 def test_with_no_models_a_demo_model_is_served(tmp_path, config_dir) -> None:
@@ -197,5 +198,6 @@ def test_harmony_models_by_architecture_list_and_setting(tmp_path, models_dir,
     assert any("harmony_models.yaml: gone: no such model" in n for n in cat.notices)
     (config_dir / "custom_models.yaml").write_text(
         "models:\n  tiny:0.2m-f32:\n    harmony: yes-please\n")
-    with pytest.raises(ConfigError, match="models.tiny:0.2m-f32.harmony: expected one of"):
-        catalog_mod.build(settings_for(tmp_path, models_dir, config_dir))
+    cat = catalog_mod.build(settings_for(tmp_path, models_dir, config_dir))
+    assert cat.entries["ms/tiny:0.2m-f32"].harmony == "off"
+    assert any("models.tiny:0.2m-f32.harmony: expected one of" in n for n in cat.notices)

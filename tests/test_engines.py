@@ -1,4 +1,3 @@
-import configparser
 from pathlib import Path
 
 import yaml
@@ -8,6 +7,7 @@ from shared.engines import make_engine
 from shared.engines.base import section_name
 from shared.settings import load
 from tests.harness import swap_bin_dir
+from tests.preset_grammar import parse_preset
 
 CUSTOM = """
 models:
@@ -17,7 +17,7 @@ models:
     aliases: [tiny:latest]
   creative:
     base_model: tiny:0.2m-f32
-    sampler_args: "--temp 1.5 --no-mmap"
+    sampler_args: "--temp 1.5 --no-warmup"
 """
 
 
@@ -31,8 +31,7 @@ def test_router_presets_keep_ids_and_settings(tmp_path, models_dir, config_dir) 
     settings = _settings(tmp_path, models_dir, config_dir)
     engine = make_engine(settings)
     assert engine.name == "llama-server router"
-    ini = configparser.ConfigParser()
-    ini.read_string("[top]\n" + engine.render(catalog_mod.build(settings)))
+    ini = parse_preset(engine.render(catalog_mod.build(settings)))
     tiny = ini[section_name("ms/tiny:0.2m-f32")]
     assert tiny["alias"] == "ms/tiny:0.2m-f32,tiny:latest"
     # the governor unloads at the TTL: a sleeping child would reload behind its back
@@ -42,7 +41,7 @@ def test_router_presets_keep_ids_and_settings(tmp_path, models_dir, config_dir) 
     creative = ini[section_name("ms/creative")]
     assert creative["model"] == tiny["model"]
     # an alias starts from its base's context and slots, with its own samplers
-    assert (creative["temp"], creative["no-mmap"], creative["ctx-size"]) == (
+    assert (creative["temp"], creative["no-warmup"], creative["ctx-size"]) == (
         "1.5", "true", "4096")
     assert "top-nsigma" not in creative
     assert ":" not in section_name("ms/tiny:0.2m-f32")
@@ -72,11 +71,10 @@ def test_cmd_override_keeps_the_engine_in_charge_of_port_and_name(tmp_path, mode
                                                                  config_dir) -> None:
     (config_dir / "custom_models.yaml").write_text(
         "models:\n  tiny:0.2m-f32:\n    cmd: llama-server --port ${PORT} -m ${MODEL_PATH} "
-        "--ctx-size 256 --temp 0.1\n")
+        "--temp 0.1\n    ctx_size: 256\n")
     settings = load({"MODELS_DIR": str(models_dir), "STATE_DIR": str(tmp_path / "s"),
                      "CONFIG_DIR": str(config_dir)}, env_file=tmp_path / "none")
-    ini = configparser.ConfigParser()
-    ini.read_string("[top]\n" + make_engine(settings).render(catalog_mod.build(settings)))
+    ini = parse_preset(make_engine(settings).render(catalog_mod.build(settings)))
     tiny = ini[section_name("ms/tiny:0.2m-f32")]
     assert (tiny["ctx-size"], tiny["temp"]) == ("256", "0.1")
     assert "port" not in tiny and "m" not in tiny

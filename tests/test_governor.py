@@ -314,7 +314,8 @@ def test_a_model_whose_process_ended_is_loaded_again_through_admission(gov_stack
     # once the engine has seen it go; the proxy may still think it warm (the engine then
     # says "not loaded") or know already: either way the request loads it through admission
     wait(lambda: {m["id"]: m["status"]["value"] for m in http(
-        "GET", stack.engine_url + "/models")[1]["data"]}[section_name(A)] == "unloaded")
+        "GET", stack.engine_url + "/models", headers=stack.engine_headers)[1]["data"]}[
+            section_name(A)] == "unloaded")
     use(stack, A)
     assert governor_health(stack)["admissions"] == admissions + 1
 

@@ -13,7 +13,7 @@ import pytest
 from services.proxy.harmony_encode import prompt_tokens
 from shared.harmony_encoding import encoding
 from tests.harmony_completions import analysis, call, completion, final, special
-from tests.harness import http, swap_bin_dir
+from tests.harness import ROOT, http, swap_bin_dir
 from tests.streams import stream_chat
 
 MODEL = "ms/gpt-oss-standin"
@@ -38,10 +38,15 @@ def sent(script: Path) -> dict:
 @pytest.fixture
 def client(stack_factory, config_dir, tmp_path, script):
     plan(script, completion(final("warm up")))
+    exe = tmp_path / "bin" / "harmony-llama-server"  # a `cmd` runs a llama-server binary
+    exe.parent.mkdir(exist_ok=True)
+    exe.write_text(f'#!/bin/sh\ncd {ROOT} && exec {sys.executable} -m '
+                   'tests.standins.harmony_engine "$@"\n')
+    exe.chmod(0o755)
     (config_dir / "custom_models.yaml").write_text(f"""
 models:
   gpt-oss-standin:
-    cmd: "{sys.executable} -m tests.standins.harmony_engine --port ${{PORT}} --script {script}"
+    cmd: "{exe} --port ${{PORT}} --script {script}"
     harmony: proxy
     reasoning_effort: low
 """)

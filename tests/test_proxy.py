@@ -161,10 +161,11 @@ def test_client_disconnect_cancels_the_upstream_request(stack_factory, models_di
     for _ in range(5):
         assert resp.readline()
     slots_url = f"{stack.engine_url}/slots?model={section_name(model)}"
-    assert any(s["is_processing"] for s in http("GET", slots_url)[1])
+    keyed = stack.engine_headers
+    assert any(s["is_processing"] for s in http("GET", slots_url, headers=keyed)[1])
     conn.close()
     deadline = time.monotonic() + 10
-    while any(s["is_processing"] for s in http("GET", slots_url)[1]):
+    while any(s["is_processing"] for s in http("GET", slots_url, headers=keyed)[1]):
         assert time.monotonic() < deadline, "the engine kept generating for a gone client"
         time.sleep(0.1)
 

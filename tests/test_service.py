@@ -118,3 +118,36 @@ def test_launchd_install_loads_the_agent(env, tmp_path) -> None:
     assert model(env, "service", "uninstall").returncode == 0 and not agent.exists()
     assert f"launchctl bootout gui/{os.getuid()}/model-serve" in \
         (tmp_path / "calls").read_text()
+
+
+def test_cron_line_carries_path_and_the_shells_variables(env, tmp_path) -> None:
+    env = {**env, "CONFIG_DIR": str(tmp_path / "my config")}  # a space stays in one word
+    assert model(env, "service", "install", "--platform", "cron", "--no-start").returncode == 0
+    line = next(x for x in (tmp_path / "crontab").read_text().splitlines()
+                if x.startswith("@reboot"))
+    assert " env PATH=" in line and f"'CONFIG_DIR={tmp_path}/my config'" in line
+    assert f"STATE_DIR={tmp_path}/state" in line
+
+
+def test_one_service_at_a_time_so_uninstall_leaves_nothing_behind(env, tmp_path) -> None:
+    assert model(env, "service", "install", "--platform", "systemd", "--no-start").returncode == 0
+    second = model(env, "service", "install", "--platform", "launchd", "--no-start")
+    assert second.returncode == 1 and "uninstall" in second.stderr
+    assert not (Path(env["HOME"]) / "Library/LaunchAgents/model-serve.plist").exists()
+    assert model(env, "service", "uninstall").returncode == 0
+    assert not (Path(env["HOME"]) / ".config/systemd/user" / service.UNIT).exists()
+
+
+def test_uninstall_works_where_the_service_manager_is_missing(env, tmp_path) -> None:
+    assert model(env, "service", "install", "--platform", "launchd", "--no-start").returncode == 0
+    (tmp_path / "fakebin" / "launchctl").unlink()  # a Linux machine has none
+    result = model(env, "service", "uninstall")
+    assert result.returncode == 0, result.stderr
+    assert not (Path(env["HOME"]) / "Library/LaunchAgents/model-serve.plist").exists()
+
+
+def test_without_a_systemd_user_manager_cron_is_the_default(env, tmp_path) -> None:
+    (tmp_path / "fakebin" / "systemctl").write_text("#!/bin/sh\necho offline\nexit 1\n")
+    result = model(env, "service", "install", "--no-start")
+    assert result.returncode == 0, result.stderr
+    assert "cron line" in result.stdout

@@ -10,6 +10,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lm_studio_ollama_bridge.lock import locked
 from lm_studio_ollama_bridge.store import DEFAULT_REGISTRY, OllamaModel
 
 
@@ -56,11 +57,19 @@ class LinkRecord:
 
     @classmethod
     def load(cls, file: Path) -> LinkRecord:
+        """What a damaged record holds of another shape is dropped: links it named are then
+        left alone, as if someone else had made them."""
         try:
             data = json.loads(file.read_text())
-            return cls(file, dict(data.get("links", {})), list(data.get("dirs", [])))
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, RecursionError):
             return cls(file)
+        if not isinstance(data, dict):
+            return cls(file)
+        links, dirs = data.get("links"), data.get("dirs")
+        return cls(file,
+                   {k: rec for k, v in links.items() if (rec := _link(v))}
+                   if isinstance(links, dict) else {},
+                   [d for d in dirs if isinstance(d, str)] if isinstance(dirs, list) else [])
 
     def save(self) -> None:
         self.file.parent.mkdir(parents=True, exist_ok=True)
@@ -75,7 +84,18 @@ class LinkRecord:
     def owns(self, path: Path) -> bool:
         """Ours only while it is still the link we made, pointing where we pointed it."""
         rec = self.links.get(str(path))
-        return bool(rec) and path.is_symlink() and os.readlink(path) == rec["target"]
+        try:
+            return bool(rec) and os.readlink(path) == rec["target"]
+        except OSError:  # not a link, or gone
+            return False
+
+
+def _link(rec: object) -> dict | None:
+    if not isinstance(rec, dict) or not isinstance(rec.get("target"), str):
+        return None
+    names = rec.get("names")
+    return {"target": rec["target"],
+            "names": [n for n in names if isinstance(n, str)] if isinstance(names, list) else []}
 
 
 @dataclass
@@ -104,47 +124,74 @@ class Bridge:
         self.record_file = record_file
 
     def sync(self, models: list[OllamaModel], dry_run: bool = False) -> SyncReport:
-        record = LinkRecord.load(self.record_file)
+        """One sync at a time (the record is read, changed and written whole); the record
+        is saved whatever fails, so a link made is never forgotten and left behind."""
         wanted = plan(models, self.models_dir)
         report = SyncReport()
+        if dry_run:
+            self._sync(LinkRecord.load(self.record_file), wanted, report, dry_run)
+            return report
+        with locked(self.record_file.with_name(self.record_file.name + ".lock")):
+            record = LinkRecord.load(self.record_file)
+            try:
+                self._sync(record, wanted, report, dry_run)
+                self._remove_empty_dirs(record)
+            finally:
+                record.save()
+        return report
+
+    def _sync(self, record: LinkRecord, wanted: dict[Path, Link], report: SyncReport,
+              dry_run: bool) -> None:
+        # a file that appears or goes meanwhile fails its own link only, with a notice
         for key in list(record.links):
-            path = Path(key)
-            link = wanted.get(path)
-            if link and str(link.target) == record.links[key]["target"]:
-                continue
+            try:
+                self._drop(Path(key), wanted.get(Path(key)), record, report, dry_run)
+            except OSError as e:
+                report.notices.append(f"{key}: cannot remove ({e.strerror or e}); "
+                                      "tried again on the next sync")
+        for path, link in sorted(wanted.items()):
+            try:
+                self._place(path, link, record, report, dry_run)
+            except OSError as e:
+                report.notices.append(f"{path}: cannot link ({e.strerror or e}); "
+                                      "tried again on the next sync")
+
+    def _drop(self, path: Path, link: Link | None, record: LinkRecord, report: SyncReport,
+              dry_run: bool) -> None:
+        key = str(path)
+        if link and str(link.target) == record.links[key]["target"]:
+            return
+        if not record.owns(path):
+            del record.links[key]  # changed by someone else since: no longer ours
+            return
+        if link is None:
+            if not dry_run:
+                path.unlink()
+                del record.links[key]
+            report.removed.append(key)
+
+    def _place(self, path: Path, link: Link, record: LinkRecord, report: SyncReport,
+               dry_run: bool) -> None:
+        key, target = str(path), str(link.target)
+        if path.is_symlink() or path.exists():
             if not record.owns(path):
-                del record.links[key]  # changed by someone else since: no longer ours
-                continue
-            if link is None:
-                report.removed.append(key)
+                report.notices.append(f"{path} exists and was not made by the bridge; "
+                                      "left as it is")
+                return
+            if os.readlink(path) == target:
+                report.kept.append(key)
+            else:
                 if not dry_run:
                     path.unlink()
-                    del record.links[key]
-        for path, link in sorted(wanted.items()):
-            key, target = str(path), str(link.target)
-            if path.is_symlink() or path.exists():
-                if not record.owns(path):
-                    report.notices.append(f"{path} exists and was not made by the bridge; "
-                                          "left as it is")
-                    continue
-                if os.readlink(path) == target:
-                    report.kept.append(key)
-                else:
-                    report.replaced.append(key)
-                    if not dry_run:
-                        path.unlink()
-                        path.symlink_to(target)
-            else:
-                report.created.append(key)
-                if not dry_run:
-                    self._make_dirs(path.parent, record)
                     path.symlink_to(target)
+                report.replaced.append(key)
+        else:
             if not dry_run:
-                record.links[key] = {"target": target, "names": link.names}
+                self._make_dirs(path.parent, record)
+                path.symlink_to(target)
+            report.created.append(key)
         if not dry_run:
-            self._remove_empty_dirs(record)
-            record.save()
-        return report
+            record.links[key] = {"target": target, "names": link.names}
 
     def _make_dirs(self, folder: Path, record: LinkRecord) -> None:
         missing = []

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +12,8 @@ MODEL_LAYER = "application/vnd.ollama.image.model"
 PROJECTOR_LAYER = "application/vnd.ollama.image.projector"
 DEFAULT_REGISTRY = "registry.ollama.ai"
 GGUF_MAGIC = b"GGUF"
+# `sha256:<hex>`: also keeps a digest from naming a path outside the blobs folder
+DIGEST = re.compile(r"[a-z0-9]+:[0-9a-f]+")
 
 
 @dataclass(frozen=True)
@@ -55,39 +59,63 @@ def is_gguf(path: Path) -> bool:
         return False
 
 
+def _digest(layer: dict, what: str) -> str:
+    digest = layer.get("digest")
+    if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
+        raise ValueError(f"{what} has no usable digest ({digest!r:.80})")
+    return digest
+
+
+def _layers(text: str) -> tuple[str, str | None, str | None] | None:
+    """(model, projector, config) digests of a manifest, None when it has no GGUF model
+    layer; ValueError naming what is wrong when it is not the shape Ollama writes."""
+    manifest = json.loads(text)
+    if not isinstance(manifest, dict):
+        raise ValueError("not a JSON object")
+    layers = manifest.get("layers")
+    if not isinstance(layers, list) or not all(isinstance(la, dict) for la in layers):
+        raise ValueError("'layers' is not a list of layers")
+    config = manifest.get("config", {})
+    if not isinstance(config, dict):
+        raise ValueError("'config' is not an object")
+    model = next((la for la in layers if la.get("mediaType") == MODEL_LAYER), None)
+    if model is None:
+        return None
+    projector = next((la for la in layers if la.get("mediaType") == PROJECTOR_LAYER), None)
+    return (_digest(model, "the model layer"),
+            _digest(projector, "the projector layer") if projector else None,
+            _digest(config, "'config'") if "digest" in config else None)
+
+
 def read_store(root: Path) -> tuple[list[OllamaModel], list[str]]:
     """Every GGUF model in the store, and a notice for each manifest passed over."""
     models: list[OllamaModel] = []
     notices: list[str] = []
     manifests = root / "manifests"
-    if not manifests.is_dir():
-        return models, notices
-    for path in sorted(p for p in manifests.rglob("*") if p.is_file()):
+    # os.walk passes over folders removed while it walks (Ollama prunes them on `rm`)
+    for path in sorted(Path(d) / f for d, _, files in os.walk(manifests) for f in files):
         parts = path.relative_to(manifests).parts
         if len(parts) < 4 or any(p.startswith(".") for p in parts):
             continue
         registry, namespace, model, tag = parts[0], "/".join(parts[1:-2]), parts[-2], parts[-1]
         name = ollama_name(registry, namespace, model, tag)
         try:
-            manifest = json.loads(path.read_text())
-            layers = manifest["layers"]
-            config_digest = manifest.get("config", {}).get("digest")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            digests = _layers(path.read_text())
+        except (OSError, ValueError, RecursionError) as e:
             notices.append(f"{name}: unreadable manifest {path} ({e}), skipped")
             continue
-        model_layer = next((la for la in layers if la.get("mediaType") == MODEL_LAYER), None)
-        if model_layer is None:
+        if digests is None:
             notices.append(f"{name}: no GGUF model layer (safetensors or MLX?), skipped")
             continue
-        blob = blob_path(root, model_layer["digest"])
+        model_digest, projector_digest, config_digest = digests
+        blob = blob_path(root, model_digest)
         if not blob.is_file():
             notices.append(f"{name}: model blob {blob} is missing, skipped")
             continue
         if not is_gguf(blob):
             notices.append(f"{name}: model blob is not GGUF, skipped")
             continue
-        projector = next((blob_path(root, la["digest"]) for la in layers
-                          if la.get("mediaType") == PROJECTOR_LAYER), None)
+        projector = blob_path(root, projector_digest) if projector_digest else None
         if projector is not None and not is_gguf(projector):
             notices.append(f"{name}: projector blob is not GGUF, served without it")
             projector = None
@@ -106,6 +134,6 @@ def _config(root: Path, digest: str | None) -> dict:
         return {}
     try:
         data = json.loads(blob_path(root, digest).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}

@@ -21,12 +21,12 @@ from services.cli.stack import get_health, ours, port_holder, running_stack
 from shared import catalog as catalog_mod
 from shared import harmony_encoding
 from shared import settings as settings_mod
-from shared.custom_models import ConfigError
 from shared.engines import make_engine
 from shared.llama_server import find_llama_server
 from shared.memory import first_estimate
 from shared.os_memory import system_memory
 from shared.settings import Settings
+from shared.sync import sync_lock
 
 GIB = 1024**3
 
@@ -119,12 +119,10 @@ def check_links(settings: Settings) -> Finding:
 
 
 def check_config_and_memory(settings: Settings) -> list[Finding]:
-    try:
+    with sync_lock(settings):  # the build updates STATE_DIR's ids and header cache
         catalog = catalog_mod.build(settings)
-    except ConfigError as e:
-        return [Finding("fail", f"config: {e}", "fix that entry in custom_models.yaml; the "
-                        "last good catalog keeps serving meanwhile")]
-    out = [Finding("ok", f"config: {len(catalog.entries)} models")]
+    out = [Finding("warn", notice) for notice in catalog.notices]
+    out.append(Finding("ok", f"config: {len(catalog.entries)} models"))
     memory = system_memory()
     limit = memory.total * settings.pressure_threshold / 100
     room = limit - memory.used

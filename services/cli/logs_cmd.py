@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from services.runner import config
 from shared.engines.base import section_name
 from shared.settings import Settings
 from shared.sync import load_last_good
+
+_STAMP = re.compile(r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d")
 
 
 def log_files(settings: Settings, name: str | None) -> list[Path]:
@@ -45,6 +48,18 @@ def _read(path: Path, offset: int) -> tuple[list[str], int]:
     return data[:end].decode(errors="replace").splitlines(), offset + end
 
 
+def _entries(lines: list[str]) -> list[list[str]]:
+    """Lines grouped by entry: a traceback's lines carry no time and stay with the line
+    that logged it."""
+    out: list[list[str]] = []
+    for line in lines:
+        if out and not _STAMP.match(line):
+            out[-1].append(line)
+        else:
+            out.append([line])
+    return out
+
+
 @click.command()
 @click.argument("name", required=False)
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines (Ctrl-C ends).")
@@ -55,12 +70,14 @@ def logs(name: str | None, follow: bool, lines: int) -> None:
     settings = load_settings()
     files = log_files(settings, name)
     offsets = {}
-    merged: list[str] = []
+    entries: list[list[str]] = []
     for path in files:
         text, offsets[path] = _read(path, 0)
-        merged += text[-lines:]
-    # every line starts with its time (shared/logs.py), so a sort merges them
-    for line in sorted(merged, key=lambda x: x[:23])[-lines:] if len(files) > 1 else merged:
+        entries += _entries(text)[-lines:]
+    # each entry starts with its time (shared/logs.py), so a stable sort merges them
+    if len(files) > 1:
+        entries.sort(key=lambda e: e[0][:23])
+    for line in [line for entry in entries for line in entry][-lines:]:
         click.echo(line)
     if not follow:
         if not any(p.exists() for p in files):

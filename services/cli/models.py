@@ -16,6 +16,7 @@ import click
 from services.cli.common import load_catalog, load_settings
 from shared.catalog import Catalog, Entry, loose
 from shared.engines import EngineError, make_engine
+from shared.model_flags import flatten
 
 
 def _value(value) -> str:
@@ -23,6 +24,8 @@ def _value(value) -> str:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if isinstance(value, list) and all(isinstance(v, list) for v in value):
+        return shlex.join(flatten(value))  # llama-server options: [flag, *values] each
     if isinstance(value, list):
         return ", ".join(str(v) for v in value) if all(isinstance(v, str) and " " not in v
                                                        for v in value) else shlex.join(value)

@@ -5,7 +5,7 @@ Every platform runs the same thing as `model start`: `model supervise` (supervis
 restarts each process on its own), so `model status`, `restart`, `logs` and `stop` work the
 same however the stack was started. The service manager keeps supervisord itself alive:
 launchd (KeepAlive) on a Mac, a systemd user unit (Restart=on-failure) on Linux, or a cron
-line that runs `model start` every few minutes where neither is available. `model stop` ends
+line that runs `model start` every 5 minutes where neither is available. `model stop` ends
 supervisord cleanly, so a service manager leaves it stopped until the next login or
 `model service install`.
 
@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import plistlib
+import shlex
 import shutil
 import subprocess
 import sys
@@ -36,6 +37,9 @@ UNIT = "model-serve.service"
 CRON_BEGIN = f"# begin {LABEL} ({ROOT}): keeps the stack running"
 CRON_END = f"# end {LABEL}"
 PLATFORMS = ("launchd", "systemd", "cron")
+USER_MANAGER_UP = ("running", "degraded", "starting", "initializing", "maintenance")
+NO_USER_MANAGER = ("systemd's user manager did not answer (no login session?): run "
+                   "`loginctl enable-linger $USER` and log in again, or use --platform cron")
 
 
 def default_platform() -> str:
@@ -43,7 +47,8 @@ def default_platform() -> str:
         return "launchd"
     probe = subprocess.run(["systemctl", "--user", "is-system-running"], capture_output=True,
                            text=True) if shutil.which("systemctl") else None
-    return "systemd" if probe and probe.stdout.strip() else "cron"
+    # "offline": no user manager to talk to (a login without a session, a container)
+    return "systemd" if probe and probe.stdout.strip() in USER_MANAGER_UP else "cron"
 
 
 def record_file(settings: Settings) -> Path:
@@ -115,8 +120,11 @@ def launchd_plist(settings: Settings) -> bytes:
 
 
 def cron_block(settings: Settings) -> str:
+    """cron runs with a bare environment: PATH and the variables go on the line itself."""
     log = logs_dir(settings) / "service.log"
-    run = f"cd {ROOT} && {_bin() / 'model'} start --quiet >> {log} 2>&1"
+    env = " ".join(shlex.quote(f"{k}={v}") for k, v in environment().items())
+    run = (f"cd {shlex.quote(str(ROOT))} && env {env} {shlex.quote(str(_bin() / 'model'))} "
+           f"start --quiet >> {shlex.quote(str(log))} 2>&1")
     return f"{CRON_BEGIN}\n@reboot {run}\n*/5 * * * * {run}\n{CRON_END}\n"
 
 
@@ -127,6 +135,10 @@ def target(platform: str) -> Path | None:
 
 
 def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    if shutil.which(argv[0]) is None:
+        if check:
+            raise click.ClickException(f"{argv[0]} is not installed on this machine")
+        return subprocess.CompletedProcess(argv, 127, "", f"{argv[0]} is not installed")
     result = subprocess.run(argv, capture_output=True, text=True)
     if check and result.returncode != 0:
         raise click.ClickException(f"{' '.join(argv)} failed: "
@@ -173,6 +185,11 @@ def install(platform: str | None, no_start: bool) -> None:
     """Install the service (launchd agent, systemd user unit, or cron line)."""
     settings = load_settings()
     platform = platform or default_platform()
+    installed = _record(settings)
+    if installed and installed["platform"] != platform:
+        raise click.ClickException(
+            f"a {installed['platform']} service is installed already; remove it with "
+            "`model service uninstall` before installing another")
     logs_dir(settings).mkdir(parents=True, exist_ok=True)
     if platform == "cron":
         if not shutil.which("crontab"):
@@ -199,13 +216,25 @@ def install(platform: str | None, no_start: bool) -> None:
         {"platform": platform, "path": str(path), "sha256": _digest(data)}))
     click.echo(f"wrote {path}")
     if platform == "systemd":
-        _run("systemctl", "--user", "daemon-reload")
-        _run("systemctl", "--user", "enable", UNIT, *([] if no_start else ["--now"]))
+        try:
+            _run("systemctl", "--user", "daemon-reload")
+            _run("systemctl", "--user", "enable", UNIT, *([] if no_start else ["--now"]))
+        except click.ClickException as e:
+            raise click.ClickException(f"{e.message}\n{NO_USER_MANAGER}; `model service "
+                                       "uninstall` removes the unit written") from None
         click.echo("enabled; to start it at boot without a login: "
                    f"loginctl enable-linger {os.environ.get('USER', '$USER')}")
     elif not no_start:
         _run("launchctl", "bootstrap", f"gui/{os.getuid()}", str(path))
         click.echo("loaded; it starts at every login")
+
+
+def _record(settings: Settings) -> dict | None:
+    try:
+        rec = json.loads(record_file(settings).read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) and rec.get("platform") in PLATFORMS else None
 
 
 def _ours(settings: Settings, path: Path) -> bool:
@@ -221,11 +250,10 @@ def _ours(settings: Settings, path: Path) -> bool:
 def uninstall(platform: str | None) -> None:
     """Stop and remove exactly what `model service install` wrote."""
     settings = load_settings()
-    try:
-        rec = json.loads(record_file(settings).read_text())
-    except (OSError, ValueError):
+    rec = _record(settings)
+    if rec is None:
         raise click.ClickException("no service installed by model-serve (no record in "
-                                   f"{record_file(settings)})") from None
+                                   f"{record_file(settings)})")
     platform = platform or rec["platform"]
     if platform == "cron":
         current = _crontab()
@@ -251,11 +279,10 @@ def uninstall(platform: str | None) -> None:
 def service_status() -> None:
     """Whether a service is installed, where, and what its manager says."""
     settings = load_settings()
-    try:
-        rec = json.loads(record_file(settings).read_text())
-    except (OSError, ValueError):
+    rec = _record(settings)
+    if rec is None:
         click.echo("no service installed (install one with `model service install`)")
-        raise SystemExit(1) from None
+        raise SystemExit(1)
     if rec["platform"] == "cron":
         there = rec["block"] in _crontab()
         click.echo("cron: " + ("installed" if there else "recorded, but the line is gone from "

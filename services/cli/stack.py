@@ -27,6 +27,7 @@ import psutil
 from services.cli.common import load_settings, tail
 from services.runner import client, config
 from services.runner.listener import exits_file
+from shared.engine_key import new_key
 from shared.files import write_atomic, write_if_changed
 from shared.settings import INSTANCE_ENV, Settings
 
@@ -114,6 +115,7 @@ def supervise() -> None:
     write_if_changed(config.conf_path(settings), config.render(settings))
     bindir = Path(sys.executable).parent
     instance = secrets.token_hex(8)
+    new_key(settings)  # the previous stack's engine key stops working
     write_atomic(instance_file(settings), json.dumps({
         "instance": instance, "pid": os.getpid(), "started": psutil.Process().create_time()}))
     env = {**os.environ, INSTANCE_ENV: instance, "PYTHONUNBUFFERED": "1",
@@ -257,8 +259,8 @@ def _process_lines(settings: Settings) -> bool:
         if state == "FATAL":
             line += "; gave up restarting it (it kept failing at start)"
         click.echo(line)
+        all_running = all_running and state == "RUNNING"  # STARTING: not well yet
         if state not in ("RUNNING", "STARTING"):
-            all_running = False
             log = config.log_file(settings, name)
             click.echo(f"    last lines of {log}:")
             click.echo("\n".join(f"    {x}" for x in tail(log, 5).splitlines()))
@@ -300,5 +302,6 @@ def status() -> None:
                + (f" ({governor['problem']})" if governor.get("problem") else ""))
     click.echo(f"ollama: {ollama.get('url')}: " + ("up" if ollama.get("ok") else
                                                    "not reachable (models it answers fail)"))
-    if code != 200 or not ok:
+    # Ollama is optional; everything else must be well for a zero exit
+    if code != 200 or not ok or not engine.get("ok") or governor.get("status") != "ok":
         raise SystemExit(1)

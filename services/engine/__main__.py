@@ -24,9 +24,8 @@ import psutil
 from services.engine.output import OutputRouter
 from shared import logs
 from shared import settings as settings_mod
-from shared.catalog import Catalog
 from shared.engines import make_engine
-from shared.files import write_atomic, write_if_changed
+from shared.files import write_atomic
 from shared.settings import Settings
 from shared.sync import rebuild
 
@@ -67,11 +66,7 @@ def main() -> None:
     logs.setup("engine")
     settings = settings_mod.load()
     engine = make_engine(settings)
-    result = rebuild(settings, engine)
-    if result.error:
-        log.error("config not applied, serving the last good catalog:\n%s", result.error)
-    if result.catalog is None and not engine.config_path.exists():
-        write_if_changed(engine.config_path, engine.render(Catalog()))
+    rebuild(settings, engine)  # its notices are the sync service's to log
     try:
         argv = engine.command()
     except FileNotFoundError as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 
 import aiohttp
 from aiohttp import web
@@ -17,18 +18,23 @@ from services.governor.scheduler import Scheduler
 from shared import logs, pressure_signals
 from shared import settings as settings_mod
 from shared.catalog_holder import CatalogHolder
+from shared.engine_key import engine_key
 from shared.engines import make_engine
 from shared.ollama import Ollama
 from shared.proxy_client import ProxyClient
 from shared.settings import Settings
 
 SCHEDULER = web.AppKey("scheduler", Scheduler)
+AUTHORIZATION = web.AppKey("authorization", str)
 BACKENDS = ("engine", "ollama")
 
 
 async def load(request: web.Request) -> web.Response:
     """{"model", "backend"} → {"loaded": true} or {"loaded": false, "error": {...}}, once the
-    load is done or refused."""
+    load is done or refused. Only the proxy may ask: it sends the engine's key."""
+    if not hmac.compare_digest(request.headers.get("Authorization", "").encode(),
+                               request.app[AUTHORIZATION].encode()):
+        return web.json_response({"error": "send the engine's key"}, status=401)
     try:
         body = await request.json()
         key = (body["backend"], body["model"])
@@ -51,6 +57,7 @@ async def health(request: web.Request) -> web.Response:
 
 def make_app(settings: Settings) -> web.Application:
     app = web.Application()
+    app[AUTHORIZATION] = f"Bearer {engine_key(settings)}"
 
     async def lifecycle(app: web.Application):
         async with (aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as proxy_s,

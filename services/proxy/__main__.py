@@ -2,23 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
+import resource
+
 from aiohttp import web
 
 from services.proxy.app import make_app
 from shared import logs
 from shared import settings as settings_mod
 
-# On SIGTERM (a restart, `model stop`) the proxy stops accepting and gives open requests and
-# streams this long to finish; the runner waits a little longer before it kills.
-DRAIN_SECONDS = 30
-
 
 def main() -> None:
     logs.setup("proxy")
     settings = settings_mod.load()
+    more_files()
+    # keepalive_timeout also closes a connection whose request never finishes arriving
     web.run_app(make_app(settings), host=settings.listen_host, port=settings.proxy_port,
                 handler_cancellation=True, access_log=None, print=None,
-                shutdown_timeout=DRAIN_SECONDS)
+                shutdown_timeout=5, keepalive_timeout=settings.request_read_timeout)
+
+
+def more_files() -> None:
+    """Each client connection is a file descriptor: the soft limit (often 256 on a Mac, 1024
+    on Linux) goes up to the hard one, so many open clients do not lock out new ones."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for target in (65536, 10240):  # macOS refuses more than OPEN_MAX (10240)
+        if hard != resource.RLIM_INFINITY:
+            target = min(target, hard)
+        if soft >= target:
+            return
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return
 
 
 if __name__ == "__main__":

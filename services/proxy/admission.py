@@ -103,7 +103,7 @@ class Admission:
     async def _ask_governor(self, key: Key) -> dict:
         async with self.session.post(self.settings.governor_url + "/load",
                                      json={"backend": key[0], "model": key[1]},
-                                     timeout=LOAD_TIMEOUT) as r:
+                                     headers=self.engine.headers, timeout=LOAD_TIMEOUT) as r:
             return await r.json()
 
     async def follow(self, holder, interval: float = 1.0) -> None:

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from services.proxy import forward, info, manage
 from services.proxy.admission import Admission
+from services.proxy.browser_guard import browser_guard, cors_headers
 from services.proxy.context import CTX, Context
 from services.proxy.ollama_routes import OllamaModels
 from services.proxy.state import Usage
@@ -25,11 +26,14 @@ from shared.settings import Settings
 log = logging.getLogger("model-serve.proxy")
 OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 OPEN_PATHS = {"/health"}
+PREPARED = "prepared"
+IN_FLIGHT = web.AppKey("in_flight", set)
 
 
 @web.middleware
 async def openai_errors(request: web.Request, handler) -> web.StreamResponse:
-    """aiohttp's own errors (too large, no such route) in the OpenAI shape clients parse."""
+    """Every error in the OpenAI shape clients parse: aiohttp's own (too large, no such
+    route) and anything the proxy did not expect, which is logged with its traceback."""
     try:
         return await handler(request)
     except web.HTTPRequestEntityTooLarge:
@@ -43,22 +47,72 @@ async def openai_errors(request: web.Request, handler) -> web.StreamResponse:
     except ConnectionResetError:
         # the client went away mid-answer, as when it is cancelled: nothing to log
         raise asyncio.CancelledError from None
+    except Exception as e:
+        log.exception("%s %s failed", request.method, request.path)
+        if request.get(PREPARED):  # the status line is sent: the connection just closes
+            raise
+        return error_response(500, f"internal error in model-serve's proxy: "
+                              f"{e.__class__.__name__}: {e}; the proxy log has the details",
+                              "internal_error")
+
+
+def _given_key(request: web.Request) -> str:
+    """`Authorization: Bearer <key>`, or Anthropic's `x-api-key: <key>`; nothing else."""
+    auth = request.headers.get("Authorization", "")
+    if auth.startswith("Bearer "):
+        return auth[len("Bearer "):].strip()
+    return request.headers.get("x-api-key", "").strip()
 
 
 @web.middleware
 async def api_key(request: web.Request, handler) -> web.StreamResponse:
     key = request.app[CTX].settings.api_key
-    if key and request.path not in OPEN_PATHS:
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), key.encode()):
-            return error_response(401, "missing or wrong API key: send "
-                                  "'Authorization: Bearer <API_KEY>'", "invalid_api_key")
+    if key and request.path not in OPEN_PATHS and \
+            not hmac.compare_digest(_given_key(request).encode(), key.encode()):
+        return error_response(401, "missing or wrong API key: send "
+                              "'Authorization: Bearer <API_KEY>'", "invalid_api_key")
     return await handler(request)
+
+
+async def _mark_prepared(request: web.Request, response: web.StreamResponse) -> None:
+    request[PREPARED] = True
+
+
+@web.middleware
+async def in_flight(request: web.Request, handler) -> web.StreamResponse:
+    tasks = request.app[IN_FLIGHT]
+    task = asyncio.current_task()
+    tasks.add(task)
+    try:
+        return await handler(request)
+    finally:
+        tasks.discard(task)
+
+
+async def drain(app: web.Application) -> None:
+    """On SIGTERM (a restart, `model stop`), once the proxy has stopped accepting: open
+    requests and streams get DRAIN_SECONDS to finish, then the rest are ended, each stream
+    with an error event. aiohttp's own shutdown would wait, but never end a handler."""
+    tasks, loop = app[IN_FLIGHT], asyncio.get_running_loop()
+    deadline = loop.time() + app[CTX].settings.drain_seconds
+    if tasks:
+        log.info("stopping: %d request(s) in flight get up to %gs to finish", len(tasks),
+                 app[CTX].settings.drain_seconds)
+    while tasks and loop.time() < deadline:
+        await asyncio.sleep(0.1)
+    if tasks:
+        log.warning("stopping: ending %d request(s) still in flight", len(tasks))
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(list(tasks), timeout=3)
 
 
 def make_app(settings: Settings, engine: Engine | None = None) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes,
-                          middlewares=[openai_errors, api_key])
+                          middlewares=[in_flight, openai_errors, browser_guard, api_key])
+    app[IN_FLIGHT] = set()
+    app.on_shutdown.append(drain)
+    app.on_response_prepare.extend([cors_headers, _mark_prepared])
     engine = engine or make_engine(settings)
 
     async def lifecycle(app: web.Application):

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 
 import aiohttp
 from aiohttp import web
 
-from services.proxy import harmony_route, ollama_routes
+from services.proxy import harmony_route, ollama_routes, request_body
 from services.proxy.context import CTX
 from services.proxy.engine_errors import NotLoaded, engine_error
 from shared.catalog import Catalog, Entry
-from shared.errors import error_response
+from shared.errors import error_response, stream_error
 from shared.settings import Settings
 
 log = logging.getLogger("model-serve.proxy")
 # Headers that describe one hop, or that are ours (the API key), never the engine's.
 _DROP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive",
-         "authorization", "accept-encoding", "upgrade", "te", "trailer"}
+         "authorization", "x-api-key", "accept-encoding", "upgrade", "te", "trailer",
+         "origin", "cookie"}
+DONE = b"data: [DONE]"
 
 
 class ModelRenamer:
@@ -46,17 +50,11 @@ class ModelRenamer:
         return tail
 
 
-def _parse(body: bytes) -> tuple[dict | None, web.Response | None]:
-    try:
-        payload = json.loads(body)
-    except ValueError as e:
-        return None, error_response(400, f"request body is not valid JSON: {e}", "invalid_json")
-    if not isinstance(payload, dict):
-        return None, error_response(400, "request body must be a JSON object", "invalid_json")
+def _model_problem(payload: dict) -> web.Response | None:
     if not isinstance(payload.get("model"), str) or not payload["model"]:
-        return None, error_response(400, "'model' is required: the id of a model from "
-                                    "GET /v1/models", "missing_model")
-    return payload, None
+        return error_response(400, "'model' is required: the id of a model from "
+                              "GET /v1/models", "missing_model")
+    return None
 
 
 def not_found(catalog: Catalog, name: str) -> web.Response:
@@ -79,9 +77,8 @@ def ollama_target(settings: Settings, entry: Entry, path: str) -> str | None:
 
 async def forward(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX]
-    body = await request.read()
-    payload, problem = _parse(body)
-    if problem:
+    body, payload, problem = await request_body.read(request)
+    if problem or (problem := _model_problem(payload)):
         return problem
     name = payload["model"]
     entry = await ctx.holder.resolve(name)
@@ -133,21 +130,60 @@ async def to_engine(request: web.Request, body: bytes, payload: dict,
     engine_name = ctx.engine.response_name(entry)
     renamer = ModelRenamer(engine_name, name) if engine_name != name else None
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP}
+    headers.update(ctx.engine.headers)
     try:
         async with ctx.session.post(ctx.engine.url + request.path, data=body,
                                     headers=headers) as up:
             if up.status >= 400:
                 return await engine_error(up, entry.path)
-            resp = web.StreamResponse(status=up.status)
-            resp.content_type = up.content_type
-            if up.charset:
-                resp.charset = up.charset
-            await resp.prepare(request)
-            async for chunk in up.content.iter_any():
-                await resp.write(renamer.feed(chunk) if renamer else chunk)
-            if renamer:
-                await resp.write(renamer.flush())
-            await resp.write_eof()
-            return resp
+            if up.content_type != "text/event-stream":  # one JSON answer: whole, or an error
+                data = await up.read()
+                if renamer:
+                    data = renamer.feed(data) + renamer.flush()
+                return web.Response(body=data, status=up.status, content_type=up.content_type,
+                                    charset=up.charset)
+            return await _relay(request, up, renamer, entry)
     except aiohttp.ClientConnectorError:
         return error_response(503, ctx.engine.unreachable(), "engine_unavailable")
+    except aiohttp.ClientError as e:
+        return error_response(502, f"the engine closed the connection before answering ({e}); "
+                              f"{entry.id} may have crashed: `model logs engine` says why",
+                              "engine_error")
+
+
+async def _relay(request: web.Request, up: aiohttp.ClientResponse,
+                 renamer: ModelRenamer | None, entry: Entry) -> web.StreamResponse:
+    """Chunk by chunk as the engine sends them. A stream that stops before its `[DONE]`
+    (the model's process died, the engine went away) ends with an error event, so the
+    client's SDK raises instead of taking a cut answer for a whole one."""
+    resp = web.StreamResponse(status=up.status)
+    resp.content_type = up.content_type
+    if up.charset:
+        resp.charset = up.charset
+    await resp.prepare(request)
+    done, tail = False, b""
+    try:
+        async for chunk in up.content.iter_any():
+            if not done:
+                done = DONE in tail + chunk
+                tail = chunk[-len(DONE):]
+            await resp.write(renamer.feed(chunk) if renamer else chunk)
+        cut = None if done else "the engine ended the stream before it was complete"
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
+        cut = None if done else f"the connection to the engine broke mid-answer ({e})"
+    except asyncio.CancelledError:
+        # the proxy is stopping and its drain time is over (or the client left): a client
+        # still there hears it, so its SDK raises
+        if not done:
+            with contextlib.suppress(Exception):
+                await resp.write(stream_error("model-serve's proxy stopped before the answer "
+                                              "was complete; ask again"))
+        raise
+    if renamer:
+        await resp.write(renamer.flush())
+    if cut:
+        log.warning("%s: %s", entry.id, cut)
+        await resp.write(stream_error(f"{cut}; {entry.id} may have crashed: `model logs "
+                                      "engine` says why"))
+    await resp.write_eof()
+    return resp

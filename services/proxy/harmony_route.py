@@ -15,7 +15,7 @@ from services.proxy.harmony_decode import HarmonyDecoder
 from services.proxy.harmony_encode import RequestError, prompt_tokens
 from services.proxy.openai_shapes import Completion
 from shared.catalog import Entry
-from shared.errors import error_response
+from shared.errors import error_response, stream_error
 
 # OpenAI field → llama-server /completion field; the rest of the samplers share their names.
 _RENAMED = {"max_tokens": "n_predict", "max_completion_tokens": "n_predict"}
@@ -58,8 +58,9 @@ async def chat(request: web.Request, payload: dict, entry: Entry) -> web.StreamR
     usage = {"prompt_tokens": len(tokens), "completion_tokens": 0, "total_tokens": len(tokens)}
     stop_type = ""
     resp: web.StreamResponse | None = None
+    cut: str | None = "the engine ended the answer before it was complete"
     try:
-        async with ctx.session.post(ctx.engine.completion_url(entry),
+        async with ctx.session.post(ctx.engine.completion_url(entry), headers=ctx.engine.headers,
                                     json=completion_body(payload, entry, tokens)) as up:
             if up.status >= 400:
                 return await engine_error(up, entry.path)
@@ -85,12 +86,20 @@ async def chat(request: web.Request, payload: dict, entry: Entry) -> web.StreamR
                     for delta in deltas:
                         await resp.write(chunks.chunk(delta))
                 if decoder.stopped or item.get("stop"):
+                    cut = None
                     break  # leaving the block closes the upstream: generation stops
     except aiohttp.ClientConnectorError:
         if resp is None:
             return error_response(503, ctx.engine.unreachable(), "engine_unavailable")
-    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, ValueError):
-        stop_type = stop_type or "error"  # the engine went away: finish with what came
+    except (aiohttp.ClientError, ValueError) as e:
+        cut = f"the connection to the engine broke mid-answer ({e})"
+    if cut:
+        cut += f"; {entry.id} may have crashed: `model logs engine` says why"
+        if resp is None:
+            return error_response(502, cut, "engine_error")
+        await resp.write(stream_error(cut))
+        await resp.write_eof()
+        return resp
     tail = decoder.finish()
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     finish = finish_reason(decoder, stop_type)

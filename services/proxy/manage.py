@@ -11,6 +11,7 @@ import time
 import aiohttp
 from aiohttp import web
 
+from services.proxy import request_body
 from services.proxy.context import CTX, Context
 from services.proxy.forward import not_found
 from services.proxy.governor_client import governor_health
@@ -117,11 +118,10 @@ async def _requested(request: web.Request) -> tuple[Entry | None, str | None, di
         web.Response:
     """The model a management call names: its catalog entry and/or its Ollama name."""
     ctx = request.app[CTX]
-    try:
-        body = await request.json()
-        name = body.get("model") if isinstance(body, dict) else None
-    except ValueError:
-        name = None
+    _, body, problem = await request_body.read(request)
+    if problem:
+        return problem
+    name = body.get("model")
     if not isinstance(name, str) or not name:
         return error_response(400, 'expected a JSON body {"model": "<id>"}', "missing_model")
     entry = await ctx.holder.resolve(name)

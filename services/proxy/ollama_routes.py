@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 from aiohttp import web
 
 from services.proxy import ollama_chat
 from shared.catalog import Entry
-from shared.errors import error_response
+from shared.errors import error_response, stream_error
 from shared.ollama import Ollama, OllamaError, OllamaUnavailable
 
 WARNING_HEADER = "X-Model-Serve-Warning"
@@ -83,6 +82,7 @@ async def chat(request: web.Request, ollama: Ollama, payload: dict, ollama_name:
         return web.json_response(ollama_chat.chat_response(item, model), headers=headers)
     stream = ollama_chat.ChatStream(model)
     resp: web.StreamResponse | None = None
+    cut: str | None = "Ollama ended the answer before it was complete"
     try:
         async for item in ollama.stream("/api/chat", body):
             if resp is None:
@@ -90,19 +90,18 @@ async def chat(request: web.Request, ollama: Ollama, payload: dict, ollama_name:
                 resp.content_type = "text/event-stream"
                 await resp.prepare(request)
             await resp.write(stream.feed(item))
+            if item.get("done"):
+                cut = None
     except (OllamaUnavailable, OllamaError) as e:
         if resp is None:
             return _failure(e)
-        await resp.write(b'data: {"error": {"message": ' +
-                         _json_str(f"ollama: {e}") + b', "type": "server_error"}}\n\n')
+        cut = f"ollama: {e}"
     if resp is None:
         return error_response(502, "ollama: empty answer", "ollama_error")
+    if cut:
+        await resp.write(stream_error(cut))
     await resp.write_eof()
     return resp
-
-
-def _json_str(text: str) -> bytes:
-    return json.dumps(text).encode()
 
 
 async def embeddings(ollama: Ollama, payload: dict, ollama_name: str,

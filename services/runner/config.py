@@ -16,10 +16,16 @@ PROCFILE = ROOT / "Procfile"
 # start order (stop is the reverse): the engine first, so the proxy finds it
 PRIORITY = {"engine": 10, "proxy": 20, "governor": 30, "sync": 40}
 # seconds between SIGTERM and SIGKILL: the proxy first finishes its open streams (for up to
-# services/proxy/__main__.py's DRAIN_SECONDS), the engine stops its models
-STOP_WAIT = {"proxy": 40, "engine": 30}
+# DRAIN_SECONDS, then a few to end the rest), the engine stops its models
+STOP_WAIT = {"engine": 30}
 START_SECONDS = 3  # a process that exits sooner counts as a failed start (then: backoff)
 START_RETRIES = 4  # failed starts in a row before supervisord gives up on a process
+
+
+def _stop_wait(settings: Settings, name: str) -> int:
+    if name == "proxy":
+        return int(settings.drain_seconds) + 15
+    return STOP_WAIT.get(name, 15)
 
 
 def processes() -> dict[str, str]:
@@ -82,7 +88,7 @@ def render(settings: Settings) -> str:
             f"startsecs={START_SECONDS}",
             f"startretries={START_RETRIES}",
             "stopsignal=TERM",
-            f"stopwaitsecs={STOP_WAIT.get(name, 15)}",
+            f"stopwaitsecs={_stop_wait(settings, name)}",
             "stopasgroup=true",  # the engine's models stop with it
             "killasgroup=true",
             "redirect_stderr=true",

@@ -39,11 +39,11 @@ class Changes(FileSystemEventHandler):
 
 def sync_once(settings: Settings, engine: Engine) -> None:
     started = time.monotonic()
-    _, result = sync_all(settings, engine)
-    if result.error:
-        log.error("config not applied, still serving the last good catalog:\n%s", result.error)
-    if result.error or result.catalog is None:
-        return
+    report, result = sync_all(settings, engine)
+    for line in report.lines() if report else []:
+        log.info("bridge: %s", line)
+    for notice in result.catalog.notices:
+        log.warning("%s", notice)
     reloaded = reload_engine(result, engine)
     log.info("synced in %.0f ms: %d models%s", (time.monotonic() - started) * 1000,
              len(result.catalog.entries),

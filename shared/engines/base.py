@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shlex
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,11 +10,10 @@ from pathlib import Path
 import aiohttp
 
 from shared.catalog import Catalog, Entry
+from shared.engine_key import engine_key
 from shared.llama_server import find_llama_server
+from shared.model_flags import Option
 from shared.settings import Settings
-
-# Flags the engine sets itself for each model; a `cmd` override must not fight it over them.
-ENGINE_OWNED = {"--host", "--port", "-m", "--model", "-a", "--alias"}
 
 
 class EngineError(RuntimeError):
@@ -32,26 +30,30 @@ def served(catalog: Catalog) -> list[Entry]:
     return [e for e in catalog.entries.values() if e.backend == "engine" and (e.path or e.cmd)]
 
 
-def model_args(entry: Entry) -> list[str]:
-    """llama-server arguments for one model, after the ones the engine owns."""
-    if entry.cmd:
-        words = shlex.split(entry.cmd.replace("${MODEL_PATH}", entry.path))[1:]
-        out: list[str] = []
-        skip = False
-        for word in words:
-            if skip:
-                skip = False
-            elif word in ENGINE_OWNED:
-                skip = True
-            else:
-                out.append(word)
-        return out
-    args = ["--ctx-size", str(entry.ctx_size), "--parallel", str(entry.parallel)]
+def model_options(entry: Entry) -> list[Option]:
+    """llama-server options for one model, after the ones the engine owns."""
+    options = [["--ctx-size", str(entry.ctx_size)], ["--parallel", str(entry.parallel)]]
     if entry.mmproj:
-        args += ["--mmproj", entry.mmproj]
+        options.append(["--mmproj", entry.mmproj])
     if entry.info.get("pooling_type"):  # an embedding model answers /v1/embeddings
-        args.append("--embeddings")
-    return args + entry.args
+        options.append(["--embeddings"])
+    return options + entry.options
+
+
+def written(entry: Entry) -> list[tuple[str, str]]:
+    """(what, text) of every piece of the entry an engine writes into its config."""
+    out = [("file", path) for path in (entry.path, entry.mmproj) if path]
+    out += [("name", name) for name in entry.names]
+    return out + [(option[0], value) for option in model_options(entry) for value in option[1:]]
+
+
+def control_chars(text: str) -> list[str]:
+    return sorted({c for c in text if ord(c) < 32 or ord(c) == 127})
+
+
+def change_hint(what: str) -> str:
+    return {"file": "rename the file", "name": "rename it in custom_models.yaml"}.get(
+        what, "change it in custom_models.yaml")
 
 
 def section_name(model_id: str) -> str:
@@ -65,6 +67,9 @@ class Engine(ABC):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.url = settings.engine_url
+        self.key = engine_key(settings)
+        # on every request to the engine, and to a model's own llama-server
+        self.headers = {"Authorization": f"Bearer {self.key}"}
 
     @property
     @abstractmethod
@@ -72,7 +77,16 @@ class Engine(ABC):
 
     @abstractmethod
     def render(self, catalog: Catalog) -> str:
-        """The engine's config for the catalog; identical input gives identical text."""
+        """The engine's config for the catalog, without the entries it refuses; identical
+        input gives identical text."""
+
+    @abstractmethod
+    def refusals(self, catalog: Catalog) -> dict[str, str]:
+        """Entry id → why this engine cannot serve it, and what to change."""
+
+    def accepted(self, catalog: Catalog) -> list[Entry]:
+        refused = self.refusals(catalog)
+        return [entry for entry in served(catalog) if entry.id not in refused]
 
     @abstractmethod
     def command(self) -> list[str]: ...
@@ -81,8 +95,9 @@ class Engine(ABC):
         return {}
 
     def unreachable(self) -> str:
-        return (f"the engine at {self.url} is not reachable; start the stack with `make up` or "
-                "`model start`, or check `model status`")
+        return (f"the engine at {self.url} is not reachable: in a running stack it is "
+                "restarting (`model status` shows it); otherwise start the stack with "
+                "`make up` or `model start`")
 
     def completion_url(self, entry: Entry) -> str:
         """llama-server's raw /completion endpoint for this model (Harmony goes there)."""
@@ -120,7 +135,8 @@ class Engine(ABC):
 
     async def _call(self, session: aiohttp.ClientSession, method: str, path: str,
                     **kwargs) -> dict | str:
-        async with session.request(method, self.url + path, **kwargs) as resp:
+        async with session.request(method, self.url + path, headers=self.headers,
+                                   **kwargs) as resp:
             text = await resp.text()
             if resp.status >= 400:
                 raise EngineError(f"{self.name} {method} {path}: HTTP {resp.status}: {text[:500]}")

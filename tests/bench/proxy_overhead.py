@@ -69,7 +69,9 @@ async def streaming(session, direct: str, proxy: str, streams: int) -> dict[str,
 async def run(stack) -> None:
     direct, proxy = stack.engine_url, stack.url
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    # the engine wants the stack's key; the proxy drops it (no API_KEY set here)
+    async with aiohttp.ClientSession(connector=connector,
+                                     headers=stack.engine_headers) as session:
         await one(session, proxy, body(False, 1))  # load the model (the engine never does)
         await small(session, direct, proxy)  # warm both paths
         times = await small(session, direct, proxy)

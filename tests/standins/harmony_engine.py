@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from pathlib import Path
 
 from aiohttp import web
@@ -49,7 +50,19 @@ def make_app(script: Path) -> web.Application:
     return app
 
 
+# A `cmd` is checked against the --help of the llama-server it runs: the stand-in answers in
+# llama-server's format, with the flags it takes.
+HELP = """\
+-m,    --model FNAME                    ignored: the stand-in replays a script
+--port PORT                             port to listen on
+--script FNAME                          the completion to replay
+"""
+
+
 def main() -> None:
+    if "--help" in sys.argv[1:]:
+        print(HELP, end="")
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--script", type=Path, required=True)

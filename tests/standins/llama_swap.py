@@ -1,18 +1,21 @@
 """A stand-in for llama-swap, which cannot be installed from the registries these machines
 reach. It follows llama-swap's documented behaviour and HTTP API for what model-serve uses:
 `--config`, `--listen`, `--watch-config` (running models restart when the file changes),
-models with `cmd` (${PORT} macro), `ttl` and `aliases`; `/v1/*` routed by the body's
-`model`, `/upstream/<id>/...`, `/running`, `POST /api/models/unload/<id>`, `/v1/models`,
-`/health`. It runs the real llama-server processes the config names.
+models with `cmd` (${PORT} macro), `ttl` and `aliases`, `apiKeys` (${env.NAME} substituted;
+Authorization stripped before the relay); `/v1/*` routed by the body's `model`,
+`/upstream/<id>/...`, `/running`, `POST /api/models/unload/<id>`, `/v1/models`, `/health`.
+It runs the real llama-server processes the config names.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import os
+import re
 import shlex
 import socket
 import time
@@ -22,6 +25,7 @@ import aiohttp
 import yaml
 from aiohttp import web
 
+ENV_MACRO = re.compile(r"\$\{env\.([A-Za-z_][A-Za-z0-9_]*)\}")
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -76,9 +80,13 @@ class Swap:
         self.locks: dict[str, asyncio.Lock] = {}
         self.stamp = 0
         self.session: aiohttp.ClientSession | None = None
+        self.api_keys: list[str] = []
 
     def read_config(self) -> None:
-        data = yaml.safe_load(self.config_path.read_text()) or {}
+        # llama-swap substitutes ${env.NAME} in the text before parsing it
+        text = ENV_MACRO.sub(lambda m: os.environ[m.group(1)], self.config_path.read_text())
+        data = yaml.safe_load(text) or {}
+        self.api_keys = [str(k) for k in data.get("apiKeys") or []]
         self.health_timeout = float(data.get("healthCheckTimeout", 120))
         self.models = data.get("models") or {}
         self.aliases = {a: mid for mid, m in self.models.items() for a in m.get("aliases", [])}
@@ -174,8 +182,29 @@ class Swap:
             {"id": mid, "object": "model", "owned_by": "llama-swap"} for mid in self.models]})
 
 
+def given_key(request: web.Request) -> str:
+    """As llama-swap reads it: Basic auth's password, then Bearer, then x-api-key."""
+    auth = request.headers.get("Authorization", "")
+    if auth.startswith("Basic "):
+        with contextlib.suppress(ValueError):
+            return base64.b64decode(auth[6:]).decode().partition(":")[2]
+    if auth.startswith("Bearer "):
+        return auth[7:]
+    return request.headers.get("x-api-key", "")
+
+
 def make_app(swap: Swap) -> web.Application:
-    app = web.Application(client_max_size=1024**3)
+    @web.middleware
+    async def api_keys(request: web.Request, handler) -> web.StreamResponse:
+        # With apiKeys set, every route but /health wants one; the relay to a model's own
+        # llama-server sends no Authorization (llama-swap strips it).
+        if swap.api_keys and request.path != "/health" and \
+                given_key(request) not in swap.api_keys:
+            return web.Response(status=401, text="unauthorized: invalid or missing API key",
+                                headers={"WWW-Authenticate": 'Basic realm="llama-swap"'})
+        return await handler(request)
+
+    app = web.Application(client_max_size=1024**3, middlewares=[api_keys])
 
     async def lifecycle(app: web.Application):
         swap.read_config()

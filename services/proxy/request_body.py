@@ -1,0 +1,56 @@
+"""A request's JSON body, read with a time limit and checked before it costs anything."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from aiohttp import web
+
+from services.proxy.context import CTX
+from shared.errors import error_response
+
+# Fields that are true or false and nothing else: "no" must not count as true.
+BOOLEANS = ("stream", "force")
+
+
+def parse(body: bytes) -> tuple[dict | None, web.Response | None]:
+    try:
+        payload = json.loads(body)
+    except RecursionError:
+        return None, error_response(400, "request body is nested too deeply", "invalid_json")
+    except ValueError as e:
+        return None, error_response(400, f"request body is not valid JSON: {e}", "invalid_json")
+    if not isinstance(payload, dict):
+        return None, error_response(400, "request body must be a JSON object", "invalid_json")
+    for field in BOOLEANS:
+        if field in payload and not isinstance(payload[field], bool):
+            return None, error_response(400, f"{field!r} must be true or false, got "
+                                        f"{payload[field]!r}", "invalid_type")
+    return payload, None
+
+
+def _too_many(request: web.Request, payload: dict) -> web.Response | None:
+    limit = request.app[CTX].settings.max_messages
+    for field in ("messages", "input"):
+        items = payload.get(field)
+        if isinstance(items, list) and len(items) > limit:
+            return error_response(400, f"{field!r} has {len(items)} items; the limit is {limit} "
+                                  "(MAX_MESSAGES)", "too_many_messages")
+    return None
+
+
+async def read(request: web.Request) -> tuple[bytes, dict | None, web.Response | None]:
+    """(raw body, JSON object, None), or an error response for the client."""
+    timeout = request.app[CTX].settings.request_read_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            body = await request.read()
+    except TimeoutError:
+        return b"", None, error_response(
+            408, f"the request body did not arrive within {timeout:g}s (REQUEST_READ_TIMEOUT)",
+            "request_timeout")
+    payload, problem = parse(body)
+    if payload is not None:
+        problem = _too_many(request, payload)
+    return body, payload if problem is None else None, problem
