@@ -39,6 +39,14 @@ def http(method: str, url: str, body: dict | bytes | None = None, headers: dict 
         return status, raw.decode(errors="replace")
 
 
+def answers(url: str) -> bool:
+    """GET `url` gives 200 (a server that is not up yet is no error)."""
+    try:
+        return http("GET", url, timeout=2)[0] == 200
+    except OSError:
+        return False
+
+
 def wait(check, timeout: float = 60) -> None:
     """Until `check()` is true; fails the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout

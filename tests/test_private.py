@@ -9,7 +9,7 @@ import urllib.request
 import psutil
 
 from shared.engines.base import section_name
-from tests.harness import http, wait
+from tests.harness import answers, http, wait
 from tests.streams import chat
 
 TINY = "ms/tiny:0.2m-f32"
@@ -41,16 +41,10 @@ def test_engine_and_model_servers_want_the_stacks_key(stack_factory) -> None:
     # the governor loads only for the proxy
     governor = f"http://127.0.0.1:{stack.env['GOVERNOR_PORT']}"
     stack.start("governor", wait=False)
-    wait(lambda: _answers(governor + "/health"))
+    wait(lambda: answers(governor + "/health"))
     assert http("POST", governor + "/load", {"backend": "engine", "model": TINY})[0] == 401
     assert http("POST", stack.url + "/v1/chat/completions", chat(TINY))[0] == 200
 
-
-def _answers(url: str) -> bool:
-    try:
-        return http("GET", url, timeout=2)[0] == 200
-    except OSError:
-        return False
 
 
 def test_other_web_pages_cannot_drive_the_proxy(stack_factory) -> None:
