@@ -81,3 +81,20 @@ def test_text_after_the_last_message_is_not_lost() -> None:
     tokens = special("<|channel|>final<|message|>Done.<|end|>") + special("stray words")
     d, deltas = decode(tokens, 4)
     assert d.result.content.startswith("Done.") and "stray words" in d.result.content
+
+
+def test_text_with_no_header_is_streamed_as_it_comes() -> None:
+    decoder = HarmonyDecoder()
+    words = special(" word" * 80)
+    early = decoder.feed(words[:70])  # no header this long: plain text, given now
+    assert "".join(d.get("content", "") for d in early).startswith(" word word")
+    rest = decoder.feed(words[70:]) + decoder.finish()
+    assert "".join(d.get("content", "") for d in early + rest) == " word" * 80
+
+
+def test_a_cut_inside_a_header_leaves_no_markup() -> None:
+    tokens = completion(analysis("Hi."), final("Hello"))
+    cut = tokens.index(special("<|start|>")[0]) + 3  # inside the final message's header
+    decoder, deltas = decode(tokens[:cut], 1)
+    assert decoder.result.reasoning == "Hi." and decoder.result.content == ""
+    assert not any("<|" in d.get("content", "") for d in deltas)

@@ -3,7 +3,8 @@
 `final` becomes content, `analysis` reasoning_content, a commentary message to
 `functions.X` a tool call (own index, id, name, arguments exactly as written, JSON or not),
 and a commentary message to no one (a preamble) content. What cannot be parsed, a
-malformed header or text after the last message, reaches the client as text, never lost."""
+malformed header or text after the last message, reaches the client as text, never lost,
+and as it comes (text with no header at all is given up on after HEADER_LIMIT tokens)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ from dataclasses import dataclass, field
 from openai_harmony import HarmonyError, Role, StreamableParser
 
 from shared.harmony_encoding import encoding
+
+# Tokens a header may take (recipient, channel, content type) before the text is taken for
+# plain text that never had one.
+HEADER_LIMIT = 64
 
 
 @dataclass
@@ -28,6 +33,7 @@ class HarmonyDecoder:
     def __init__(self) -> None:
         self.enc = encoding()
         self.stop_tokens = set(self.enc.stop_tokens_for_assistant_actions())
+        self.header_starts = set(self.enc.encode("<|channel|><|start|>", allowed_special="all"))
         self.parser = StreamableParser(self.enc, role=Role.ASSISTANT)
         self.failed = False  # the parser gave up: the rest passes through as text
         self.stopped = False  # a stop token came: the answer is complete
@@ -62,6 +68,9 @@ class HarmonyDecoder:
                 self.unshown = []
             else:
                 self.unshown.append(token)
+                if len(self.unshown) > HEADER_LIMIT:  # no header is this long: plain text
+                    self.failed = True
+                    self.raw += self.unshown
             deltas += delta
         return deltas + self._flush_raw()
 
@@ -71,8 +80,9 @@ class HarmonyDecoder:
             try:
                 self.parser.process_eos()
             except HarmonyError:
-                self.failed = True
-                self.raw += self.unshown
+                # cut inside a header (max_tokens): markup, not text; anything else is text
+                if self.unshown and self.unshown[0] not in self.header_starts:
+                    self.raw += self.unshown
         return self._flush_raw()
 
     def _flush_raw(self) -> list[dict]:

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from services.proxy.context import CTX
 from services.proxy.engine_errors import engine_error
+from services.proxy.harmony_constraints import Constraints, constraints, logit_bias
 from services.proxy.harmony_decode import HarmonyDecoder
 from services.proxy.harmony_encode import RequestError, prompt_tokens
 from services.proxy.openai_shapes import Completion
@@ -21,21 +22,25 @@ from shared.errors import error_response, stream_error
 _RENAMED = {"max_tokens": "n_predict", "max_completion_tokens": "n_predict"}
 _SAMPLERS = ("temperature", "top_p", "top_k", "min_p", "seed", "top_n_sigma", "typical_p",
              "presence_penalty", "frequency_penalty", "repeat_penalty", "repeat_last_n",
-             "xtc_probability", "xtc_threshold", "dry_multiplier", "mirostat", "logit_bias")
-STOP_WORDS = ["<|return|>", "<|call|>"]
+             "xtc_probability", "xtc_threshold", "dry_multiplier", "mirostat")
 
 
-def completion_body(payload: dict, entry: Entry, tokens: list[int]) -> dict:
-    body: dict = {"model": entry.id, "prompt": tokens, "stream": True, "return_tokens": True,
-                  "cache_prompt": True}
-    for field in _SAMPLERS:
-        if payload.get(field) is not None:
-            body[field] = payload[field]
-    for field, name in _RENAMED.items():
-        if payload.get(field) is not None:
-            body[name] = payload[field]
-    stop = payload.get("stop") or []
-    body["stop"] = STOP_WORDS + ([stop] if isinstance(stop, str) else list(stop))
+def completion_body(payload: dict, entry: Entry, tokens: list[int],
+                    limits: Constraints) -> dict:
+    # No stop strings for <|return|> and <|call|>: those tokens end generation anyway and
+    # render as no text, so the strings would only cut answers that mention them.
+    body: dict = {"model": entry.id, "prompt": tokens + limits.prefill, "stream": True,
+                  "return_tokens": True, "cache_prompt": True, **limits.fields}
+    for name in _SAMPLERS:
+        if payload.get(name) is not None:
+            body[name] = payload[name]
+    for name, renamed in _RENAMED.items():
+        if payload.get(name) is not None:
+            body[renamed] = payload[name]
+    if bias := logit_bias(payload, limits.end):
+        body["logit_bias"] = bias
+    if stop := payload.get("stop"):
+        body["stop"] = [stop] if isinstance(stop, str) else list(stop)
     return body
 
 
@@ -50,18 +55,22 @@ async def chat(request: web.Request, payload: dict, entry: Entry) -> web.StreamR
     try:
         tokens = await asyncio.to_thread(prompt_tokens, payload, entry.reasoning_effort
                                          or "medium")
+        limits = constraints(payload)
     except RequestError as e:
         return error_response(400, str(e), "invalid_request")
     decoder = HarmonyDecoder()
+    decoder.feed(limits.prefill)  # the answer's start, written for the model: no text
     chunks = Completion(payload["model"])
     streaming = bool(payload.get("stream"))
     usage = {"prompt_tokens": len(tokens), "completion_tokens": 0, "total_tokens": len(tokens)}
     stop_type = ""
     resp: web.StreamResponse | None = None
     cut: str | None = "the engine ended the answer before it was complete"
+    failed: dict | str | None = None
     try:
         async with ctx.session.post(ctx.engine.completion_url(entry), headers=ctx.engine.headers,
-                                    json=completion_body(payload, entry, tokens)) as up:
+                                    json=completion_body(payload, entry, tokens,
+                                                         limits)) as up:
             if up.status >= 400:
                 return await engine_error(up, entry.path)
             if streaming:
@@ -73,6 +82,9 @@ async def chat(request: web.Request, payload: dict, entry: Entry) -> web.StreamR
                 if not line.startswith(b"data: "):
                     continue
                 item = json.loads(line[6:])
+                if item.get("error"):  # the engine failed mid-answer: say so, never "stop"
+                    failed = item["error"]
+                    break
                 received = item.get("tokens") or []
                 # counted here too: a stop token ends the read before the engine's totals
                 usage["completion_tokens"] += len(received)
@@ -93,6 +105,15 @@ async def chat(request: web.Request, payload: dict, entry: Entry) -> web.StreamR
             return error_response(503, ctx.engine.unreachable(), "engine_unavailable")
     except (aiohttp.ClientError, ValueError) as e:
         cut = f"the connection to the engine broke mid-answer ({e})"
+    if failed is not None:
+        message = failed.get("message") if isinstance(failed, dict) else str(failed)
+        status = failed.get("code") if isinstance(failed, dict) else 500
+        status = status if isinstance(status, int) and 400 <= status < 600 else 500
+        if resp is None:
+            return error_response(status, f"engine: {message}", "engine_error")
+        await resp.write(stream_error(f"engine: {message}", "engine_error"))
+        await resp.write_eof()
+        return resp
     if cut:
         cut += f"; {entry.id} may have crashed: `model logs engine` says why"
         if resp is None:

@@ -1,0 +1,96 @@
+"""What constrains a GPT-OSS answer on the Harmony path: the client's own `grammar`, a
+`response_format`, or a `tool_choice` that requires a call.
+
+A grammar or JSON schema given to llama-server's /completion applies from the first
+generated token, which in Harmony is a channel header, not the answer. So a JSON answer or a
+required call is started in the prompt itself (the assistant's header is written for the
+model: `<|channel|>final<|message|>`, or the call's header), and the schema then shapes only
+what follows. The reasoning channel is skipped in those answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from services.proxy.harmony_encode import RequestError
+from shared.harmony_encoding import encoding
+
+RETURN, CALL, ENDOFTEXT = 200002, 200012, 199999
+# A JSON object, for a call whose function is chosen by the model among several.
+_JSON = r'''
+obj ::= "{" ws ( str ws ":" ws val ( ws "," ws str ws ":" ws val )* )? ws "}"
+arr ::= "[" ws ( val ( ws "," ws val )* )? ws "]"
+val ::= obj | arr | str | num | "true" | "false" | "null"
+str ::= "\"" ( [^"\\\x00-\x1f] | "\\" ["\\/bfnrt] )* "\""
+num ::= "-"? [0-9]+ ( "." [0-9]+ )? ( [eE] [-+]? [0-9]+ )?
+ws ::= [ \t\n]{0,4}
+'''
+
+
+@dataclass
+class Constraints:
+    prefill: list[int] = field(default_factory=list)  # the answer's start, written for it
+    fields: dict = field(default_factory=dict)  # for /completion: grammar, json_schema
+    end: int | None = None  # the one end-of-generation token allowed
+
+
+def _tokens(text: str) -> list[int]:
+    return encoding().encode(text, allowed_special="all")
+
+
+def _call_header(name: str) -> str:
+    return f"<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>"
+
+
+def _required_call(payload: dict) -> Constraints | None:
+    tools = [t.get("function") or {} for t in payload.get("tools") or []
+             if isinstance(t, dict) and t.get("type", "function") == "function"]
+    choice = payload.get("tool_choice")
+    if isinstance(choice, dict):
+        wanted = (choice.get("function") or {}).get("name")
+        tools = [t for t in tools if t.get("name") == wanted]
+    elif choice != "required":
+        return None
+    if not tools:
+        return None
+    if len(tools) == 1:
+        schema = tools[0].get("parameters") or {"type": "object"}
+        return Constraints(_tokens(_call_header(tools[0]["name"])), {"json_schema": schema},
+                           CALL)
+    names = " | ".join(f'"{t["name"]}"' for t in tools)
+    grammar = (f'root ::= <[200005]> "commentary to=functions." ( {names} ) " " <[200003]> '
+               f'"json" <[200008]> obj{_JSON}')
+    return Constraints([], {"grammar": grammar}, CALL)
+
+
+def _json_answer(payload: dict) -> Constraints | None:
+    fmt = payload.get("response_format")
+    if not isinstance(fmt, dict) or fmt.get("type") in (None, "text"):
+        return None
+    if fmt["type"] == "json_object":
+        schema = {"type": "object"}
+    elif fmt["type"] == "json_schema":
+        schema = (fmt.get("json_schema") or {}).get("schema") or {"type": "object"}
+    else:
+        raise RequestError(f"response_format type {fmt['type']!r}: expected text, "
+                           "json_object or json_schema")
+    return Constraints(_tokens("<|channel|>final<|message|>"), {"json_schema": schema}, RETURN)
+
+
+def constraints(payload: dict) -> Constraints:
+    """The client's grammar or schema as given (it then shapes the whole answer, headers
+    included); else a required call; else a JSON answer."""
+    given = {k: payload[k] for k in ("grammar", "json_schema") if payload.get(k)}
+    if given:
+        return Constraints([], given)
+    return _required_call(payload) or _json_answer(payload) or Constraints()
+
+
+def logit_bias(payload: dict, end: int | None) -> list | None:
+    """The client's bias, plus: no end-of-generation token but `end`."""
+    given = payload.get("logit_bias")
+    bias = [[int(k), v] for k, v in given.items()] if isinstance(given, dict) else \
+        list(given or [])
+    if end is not None:
+        bias += [[t, False] for t in (RETURN, CALL, ENDOFTEXT) if t != end]
+    return bias or None
