@@ -15,7 +15,7 @@ from lm_studio_ollama_bridge import Bridge, SyncReport, read_store
 from lm_studio_ollama_bridge.lock import locked
 from shared import catalog as catalog_mod
 from shared.catalog import Catalog
-from shared.engines import Engine
+from shared.engines import Engine, EngineError
 from shared.files import write_if_changed
 from shared.settings import Settings
 from shared.tiny_gguf import write_model
@@ -108,8 +108,26 @@ async def apply(result: SyncResult, engine: Engine, session: aiohttp.ClientSessi
     return True
 
 
+def held_before_reload(settings: Settings, engine: Engine) -> list[str]:
+    """The models a reload will unload when the engine's reload stops every loaded model ([]
+    otherwise, and when it does not answer). Asked before the config is written: the engine
+    may take the new file up at once, and then they are gone before anyone could name them."""
+    if not engine.reload_unloads_all:
+        return []
+
+    async def go() -> list[str]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            return sorted(await engine.loaded(session, load_last_good(settings) or Catalog()))
+
+    try:
+        return asyncio.run(go())
+    except (aiohttp.ClientError, EngineError, TimeoutError):
+        return []
+
+
 def reload_engine(result: SyncResult, engine: Engine) -> bool:
-    """`apply` for a caller without an event loop (the CLI, the sync service)."""
+    """`apply` for a caller without an event loop (the CLI, the sync service); EngineError
+    when the engine answers but does not take the new config up."""
 
     async def go() -> bool:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:

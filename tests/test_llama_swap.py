@@ -1,17 +1,24 @@
 """The llama-swap adapter against the stand-in (llama-swap cannot be installed here), which
-runs real llama-server processes."""
+runs real llama-server processes and answers as the real llama-swap does."""
 
 import asyncio
 import os
-import time
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
+from aiohttp import web
 
 from shared import settings as settings_mod
-from shared.catalog import Catalog
-from shared.engines.llama_swap import LlamaSwap
-from tests.harness import http, swap_bin_dir
+from shared.catalog import Catalog, Entry
+from shared.engines import EngineError
+from shared.engines.llama_swap import LlamaSwap, loader_refusals, model_ports
+from shared.sync import rebuild
+from tests.harness import ROOT, free_port, http, swap_bin_dir
 from tests.streams import chat, stream_chat
 
 TINY, OTHER = "ms/tiny:0.2m-f32", "ms/other:0.2m-f32"
@@ -29,6 +36,11 @@ def states(stack) -> dict[str, str]:
     return {m["id"]: m["status"] for m in http("GET", stack.url + "/v1/models")[1]["data"]}
 
 
+def adapter(stack) -> tuple[LlamaSwap, Catalog]:
+    settings = settings_mod.load(stack.env)
+    return LlamaSwap(settings), Catalog.from_json(settings.catalog_file.read_text())
+
+
 def test_models_load_side_by_side_and_unload_one_at_a_time(stack) -> None:
     assert http("GET", stack.url + "/health")[1]["engine"]["name"] == "llama-swap"
     for model in (TINY, OTHER, "tiny:latest"):
@@ -37,33 +49,175 @@ def test_models_load_side_by_side_and_unload_one_at_a_time(stack) -> None:
     events = stream_chat(stack.url, OTHER, 8, ignore_eos=True)
     assert {e["model"] for e in events} == {OTHER}
     assert states(stack) == {TINY: "loaded", OTHER: "loaded"}
+    engine, catalog = adapter(stack)
 
-    async def unload() -> None:
-        settings = settings_mod.load(stack.env)
-        engine = LlamaSwap(settings)
-        catalog = Catalog.from_json(settings.catalog_file.read_text())
+    async def unload_and_load() -> None:
         async with aiohttp.ClientSession() as session:
             await engine.unload(session, catalog.entries[TINY])
             assert await engine.loaded(session, catalog) == {OTHER: "loaded"}
+            loading = asyncio.create_task(engine.load(session, catalog.entries[TINY]))
+            seen = set()
+            while not loading.done():  # llama-swap's `starting` until its /health answers
+                seen.add((await engine.loaded(session, catalog)).get(TINY))
+                await asyncio.sleep(0.02)
+            await loading
+            assert "loading" in seen
+            running = await engine.running(session, catalog)
+        # ports count up from this stack's startPort in sorted-id order
+        ports = model_ports(engine.settings)
+        assert yaml.safe_load(engine.config_path.read_text())["startPort"] == ports.start
+        assert {mid: r.port for mid, r in running.items()} == {
+            OTHER: ports.start, TINY: ports.start + 1}
+
+    asyncio.run(unload_and_load())
+
+
+def test_llama_swap_answers_as_the_real_one_and_the_stack_copes(stack) -> None:
+    engine, catalog = adapter(stack)
+    url, key = stack.engine_url, stack.engine_headers
+    status, body = http("GET", url + "/health")  # no key needed, text
+    assert (status, body) == (200, "OK")
+    assert http("POST", url + "/v1/chat/completions", chat("ms/nope"), key) == (
+        404, "no router for requested model")
+    assert http("POST", url + "/v1/chat/completions", b"{not json", key) == (
+        404, "no model id could be identified")
+    assert http("POST", url + "/api/models/unload/ms%2Fnope", b"", key)[0] == 404
+
+    async def upstream_and_unloads() -> None:
+        async with aiohttp.ClientSession(headers=key) as session:
+            async with session.get(f"{url}/upstream/{TINY}", allow_redirects=False) as r:
+                assert (r.status, r.headers["Location"]) == (301, f"/upstream/{TINY}/")
             await engine.load(session, catalog.entries[TINY])
-            assert set(await engine.loaded(session, catalog)) == {TINY, OTHER}
+            # an id the config no longer has is not loaded: nothing to unload
+            await engine.unload(session, Entry(id="ms/gone", path=""))
+            async with session.post(url + "/api/models/unload") as r:  # every model
+                assert r.status == 200
+            assert await engine.loaded(session, catalog) == {}
 
-    asyncio.run(unload())
+    asyncio.run(upstream_and_unloads())
+
+    async def load_tiny() -> None:
+        async with aiohttp.ClientSession() as session:
+            await engine.load(session, catalog.entries[TINY])
+
+    # the real failure of two stacks sharing ports: the model's server exits at start
+    ports = model_ports(engine.settings)
+    with socket.create_server(("127.0.0.1", ports.start + 1)):  # TINY's port
+        status, body = http("POST", stack.url + "/v1/chat/completions", chat(TINY))
+        assert status == 500, body
+        assert "upstream command exited prematurely" in body["error"]["message"]
+        with pytest.raises(EngineError, match=f"ports {ports.start}-{ports.stop - 1}: a "
+                                              "program holding one of them"):
+            asyncio.run(load_tiny())
 
 
-def test_config_changes_reach_llama_swap_through_its_watch(stack, config_dir) -> None:
+def test_each_stack_has_its_own_model_ports(tmp_path) -> None:
+    def ports(**env: str) -> range:
+        return model_ports(settings_mod.load(env, env_file=tmp_path / "none"))
+
+    default = ports()
+    assert not {5846, 5847, 5848} & set(default) and default.stop <= 32768
+    assert not set(default) & set(ports(LLAMA_SWAP_PORT="5857", HARMONY_PROXY_PORT="5856",
+                                        GOVERNOR_PORT="5858"))
+    inside = str(default.start + 7)  # one of the stack's own ports in its block: another one
+    moved = ports(HARMONY_PROXY_PORT=inside)
+    assert int(inside) not in moved and len(moved) == len(default)
+
+    # one model more than the block holds: the last in llama-swap's order is left out
+    engine = LlamaSwap(settings_mod.load({"STATE_DIR": str(tmp_path)}, tmp_path / "none"))
+    many = [f"ms/m{i:03}" for i in range(len(default) + 1)]
+    refused = engine.refusals(Catalog(entries={m: Entry(id=m, path="/m.gguf") for m in many}))
+    assert list(refused) == [many[-1]]
+    assert f"this stack's 320 ({default.start}-{default.stop - 1}" in refused[many[-1]]
+
+
+REFUSALS = {
+    "cmd without ${PORT}": ({"b": {"cmd": "llama-server --port 5999"}}, {},
+                           "its command has no ${PORT}"),
+    "alias used twice": ({"a": {"aliases": ["x"]}, "b": {"aliases": ["x"]}}, {},
+                         "'x' is already a's name"),
+    "model in two groups": ({}, {"other": {"members": ["b"]}}, "groups g and other"),
+    "negative ttl": ({"b": {"ttl": -5}}, {}, "ttl -5 is negative"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_a_model_llama_swap_would_refuse_is_left_out_not_the_whole_config(tmp_path,
+                                                                          case) -> None:
+    changes, groups, reason = REFUSALS[case]
+    models = {mid: {"cmd": "llama-server --port ${PORT}", **changes.get(mid, {})}
+              for mid in ("a", "b")}
+    config = {"models": models, "groups": {"g": {"members": ["a", "b"]}, **groups}}
+    file = tmp_path / "llama-swap.yaml"
+    file.write_text(yaml.safe_dump(config))
+    start = subprocess.run([sys.executable, "-m", "tests.standins.llama_swap", "--config",
+                            str(file)], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert start.returncode == 1 and "Error loading config" in start.stderr
+    refused = loader_refusals(config, Path("custom_models.yaml"))
+    assert list(refused) == ["b"] and reason in refused["b"], refused
+    assert "llama-swap refuses a whole config for one such model" in refused["b"]
+
+
+def test_running_states_are_loading_and_loaded_and_stopping_is_gone(tmp_path) -> None:
+    """`stopping` lasts as long as a model's server takes to end: a made-up /running shows it."""
+    port = free_port()
+    engine = LlamaSwap(settings_mod.load({"STATE_DIR": str(tmp_path), "LLAMA_SWAP_PORT": str(port)},
+                                         env_file=tmp_path / "none"))
+    running = {"running": [
+        {"model": "a", "state": "starting", "proxy": "http://localhost:16001"},
+        {"model": "b", "state": "ready", "proxy": "http://localhost:16002"},
+        {"model": "c", "state": "stopping", "proxy": "http://localhost:16003"}]}
+
+    async def answer(_: web.Request) -> web.Response:
+        return web.json_response(running)
+
+    async def loaded() -> dict[str, str]:
+        app = web.Application()
+        app.router.add_get("/running", answer)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            async with aiohttp.ClientSession() as session:
+                return await engine.loaded(session, Catalog())
+        finally:
+            await runner.cleanup()
+
+    assert asyncio.run(loaded()) == {"a": "loading", "b": "loaded"}
+
+
+def test_a_sync_returns_once_llama_swap_serves_the_new_config(stack, config_dir) -> None:
     body = http("POST", stack.url + "/v1/chat/completions", chat(TINY, verbose=True))[1]
     assert body["__verbose"]["generation_settings"]["temperature"] == pytest.approx(0.3)
     (config_dir / "custom_models.yaml").write_text(
         "models:\n  tiny:0.2m-f32:\n    sampler_args: --temp 0.8\n")
     result = stack.cli("sync")
-    assert result.returncode == 0 and "updated" in result.stdout, result.stderr
-    temperature = None
-    for _ in range(50):  # llama-swap restarts the model when it sees the new file
-        status, body = http("POST", stack.url + "/v1/chat/completions", chat(TINY, verbose=True))
-        if status == 200:
-            temperature = body["__verbose"]["generation_settings"]["temperature"]
-            if temperature == pytest.approx(0.8):
-                break
-        time.sleep(0.1)
-    assert temperature == pytest.approx(0.8)
+    assert result.returncode == 0 and "updated and reloaded" in result.stdout, result.stderr
+    assert f"llama-swap unloads every loaded model when its config changes: {TINY}" \
+        in result.stderr
+    # no waiting here: the sync returned once llama-swap had the new config
+    body = http("POST", stack.url + "/v1/chat/completions", chat(TINY, verbose=True))[1]
+    assert body["__verbose"]["generation_settings"]["temperature"] == pytest.approx(0.8)
+
+    # a model the proxy offers before llama-swap's next look at its file loads all the same
+    (config_dir / "custom_models.yaml").write_text(
+        "models:\n  creative:\n    base_model: tiny:0.2m-f32\n")
+    settings = settings_mod.load(stack.env)
+    engine = LlamaSwap(settings)
+    creative = rebuild(settings, engine).catalog.entries["ms/creative"]
+
+    async def load_then_refused_config() -> None:
+        async with aiohttp.ClientSession() as session:
+            await engine.load(session, creative)
+            assert (await engine.loaded(session, Catalog()))["ms/creative"] == "loaded"
+            # a config llama-swap refuses: it keeps the old one, and the reload says so
+            config = yaml.safe_load(engine.config_path.read_text())
+            config["models"]["ms/new"] = {**config["models"][TINY], "aliases": ["x"]}
+            config["models"][OTHER]["aliases"] = ["x"]
+            engine.config_path.write_text(yaml.safe_dump(config))
+            with pytest.raises(EngineError, match="keeps its old config when it refuses"):
+                await engine.reload(session, timeout=3)
+
+    asyncio.run(load_then_refused_config())
+    listed = http("GET", stack.engine_url + "/v1/models", headers=stack.engine_headers)[1]
+    assert [m["id"] for m in listed["data"]] == ["ms/creative", OTHER, TINY]

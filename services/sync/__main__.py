@@ -16,9 +16,9 @@ from watchdog.observers import Observer
 
 from shared import logs
 from shared import settings as settings_mod
-from shared.engines import Engine, make_engine
+from shared.engines import Engine, EngineError, make_engine
 from shared.settings import Settings
-from shared.sync import reload_engine, sync_all
+from shared.sync import held_before_reload, reload_engine, sync_all
 
 log = logging.getLogger("model-serve.sync")
 
@@ -39,12 +39,20 @@ class Changes(FileSystemEventHandler):
 
 def sync_once(settings: Settings, engine: Engine) -> None:
     started = time.monotonic()
+    held = held_before_reload(settings, engine)
     report, result = sync_all(settings, engine)
     for line in report.lines() if report else []:
         log.info("bridge: %s", line)
     for notice in result.catalog.notices:
         log.warning("%s", notice)
-    reloaded = reload_engine(result, engine)
+    try:
+        reloaded = reload_engine(result, engine)
+    except EngineError as e:
+        log.error("engine config updated, but %s", e)
+        return
+    if result.engine_changed and held:
+        log.warning("%s unloaded every loaded model on its config change: %s", engine.name,
+                    ", ".join(held))
     log.info("synced in %.0f ms: %d models%s", (time.monotonic() - started) * 1000,
              len(result.catalog.entries),
              "" if not result.engine_changed else

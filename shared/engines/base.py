@@ -63,6 +63,8 @@ def section_name(model_id: str) -> str:
 
 class Engine(ABC):
     name: str
+    # whether a reload stops every loaded model, changed or not (a sync says so)
+    reload_unloads_all = False
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
