@@ -100,6 +100,13 @@ def read_yaml(file: Path) -> object:
         return None
     except OSError as e:
         raise ConfigError([f"{file}: cannot read: {e.strerror or e}"]) from None
+    if not raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise ConfigError([f"{file}: line {line}: not UTF-8 text (byte "
+                               f"0x{raw[e.start]:02x}); save it as UTF-8"]) from None
     try:
         return yaml.safe_load(raw)  # bytes: PyYAML finds UTF-8 or, by its BOM, UTF-16
     except RecursionError:

@@ -138,3 +138,14 @@ def test_merged_logs_keep_a_traceback_with_its_line(stack_factory) -> None:
         "2026-11-23 10:00:01.000 proxy: POST /v1/chat/completions failed",
         "Traceback (most recent call last):", '  File "x.py", line 1', "ValueError: boom",
         "2026-11-23 10:00:03.000 engine: loaded ms/x", "2026-11-23 10:00:05.000 proxy: later"]
+
+
+def test_run_takes_every_spelling_the_proxy_takes(stack_factory, config_dir) -> None:
+    (config_dir / "custom_models.yaml").write_text(
+        "models:\n  creative:\n    base_model: tiny:0.2m-f32\n")
+    stack = stack_factory().start()
+    for name in ("tiny:0.2m-f32", "tiny-0.2m-f32", "ms/tiny:0.2m-f32", "creative"):
+        result = stack.cli("run", name, input="hi\n/bye\n")
+        assert result.returncode == 0, (name, result.stderr)
+    result = stack.cli("run", "nosuch", input="/bye\n")
+    assert result.returncode == 1 and "no model named 'nosuch'" in result.stderr

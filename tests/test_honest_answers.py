@@ -79,7 +79,8 @@ def test_a_model_killed_mid_answer_is_an_openai_error(slow_stack) -> None:
     with pytest.raises(openai.InternalServerError) as raised:
         client.chat.completions.create(**sdk_request())
     killer.join()
-    assert raised.value.body["code"] == "engine_error"  # JSON the SDK parsed, not text
+    assert raised.value.status_code == 502 and raised.value.body["code"] == "engine_error"
+    assert "may have crashed" in raised.value.body["message"]  # JSON the SDK parsed
 
 
 def test_the_engine_dying_mid_answer_is_an_openai_error(slow_stack) -> None:
@@ -126,3 +127,17 @@ def test_half_sent_requests_are_closed_and_cost_nothing(stack_factory) -> None:
     assert answer.startswith("HTTP/1.1 408") and "REQUEST_READ_TIMEOUT" in answer
     # and whoever sends whole requests is served meanwhile
     assert http("POST", stack.url + "/v1/chat/completions", chat(TINY))[0] == 200
+
+
+def test_a_declared_size_over_the_limit_is_refused_at_once(stack_factory) -> None:
+    stack = stack_factory(REQUEST_READ_TIMEOUT="600").start()
+    sock = socket.create_connection(("127.0.0.1", int(stack.env["HARMONY_PROXY_PORT"])))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: 999999999\r\n\r\n{")
+    sock.settimeout(60)  # far below the read timeout: only an answer up front gets here
+    answer = sock.recv(65536).decode()
+    assert answer.startswith("HTTP/1.1 413") and "MAX_BODY_BYTES" in answer
+    # null is "not given", as OpenAI takes it; a model that is not a string says so
+    assert http("POST", stack.url + "/v1/chat/completions", chat(TINY, stream=None))[0] == 200
+    status, body = http("POST", stack.url + "/v1/chat/completions", chat(5))
+    assert status == 400 and "'model' must be a string" in body["error"]["message"]

@@ -94,6 +94,7 @@ def test_the_key_needs_bearer_and_booleans_are_strict(stack_factory) -> None:
     url = stack.url + "/v1/models"
     assert http("GET", url, headers={"Authorization": "s3cret"})[0] == 401
     assert http("GET", url, headers={"Authorization": "Bearer s3cret"})[0] == 200
+    assert http("GET", url, headers={"Authorization": "bearer s3cret"})[0] == 200
     assert http("GET", url, headers={"x-api-key": "s3cret"})[0] == 200  # Anthropic's SDKs
     key = {"Authorization": "Bearer s3cret"}
     assert http("POST", stack.url + "/models/load", {"model": TINY}, headers=key)[0] == 200

@@ -41,7 +41,8 @@ def first_sync(tmp_path: Path, models_dir: Path, config_dir: Path, **env: str) -
 
 
 @pytest.mark.parametrize(("raw", "reason"), [
-    (b"models:\n  tiny:0.2m-f32:\n    ttl: 60\n  caf\xe9:\n    ttl: 1\n", "invalid continuation"),
+    (b"models:\n  tiny:0.2m-f32:\n    ttl: 60\n  caf\xe9:\n    ttl: 1\n",
+     "line 4: not UTF-8 text (byte 0xe9); save it as UTF-8"),
     (b"[" * 20000, "nested too deeply"),
     (b"models:\n  tiny:0.2m-f32: [ttl: 60\n", "not valid YAML"),
     (b"models:\n  tiny:0.2m-f32:\n    ttl: !!bool 7\n", "not valid YAML"),

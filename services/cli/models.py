@@ -116,7 +116,10 @@ def _known(settings, name: str) -> None:
         raise click.ClickException(f"the proxy at {settings.proxy_url} is not answering "
                                    f"({e}); start it with `model start`") from None
     names = {n for m in models for n in [m["id"], *m.get("aliases", [])]}
-    if name not in names | {loose(n) for n in names} | {f"{n}:latest" for n in names}:
+    spellings = names | {loose(n) for n in names} | {f"{n}:latest" for n in names}
+    # as the proxy resolves them: with or without MODEL_PREFIX, with or without the colon
+    if not {name, loose(name), settings.model_prefix + name,
+            loose(settings.model_prefix + name)} & spellings:
         close = difflib.get_close_matches(name, sorted(names), n=3, cutoff=0.4)
         raise click.ClickException(f"no model named {name!r}" +
                                    (f"; closest: {', '.join(close)}" if close else

@@ -58,9 +58,9 @@ async def openai_errors(request: web.Request, handler) -> web.StreamResponse:
 
 def _given_key(request: web.Request) -> str:
     """`Authorization: Bearer <key>`, or Anthropic's `x-api-key: <key>`; nothing else."""
-    auth = request.headers.get("Authorization", "")
-    if auth.startswith("Bearer "):
-        return auth[len("Bearer "):].strip()
+    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer":  # the scheme's name is case-insensitive (RFC 9110)
+        return key.strip()
     return request.headers.get("x-api-key", "").strip()
 
 

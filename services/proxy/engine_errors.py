@@ -29,9 +29,13 @@ async def engine_error(up: aiohttp.ClientResponse, entry_path: str) -> web.Respo
         message = err["message"] if isinstance(err, dict) else str(err)
     except (ValueError, KeyError, TypeError):
         message = text.strip()[:2000] or up.reason or "no reason given"
+    status = up.status
     if "failed to load" in message and entry_path:
         message += f" (model file: {entry_path}; the engine log has the details)"
-    response = error_response(up.status, f"engine: {message}", "engine_error")
+    elif message.startswith("proxy error"):  # the router lost the model's own server
+        status = 502
+        message += "; the model's process may have crashed: `model logs engine` says why"
+    response = error_response(status, f"engine: {message}", "engine_error")
     if up.status == 400 and message == NOT_LOADED:
         raise NotLoaded(response)
     return response

@@ -51,7 +51,10 @@ class ModelRenamer:
 
 
 def _model_problem(payload: dict) -> web.Response | None:
-    if not isinstance(payload.get("model"), str) or not payload["model"]:
+    if payload.get("model") is not None and not isinstance(payload["model"], str):
+        return error_response(400, f"'model' must be a string, got {payload['model']!r}",
+                              "invalid_type")
+    if not payload.get("model"):
         return error_response(400, "'model' is required: the id of a model from "
                               "GET /v1/models", "missing_model")
     return None
@@ -178,6 +181,7 @@ async def _relay(request: web.Request, up: aiohttp.ClientResponse,
             with contextlib.suppress(Exception):
                 await resp.write(stream_error("model-serve's proxy stopped before the answer "
                                               "was complete; ask again"))
+                await resp.write_eof()
         raise
     if renamer:
         await resp.write(renamer.flush())

@@ -23,8 +23,8 @@ def parse(body: bytes) -> tuple[dict | None, web.Response | None]:
         return None, error_response(400, f"request body is not valid JSON: {e}", "invalid_json")
     if not isinstance(payload, dict):
         return None, error_response(400, "request body must be a JSON object", "invalid_json")
-    for field in BOOLEANS:
-        if field in payload and not isinstance(payload[field], bool):
+    for field in BOOLEANS:  # null means not given, as OpenAI takes it
+        if payload.get(field) is not None and not isinstance(payload[field], bool):
             return None, error_response(400, f"{field!r} must be true or false, got "
                                         f"{payload[field]!r}", "invalid_type")
     return payload, None
@@ -42,7 +42,11 @@ def _too_many(request: web.Request, payload: dict) -> web.Response | None:
 
 async def read(request: web.Request) -> tuple[bytes, dict | None, web.Response | None]:
     """(raw body, JSON object, None), or an error response for the client."""
-    timeout = request.app[CTX].settings.request_read_timeout
+    settings = request.app[CTX].settings
+    timeout = settings.request_read_timeout
+    if (request.content_length or 0) > settings.max_body_bytes:  # said up front: no wait
+        raise web.HTTPRequestEntityTooLarge(max_size=settings.max_body_bytes,
+                                            actual_size=request.content_length)
     try:
         async with asyncio.timeout(timeout):
             body = await request.read()

@@ -23,8 +23,8 @@ START_RETRIES = 4  # failed starts in a row before supervisord gives up on a pro
 
 
 def _stop_wait(settings: Settings, name: str) -> int:
-    if name == "proxy":
-        return int(settings.drain_seconds) + 15
+    if name == "proxy":  # room for DRAIN_SECONDS changed in .env after `model start`
+        return int(max(settings.drain_seconds, 300)) + 15
     return STOP_WAIT.get(name, 15)
 
 
