@@ -70,7 +70,9 @@ def rebuild(settings: Settings, engine: Engine) -> SyncResult:
         return _rebuild(settings, engine)
 
 
-def _rebuild(settings: Settings, engine: Engine) -> SyncResult:
+def servable(settings: Settings, engine: Engine) -> Catalog:
+    """The catalog as it will be served: the demo model when there is nothing else, and
+    without what this engine cannot run (each with a notice). Hold sync_lock around it."""
     catalog = catalog_mod.build(settings)
     if not catalog.entries and settings.demo_model:
         catalog = catalog_mod.build(settings, [settings.models_dir, _ensure_demo(settings)])
@@ -80,6 +82,11 @@ def _rebuild(settings: Settings, engine: Engine) -> SyncResult:
         del catalog.entries[mid]
     if refused:
         catalog.reindex()
+    return catalog
+
+
+def _rebuild(settings: Settings, engine: Engine) -> SyncResult:
+    catalog = servable(settings, engine)
     engine_changed = write_if_changed(engine.config_path, engine.render(catalog))
     catalog_changed = write_if_changed(settings.catalog_file, catalog.to_json())
     return SyncResult(catalog, catalog_changed, engine_changed)

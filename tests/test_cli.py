@@ -63,8 +63,8 @@ def test_sync_says_each_problem_once(stack_factory, config_dir) -> None:
     assert (result.stdout + result.stderr).count("models.gone:1b: no model file") == 1
 
 
-def test_doctor_passes_a_good_setup_and_names_the_setting_to_fix(stack_factory,
-                                                                  config_dir) -> None:
+def test_doctor_passes_a_good_setup_and_names_the_setting_to_fix(stack_factory, config_dir,
+                                                                  models_dir) -> None:
     stack = stack_factory()
     good = stack.cli("doctor")
     assert good.returncode == 0, good.stdout
@@ -91,6 +91,13 @@ def test_doctor_passes_a_good_setup_and_names_the_setting_to_fix(stack_factory,
     bad = stack.cli("doctor")  # a warning: everything else is served meanwhile
     assert bad.returncode == 0 and "WARN  " in bad.stdout
     assert "custom_models.yaml: models.tiny:0.2m-f32.pin" in bad.stdout
+    assert "OK    config: 2 models served" in bad.stdout
+
+    # a file the router's preset cannot hold is counted out, with the reason
+    write_model(models_dir / "pub" / "odd" / "we;ird-F32.gguf", name="weird", seed=3)
+    odd = stack.cli("doctor")
+    assert "not served by llama-server router" in odd.stdout and "we;ird" in odd.stdout
+    assert "OK    config: 2 models served" in odd.stdout
 
 
 def test_show_reads_like_prose_and_gives_the_engines_own_arguments(stack_factory) -> None:

@@ -18,7 +18,6 @@ import psutil
 
 from lm_studio_ollama_bridge.links import LinkRecord
 from services.cli.stack import get_health, ours, port_holder, running_stack
-from shared import catalog as catalog_mod
 from shared import harmony_encoding
 from shared import settings as settings_mod
 from shared.engines import make_engine
@@ -26,7 +25,7 @@ from shared.llama_server import find_llama_server
 from shared.memory import first_estimate
 from shared.os_memory import system_memory
 from shared.settings import Settings
-from shared.sync import sync_lock
+from shared.sync import servable, sync_lock
 
 GIB = 1024**3
 
@@ -120,9 +119,9 @@ def check_links(settings: Settings) -> Finding:
 
 def check_config_and_memory(settings: Settings) -> list[Finding]:
     with sync_lock(settings):  # the build updates STATE_DIR's ids and header cache
-        catalog = catalog_mod.build(settings)
+        catalog = servable(settings, make_engine(settings))
     out = [Finding("warn", notice) for notice in catalog.notices]
-    out.append(Finding("ok", f"config: {len(catalog.entries)} models"))
+    out.append(Finding("ok", f"config: {len(catalog.entries)} models served"))
     memory = system_memory()
     limit = memory.total * settings.pressure_threshold / 100
     room = limit - memory.used
