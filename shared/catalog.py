@@ -356,12 +356,15 @@ def _add_alias(catalog: Catalog, settings: Settings, custom: CustomModel) -> Non
 def _drop_taken_names(catalog: Catalog, entry: Entry, where: str) -> None:
     """A name points at one model: a name the entry would add that another model has (its
     id, with or without MODEL_PREFIX, or an alias given earlier) stays with that model."""
-    owners = {name: other.id for other in catalog.entries.values() if other.id != entry.id
-              for name in (*other.names, other.id.removeprefix(catalog.prefix))}
-    for name in [n for n in entry.aliases if n in owners]:
+    def spelling(name: str) -> str:  # every spelling that resolves to the same model
+        return loose(name.removeprefix(catalog.prefix))
+
+    owners = {spelling(name): other.id for other in catalog.entries.values()
+              if other.id != entry.id for name in other.names}
+    for name in [n for n in entry.aliases if spelling(n) in owners]:
         entry.aliases.remove(name)
-        catalog.notices.append(f"{where}: the name {name!r} is already {owners[name]}'s; "
-                               f"not given to {entry.id}")
+        catalog.notices.append(f"{where}: the name {name!r} is already "
+                               f"{owners[spelling(name)]}'s; not given to {entry.id}")
 
 
 def _prefixed(name: str, settings: Settings) -> str:

@@ -18,9 +18,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n different free ports: held open together, so the OS cannot hand out one twice."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def http(method: str, url: str, body: dict | bytes | None = None, headers: dict | None = None,
@@ -141,19 +151,20 @@ class Stack:
 
 
 def make_stack(tmp: Path, models_dir: Path, config_dir: Path, **env: str) -> Stack:
+    proxy, engine, governor, ollama = free_ports(4)
     base = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL", "LLAMA_SWAP"))}
     full = {
         **base,
         "MODELS_DIR": str(models_dir),
         "STATE_DIR": str(tmp / "state"),
         "CONFIG_DIR": str(config_dir),
-        "HARMONY_PROXY_PORT": str(free_port()),
-        "LLAMA_SWAP_PORT": str(free_port()),
-        "GOVERNOR_PORT": str(free_port()),  # never a port the user's own stack may hold
+        "HARMONY_PROXY_PORT": str(proxy),
+        "LLAMA_SWAP_PORT": str(engine),
+        "GOVERNOR_PORT": str(governor),  # never a port the user's own stack may hold
         "MODEL_SERVE_ENV_FILE": str(tmp / "no.env"),
         "ENGINE": "router",
         # never a real Ollama of the machine's
-        "OLLAMA_BASE": f"http://127.0.0.1:{free_port()}",
+        "OLLAMA_BASE": f"http://127.0.0.1:{ollama}",
         "OLLAMA_MODELS": str(tmp / "no-ollama"),
         **env,
     }

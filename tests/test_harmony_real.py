@@ -159,3 +159,26 @@ def test_native_harmony_is_llama_servers_own(stack_factory, models_dir, config_d
     with pytest.raises(openai.BadRequestError):  # its own parser refuses a grammar with tools
         client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, max_tokens=20,
                                        extra_body=forced(tokens))
+
+
+def test_a_required_call_among_several_tools_follows_the_chosen_schema(gptoss) -> None:
+    client, model = gptoss
+    clock = {"type": "function", "function": {
+        "name": "get_time", "description": "The time in a zone",
+        "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC"]}},
+                       "required": ["zone"], "additionalProperties": False}}}
+    resp = client.chat.completions.create(model=model, messages=ASK, tools=[*TOOLS, clock],
+                                          tool_choice="required", max_tokens=60)
+    [tool_call] = resp.choices[0].message.tool_calls
+    assert resp.choices[0].finish_reason == "tool_calls"
+    arguments = json.loads(tool_call.function.arguments)
+    assert (tool_call.function.name, list(arguments)) in (("get_weather", ["city"]),
+                                                          ("get_time", ["zone"]))
+
+
+def test_a_call_cut_by_max_tokens_is_length(gptoss) -> None:
+    client, model = gptoss
+    tokens = completion(call("get_weather", '{"city":"Paris"}'))
+    resp = client.chat.completions.create(model=model, messages=ASK, tools=TOOLS,
+                                          max_tokens=len(tokens) - 3, extra_body=forced(tokens))
+    assert resp.choices[0].finish_reason == "length"  # its arguments are not whole

@@ -198,6 +198,12 @@ def test_a_sync_returns_once_llama_swap_serves_the_new_config(stack, config_dir)
     # no waiting here: the sync returned once llama-swap had the new config
     body = http("POST", stack.url + "/v1/chat/completions", chat(TINY, verbose=True))[1]
     assert body["__verbose"]["generation_settings"]["temperature"] == pytest.approx(0.8)
+    # a new alias answers at once: the proxy asks llama-swap by id, which it already knows
+    (config_dir / "custom_models.yaml").write_text(
+        "models:\n  tiny:0.2m-f32:\n    sampler_args: --temp 0.8\n    aliases: [fresh]\n")
+    assert stack.cli("sync").returncode == 0
+    status, body = http("POST", stack.url + "/v1/chat/completions", chat("fresh"))
+    assert status == 200 and body["model"] == "fresh"
 
     # a model the proxy offers before llama-swap's next look at its file loads all the same
     (config_dir / "custom_models.yaml").write_text(

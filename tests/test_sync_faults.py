@@ -170,6 +170,12 @@ models:
         "with Ollama or set ollama_model); alias ignored",
     ]
 
+    # a name is every spelling of it: without the prefix, with a dash for the colon
+    path.write_text("models:\n  other:0.2m-f32:\n    aliases: [tiny-0.2m-f32, ms/tiny-0.2m-f32]\n")
+    cat = first_sync(tmp_path, models_dir, config_dir)
+    assert cat.entries[OTHER].aliases == [] and cat.resolve("tiny-0.2m-f32").id == TINY
+    assert len(cat.notices) == 2 and "already ms/tiny:0.2m-f32's" in cat.notices[0]
+
     path.write_text("models:\n  tiny:0.2m-f32:\n    aliases: [shared]\n"
                     "  other:0.2m-f32:\n    aliases: [shared, theirs, tiny:0.2m-f32]\n")
     cat = first_sync(tmp_path, models_dir, config_dir)

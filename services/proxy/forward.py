@@ -128,7 +128,7 @@ async def to_engine(request: web.Request, body: bytes, payload: dict,
                     entry: Entry) -> web.StreamResponse:
     ctx = request.app[CTX]
     name = payload["model"]
-    if name not in entry.names:  # a loose spelling the engine does not know
+    if name != entry.id:  # by its id: an engine still reading a new config knows no alias yet
         body = json.dumps({**payload, "model": entry.id}).encode()
     engine_name = ctx.engine.response_name(entry)
     renamer = ModelRenamer(engine_name, name) if engine_name != name else None

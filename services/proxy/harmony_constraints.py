@@ -16,22 +16,12 @@ from services.proxy.harmony_encode import RequestError
 from shared.harmony_encoding import encoding
 
 RETURN, CALL, ENDOFTEXT = 200002, 200012, 199999
-# A JSON object, for a call whose function is chosen by the model among several.
-_JSON = r'''
-obj ::= "{" ws ( str ws ":" ws val ( ws "," ws str ws ":" ws val )* )? ws "}"
-arr ::= "[" ws ( val ( ws "," ws val )* )? ws "]"
-val ::= obj | arr | str | num | "true" | "false" | "null"
-str ::= "\"" ( [^"\\\x00-\x1f] | "\\" ["\\/bfnrt] )* "\""
-num ::= "-"? [0-9]+ ( "." [0-9]+ )? ( [eE] [-+]? [0-9]+ )?
-ws ::= [ \t\n]{0,4}
-'''
-
-
 @dataclass
 class Constraints:
     prefill: list[int] = field(default_factory=list)  # the answer's start, written for it
     fields: dict = field(default_factory=dict)  # for /completion: grammar, json_schema
     end: int | None = None  # the one end-of-generation token allowed
+    choose: list[dict] = field(default_factory=list)  # tools the model picks one of first
 
 
 def _tokens(text: str) -> list[int]:
@@ -40,6 +30,19 @@ def _tokens(text: str) -> list[int]:
 
 def _call_header(name: str) -> str:
     return f"<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>"
+
+
+def call_of(tool: dict) -> Constraints:
+    """A call of this function: its header written, its arguments shaped by its schema."""
+    schema = tool.get("parameters") or {"type": "object"}
+    return Constraints(_tokens(_call_header(tool["name"])), {"json_schema": schema}, CALL)
+
+
+def choice_grammar(tools: list[dict]) -> str:
+    """Only the header of a call, to one of these: the model picks, then a call of that
+    function follows (a schema cannot be given per alternative within one grammar)."""
+    names = " | ".join(f'"{t["name"]}"' for t in tools)
+    return f'root ::= <[200005]> "commentary to=functions." ( {names} )'
 
 
 def _required_call(payload: dict) -> Constraints | None:
@@ -53,14 +56,7 @@ def _required_call(payload: dict) -> Constraints | None:
         return None
     if not tools:
         return None
-    if len(tools) == 1:
-        schema = tools[0].get("parameters") or {"type": "object"}
-        return Constraints(_tokens(_call_header(tools[0]["name"])), {"json_schema": schema},
-                           CALL)
-    names = " | ".join(f'"{t["name"]}"' for t in tools)
-    grammar = (f'root ::= <[200005]> "commentary to=functions." ( {names} ) " " <[200003]> '
-               f'"json" <[200008]> obj{_JSON}')
-    return Constraints([], {"grammar": grammar}, CALL)
+    return call_of(tools[0]) if len(tools) == 1 else Constraints(choose=tools)
 
 
 def _json_answer(payload: dict) -> Constraints | None:

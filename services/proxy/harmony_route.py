@@ -11,7 +11,14 @@ from aiohttp import web
 
 from services.proxy.context import CTX
 from services.proxy.engine_errors import engine_error
-from services.proxy.harmony_constraints import Constraints, constraints, logit_bias
+from services.proxy.harmony_constraints import (
+    CALL,
+    Constraints,
+    call_of,
+    choice_grammar,
+    constraints,
+    logit_bias,
+)
 from services.proxy.harmony_decode import HarmonyDecoder
 from services.proxy.harmony_encode import RequestError, prompt_tokens
 from services.proxy.openai_shapes import Completion
@@ -45,9 +52,10 @@ def completion_body(payload: dict, entry: Entry, tokens: list[int],
 
 
 def finish_reason(decoder: HarmonyDecoder, stop_type: str) -> str:
-    if decoder.calls:
-        return "tool_calls"
-    return "length" if stop_type == "limit" and not decoder.stopped else "stop"
+    """`length` first: a call cut by max_tokens has arguments that are not whole."""
+    if stop_type == "limit" and not decoder.stopped:
+        return "length"
+    return "tool_calls" if decoder.calls else "stop"
 
 
 async def chat(request: web.Request, payload: dict, entry: Entry) -> web.StreamResponse:
@@ -58,6 +66,12 @@ async def chat(request: web.Request, payload: dict, entry: Entry) -> web.StreamR
         limits = constraints(payload)
     except RequestError as e:
         return error_response(400, str(e), "invalid_request")
+    if limits.choose:
+        try:
+            limits = call_of(await _chosen_tool(ctx, entry, tokens, limits.choose))
+        except (aiohttp.ClientError, ValueError) as e:
+            return error_response(502, f"engine: choosing the tool to call failed: {e}",
+                                  "engine_error")
     decoder = HarmonyDecoder()
     decoder.feed(limits.prefill)  # the answer's start, written for the model: no text
     chunks = Completion(payload["model"])
@@ -132,6 +146,20 @@ async def chat(request: web.Request, payload: dict, entry: Entry) -> web.StreamR
     await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
     return resp
+
+
+async def _chosen_tool(ctx, entry: Entry, tokens: list[int], tools: list[dict]) -> dict:
+    """The function a required call goes to, when the model may pick among several: a short
+    completion writes only the call's header (the prompt is then cached for the call)."""
+    body = {"model": entry.id, "prompt": tokens, "grammar": choice_grammar(tools), "n_predict": 32,
+            "stream": False, "cache_prompt": True, "logit_bias": logit_bias({}, CALL)}
+    async with ctx.session.post(ctx.engine.completion_url(entry), headers=ctx.engine.headers,
+                                json=body) as up:
+        if up.status >= 400:
+            raise ValueError(f"HTTP {up.status}: {(await up.text())[:300]}")
+        written = (await up.json()).get("content", "")
+    name = written.rpartition("functions.")[2].strip()
+    return next((t for t in tools if t["name"] == name), tools[0])
 
 
 def _message(decoder: HarmonyDecoder) -> dict:
