@@ -15,7 +15,7 @@ from aiohttp import web
 from services.proxy.governor_client import governor_health
 from services.proxy.state import Usage
 from shared import loading
-from shared.catalog import Entry
+from shared.catalog import Catalog, Entry
 from shared.engines import Engine, EngineError
 from shared.loading import Key, LoadError
 from shared.ollama import Ollama, OllamaError, OllamaUnavailable
@@ -33,6 +33,9 @@ class Admission:
         self.settings, self.engine, self.session, self.ollama = settings, engine, session, ollama
         self.usage = usage
         self.warm: set[Key] = set()
+        # catalog id → the address of the model's own llama-server: warm requests go there,
+        # past the engine (one hop, kept-alive connections)
+        self.direct: dict[str, str] = {}
         self._pending: dict[Key, asyncio.Task[LoadError | None]] = {}
         self._unloading: dict[Key, asyncio.Event] = {}
         self._said_down = False
@@ -54,11 +57,12 @@ class Admission:
 
     def forget(self, key: Key) -> None:
         self.warm.discard(key)
+        self.direct.pop(key[1], None)
 
     @contextlib.asynccontextmanager
     async def unloading(self, key: Key):
         """While a model is being unloaded, requests for it wait, then load it again."""
-        self.warm.discard(key)
+        self.forget(key)
         done = self._unloading.setdefault(key, asyncio.Event())
         try:
             yield
@@ -75,7 +79,17 @@ class Admission:
             return e
         self.warm.add(key)
         self.usage.touch(use_id)
+        if key[0] == "engine":  # its address now, not at the next look
+            with contextlib.suppress(aiohttp.ClientError, ValueError, EngineError):
+                await self._look_at_engine({entry.id: entry})
         return None
+
+    async def _look_at_engine(self, entries: dict[str, Entry]) -> set[Key]:
+        """The engine's loaded models, and the address of each one's own server."""
+        running = await self.engine.running(self.session, Catalog(entries=entries or {}))
+        self.direct.update({mid: f"http://127.0.0.1:{r.port}" for mid, r in running.items()
+                            if r.state == "loaded" and r.port})
+        return {("engine", m) for m, r in running.items() if r.state == "loaded"}
 
     async def _by_governor(self, key: Key) -> bool:
         """True when the governor loaded the model; LoadError when it refused or the load
@@ -112,10 +126,10 @@ class Admission:
         while True:
             await asyncio.sleep(interval)
             try:
-                loaded = await self.engine.loaded(self.session, holder.catalog)
+                warm = await self._look_at_engine(holder.catalog.entries)
             except (aiohttp.ClientError, ValueError, EngineError):
-                loaded = {}
-            warm = {("engine", m) for m, state in loaded.items() if state == "loaded"}
+                warm = set()
+            self.direct = {m: url for m, url in self.direct.items() if ("engine", m) in warm}
             if any(b == "ollama" for b, _ in self.warm):  # ask Ollama only when it serves us
                 with contextlib.suppress(OllamaUnavailable, OllamaError, ValueError):
                     warm |= {("ollama", m.get("name", "")) for m in await self.ollama.ps()}

@@ -1,0 +1,77 @@
+"""Warm requests go straight to the model's own llama-server; the engine is the way back
+when that server has gone."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from http.client import HTTPConnection
+
+import psutil
+
+from shared.engines.base import section_name
+from shared.tiny_gguf import write_model
+from tests.harness import http
+from tests.streams import chat, stream_chat
+
+TINY = "ms/tiny:0.2m-f32"
+SLOW = "ms/slow:33.8m-f32"
+
+
+def router(stack) -> psutil.Process:
+    return next(p for p in psutil.Process(stack.procs[0].pid).children()
+                if "llama-server" in p.name())
+
+
+def model_process(stack, model: str) -> psutil.Process:
+    return next(p for p in router(stack).children() if section_name(model) in p.cmdline())
+
+
+def test_a_warm_model_answers_while_the_engine_does_not(stack_factory) -> None:
+    stack = stack_factory().start()
+    assert http("POST", stack.url + "/v1/chat/completions", chat(TINY))[0] == 200
+    engine = router(stack)
+    os.kill(engine.pid, signal.SIGSTOP)  # the engine hears nothing now
+    try:
+        status, body = http("POST", stack.url + "/v1/chat/completions", chat(TINY), timeout=20)
+        assert status == 200 and body["model"] == TINY
+        assert stream_chat(stack.url, "tiny-0.2m-f32")[-1]["model"] == "tiny-0.2m-f32"
+    finally:
+        os.kill(engine.pid, signal.SIGCONT)
+
+
+def test_a_model_server_gone_since_the_last_look_is_reached_through_the_engine(
+        stack_factory) -> None:
+    stack = stack_factory().start()
+    assert http("POST", stack.url + "/v1/chat/completions", chat(TINY))[0] == 200
+    model_process(stack, TINY).kill()
+    status, body = http("POST", stack.url + "/v1/chat/completions", chat(TINY))
+    assert status == 200 and body["model"] == TINY  # loaded again, no error for the client
+
+
+def test_a_client_that_leaves_a_plain_request_stops_the_model(stack_factory,
+                                                              models_dir) -> None:
+    write_model(models_dir / "pub" / "slow" / "slow-F32.gguf", name="slow", n_embd=512,
+                n_layer=8)
+    stack = stack_factory().start()
+    assert http("POST", stack.url + "/models/load", {"model": SLOW})[0] == 200
+    server = model_process(stack, SLOW)
+    conn = HTTPConnection("127.0.0.1", int(stack.env["HARMONY_PROXY_PORT"]), timeout=60)
+    conn.request("POST", "/v1/chat/completions", json.dumps(
+        chat(SLOW, max_tokens=100000, ignore_eos=True)), {"Content-Type": "application/json"})
+    server.cpu_percent()
+    time.sleep(1)
+    assert server.cpu_percent() > 50  # generating
+    conn.close()
+    # llama-server looks at its client after a second without news; asking it (/slots)
+    # would be news, so only its CPU is watched
+    deadline = time.monotonic() + 30
+    server.cpu_percent()
+    while time.monotonic() < deadline:
+        time.sleep(1.5)
+        if server.cpu_percent() < 20:
+            break
+    else:
+        raise AssertionError("the model kept generating for a client that left")
