@@ -1,5 +1,6 @@
-"""Proxy overhead: the same requests sent to the engine directly and through the proxy,
-interleaved in one run, on a tiny model so the serving path dominates.
+"""Proxy overhead: the same requests to the model's own llama-server (bare), to the engine
+(the router in front of it) and to the stack (the proxy), interleaved in one run, on a tiny
+model so the serving path dominates; ratios over bare, and the proxy's own CPU.
 
     make bench
 """
@@ -7,6 +8,7 @@ interleaved in one run, on a tiny model so the serving path dominates.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import statistics
 import tempfile
@@ -14,7 +16,9 @@ import time
 from pathlib import Path
 
 import aiohttp
+import psutil
 
+from shared.engines.base import section_name
 from shared.tiny_gguf import write_model
 from tests.harness import make_stack
 
@@ -45,51 +49,104 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else values[0]
 
 
-async def small(session, direct: str, proxy: str) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {"direct": [], "proxy": []}
+class ProxyCPU:
+    """The proxy's own CPU seconds spent while a block runs (its 1 s engine poll included)."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc = psutil.Process(pid)
+        self.spent = 0.0
+
+    def __enter__(self) -> ProxyCPU:
+        times = self.proc.cpu_times()
+        self._start = times.user + times.system
+        return self
+
+    def __exit__(self, *_) -> None:
+        times = self.proc.cpu_times()
+        self.spent += times.user + times.system - self._start
+
+
+async def small(session, targets: dict[str, str], cpu: ProxyCPU) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {name: [] for name in targets}
     payload = body(False, 1)
     for _ in range(SMALL_ROUNDS):
-        for name, url in (("direct", direct), ("proxy", proxy)):
-            times[name].append((await one(session, url, payload))[0])
+        for name, url in targets.items():
+            if name == "stack":
+                with cpu:
+                    times[name].append((await one(session, url, payload))[0])
+            else:
+                times[name].append((await one(session, url, payload))[0])
     return times
 
 
-async def streaming(session, direct: str, proxy: str, streams: int) -> dict[str, float]:
+async def streaming(session, targets: dict[str, str], streams: int,
+                    cpu: ProxyCPU) -> tuple[dict[str, float], int]:
+    """Median tokens/s per target, and the chunks the stack streamed."""
     payload = body(True, STREAM_TOKENS)
-    rate: dict[str, list[float]] = {"direct": [], "proxy": []}
+    rate: dict[str, list[float]] = {name: [] for name in targets}
+    chunks = 0
     for _ in range(3):
-        for name, url in (("direct", direct), ("proxy", proxy)):
+        for name, url in targets.items():
             start = time.perf_counter()
-            results = await asyncio.gather(*(one(session, url, payload) for _ in range(streams)))
+            with cpu if name == "stack" else contextlib.nullcontext():
+                results = await asyncio.gather(*(one(session, url, payload)
+                                                 for _ in range(streams)))
             tokens = sum(c for _, c in results)
+            chunks += tokens if name == "stack" else 0
             rate[name].append(tokens / (time.perf_counter() - start))
-    return {k: statistics.median(v) for k, v in rate.items()}
+    return {k: statistics.median(v) for k, v in rate.items()}, chunks
 
 
-async def run(stack) -> None:
-    direct, proxy = stack.engine_url, stack.url
+async def clients(session, url: str, n: int, seconds: float) -> float:
+    """Requests per second from n clients, each sending one-token requests back to back."""
+    payload, done = body(False, 1), 0
+    deadline = time.perf_counter() + seconds
+
+    async def client() -> None:
+        nonlocal done
+        while time.perf_counter() < deadline:
+            await one(session, url, payload)
+            done += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(n)))
+    return done / (time.perf_counter() - start)
+
+
+async def run(stack, targets: dict[str, str]) -> None:
+    cpu = ProxyCPU(stack.procs[1].pid)
     connector = aiohttp.TCPConnector(limit=0)
-    # the engine wants the stack's key; the proxy drops it (no API_KEY set here)
+    # the engine and the model's server want the stack's key; the proxy drops it
     async with aiohttp.ClientSession(connector=connector,
                                      headers=stack.engine_headers) as session:
-        await one(session, proxy, body(False, 1))  # load the model (the engine never does)
-        await small(session, direct, proxy)  # warm both paths
-        times = await small(session, direct, proxy)
-        rows = [("small requests", "p50 ms", "p99 ms")]
-        for name in ("direct", "proxy"):
-            rows.append((name, f"{pct(times[name], 50) * 1e3:.3f}",
-                         f"{pct(times[name], 99) * 1e3:.3f}"))
-        rows.append(("added by proxy",
-                     f"{(pct(times['proxy'], 50) - pct(times['direct'], 50)) * 1e3:+.3f}",
-                     f"{(pct(times['proxy'], 99) - pct(times['direct'], 99)) * 1e3:+.3f}"))
+        await small(session, targets, cpu)  # warm every path
+        cpu.spent = 0.0
+        times = await small(session, targets, cpu)
+        per_request = cpu.spent / SMALL_ROUNDS
+        bare = times["bare"]
+        rows = [("one-token requests", "p50 ms", "p99 ms", "p50 over bare", "p99 over bare")]
+        for name, t in times.items():
+            rows.append((name, f"{pct(t, 50) * 1e3:.3f}", f"{pct(t, 99) * 1e3:.3f}",
+                         f"{(pct(t, 50) - pct(bare, 50)) * 1e3:+.3f}",
+                         f"{(pct(t, 99) - pct(bare, 99)) * 1e3:+.3f}"))
         print_table(rows)
-        rows = [("streaming", "direct tok/s", "proxy tok/s", "proxy/direct")]
-        for streams in (1, 32):
-            r = await streaming(session, direct, proxy, streams)
+        rows = [("streaming", *(f"{n} tok/s" for n in targets),
+                 *(f"{n}/bare" for n in targets if n != "bare"))]
+        cpu.spent, chunks = 0.0, 0
+        for streams in (1, 8):
+            r, streamed = await streaming(session, targets, streams, cpu)
+            chunks += streamed
             rows.append((f"{streams} stream{'s' if streams > 1 else ''}",
-                         f"{r['direct']:.0f}", f"{r['proxy']:.0f}",
-                         f"{r['proxy'] / r['direct'] * 100:.1f}%"))
+                         *(f"{r[n]:.0f}" for n in targets),
+                         *(f"{r[n] / r['bare']:.2f}" for n in targets if n != "bare")))
         print_table(rows)
+        rows = [("32 clients", "req/s", "/bare")]
+        rates = {name: await clients(session, url, 32, 5.0) for name, url in targets.items()}
+        for name, rate in rates.items():
+            rows.append((name, f"{rate:.0f}", f"{rate / rates['bare']:.2f}"))
+        print_table(rows)
+        print(f"proxy CPU: {per_request * 1e3:.3f} ms per one-token request, "
+              f"{cpu.spent / max(chunks, 1) * 1e6:.0f} us per streamed chunk\n")
 
 
 def print_table(rows: list[tuple[str, ...]]) -> None:
@@ -113,11 +170,29 @@ def main() -> None:
             "    sampler_args: --threads 1 --threads-batch 1\n")
         stack = make_stack(tmp, tmp / "models", tmp / "config").start()
         try:
-            print(f"proxy {stack.url} vs engine {stack.engine_url} (llama-server router), "
-                  f"model {MODEL}, {SMALL_ROUNDS} interleaved rounds\n")
-            asyncio.run(run(stack))
+            asyncio.run(load(stack))
+            targets = {"bare": bare_url(stack), "engine": stack.engine_url,
+                       "stack": stack.url}
+            print(f"bare {targets['bare']} (the model's own llama-server), engine "
+                  f"{stack.engine_url} (router), stack {stack.url} (proxy); model {MODEL}, "
+                  f"{SMALL_ROUNDS} interleaved rounds\n")
+            asyncio.run(run(stack, targets))
         finally:
             stack.stop()
+
+
+async def load(stack) -> None:
+    async with aiohttp.ClientSession() as session:
+        await one(session, stack.url, body(False, 1))  # the engine never loads by itself
+
+
+def bare_url(stack) -> str:
+    """The address of the model's own llama-server, a child of the router."""
+    engine = psutil.Process(stack.procs[0].pid)
+    child = next(p for p in engine.children(recursive=True)
+                 if section_name(MODEL) in p.cmdline())
+    args = child.cmdline()
+    return f"http://127.0.0.1:{args[args.index('--port') + 1]}"
 
 
 if __name__ == "__main__":
