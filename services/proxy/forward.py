@@ -10,7 +10,7 @@ import logging
 import aiohttp
 from aiohttp import web
 
-from services.proxy import harmony_route, ollama_routes, request_body
+from services.proxy import harmony_route, ollama_routes, request_body, upstream
 from services.proxy.context import CTX
 from services.proxy.engine_errors import NotLoaded, engine_error
 from shared.catalog import Catalog, Entry
@@ -134,10 +134,9 @@ async def to_engine(request: web.Request, body: bytes, payload: dict,
     renamer = ModelRenamer(engine_name, name) if engine_name != name else None
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP}
     headers.update(ctx.engine.headers)
-    # warm: straight to the model's own server; else, or when it has gone, the engine
-    base = ctx.admission.direct.get(entry.id) or ctx.engine.url
     try:
-        async with ctx.session.post(base + request.path, data=body, headers=headers) as up:
+        async with await upstream.post(ctx, entry, request.path, ctx.engine.url + request.path,
+                                       data=body, headers=headers) as up:
             if up.status >= 400:
                 return await engine_error(up, entry.path)
             if up.content_type != "text/event-stream":  # one JSON answer: whole, or an error
@@ -148,9 +147,6 @@ async def to_engine(request: web.Request, body: bytes, payload: dict,
                                     charset=up.charset)
             return await _relay(request, up, renamer, entry)
     except aiohttp.ClientConnectorError:
-        if base != ctx.engine.url:  # it went away since the last look: ask the engine
-            ctx.admission.direct.pop(entry.id, None)
-            return await to_engine(request, body, payload, entry)
         return error_response(503, ctx.engine.unreachable(), "engine_unavailable")
     except aiohttp.ClientError as e:
         return error_response(502, f"the engine closed the connection before answering ({e}); "

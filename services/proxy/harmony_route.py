@@ -9,6 +9,7 @@ import json
 import aiohttp
 from aiohttp import web
 
+from services.proxy import upstream
 from services.proxy.context import CTX
 from services.proxy.engine_errors import engine_error
 from services.proxy.harmony_constraints import (
@@ -51,10 +52,9 @@ def completion_body(payload: dict, entry: Entry, tokens: list[int],
     return body
 
 
-def completion_url(ctx, entry: Entry) -> str:
-    """The model's own server when it is warm (one hop), else the engine's route to it."""
-    direct = ctx.admission.direct.get(entry.id)
-    return direct + "/completion" if direct else ctx.engine.completion_url(entry)
+def _post(ctx, entry: Entry, body: dict):
+    return upstream.post(ctx, entry, "/completion", ctx.engine.completion_url(entry),
+                         headers=ctx.engine.headers, json=body)
 
 
 def finish_reason(decoder: HarmonyDecoder, stop_type: str) -> str:
@@ -88,9 +88,8 @@ async def chat(request: web.Request, payload: dict, entry: Entry) -> web.StreamR
     cut: str | None = "the engine ended the answer before it was complete"
     failed: dict | str | None = None
     try:
-        async with ctx.session.post(completion_url(ctx, entry), headers=ctx.engine.headers,
-                                    json=completion_body(payload, entry, tokens,
-                                                         limits)) as up:
+        async with await _post(ctx, entry, completion_body(payload, entry, tokens,
+                                                           limits)) as up:
             if up.status >= 400:
                 return await engine_error(up, entry.path)
             if streaming:
@@ -121,8 +120,6 @@ async def chat(request: web.Request, payload: dict, entry: Entry) -> web.StreamR
                     cut = None
                     break  # leaving the block closes the upstream: generation stops
     except aiohttp.ClientConnectorError:
-        if resp is None and ctx.admission.direct.pop(entry.id, None):
-            return await chat(request, payload, entry)  # its server went: ask the engine
         if resp is None:
             return error_response(503, ctx.engine.unreachable(), "engine_unavailable")
     except (aiohttp.ClientError, ValueError) as e:
@@ -161,8 +158,7 @@ async def _chosen_tool(ctx, entry: Entry, tokens: list[int], tools: list[dict]) 
     completion writes only the call's header (the prompt is then cached for the call)."""
     body = {"model": entry.id, "prompt": tokens, "grammar": choice_grammar(tools), "n_predict": 32,
             "stream": False, "cache_prompt": True, "logit_bias": logit_bias({}, CALL)}
-    async with ctx.session.post(completion_url(ctx, entry), headers=ctx.engine.headers,
-                                json=body) as up:
+    async with await _post(ctx, entry, body) as up:
         if up.status >= 400:
             raise ValueError(f"HTTP {up.status}: {(await up.text())[:300]}")
         written = (await up.json()).get("content", "")
