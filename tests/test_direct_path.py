@@ -13,7 +13,7 @@ import psutil
 
 from shared.engines.base import section_name
 from shared.tiny_gguf import write_model
-from tests.harness import http
+from tests.harness import http, wait
 from tests.streams import chat, stream_chat
 
 TINY = "ms/tiny:0.2m-f32"
@@ -46,7 +46,12 @@ def test_a_model_server_gone_since_the_last_look_is_reached_through_the_engine(
         stack_factory) -> None:
     stack = stack_factory().start()
     assert http("POST", stack.url + "/v1/chat/completions", chat(TINY))[0] == 200
-    model_process(stack, TINY).kill()
+    server = model_process(stack, TINY)
+    port = next(c.laddr.port for c in server.net_connections() if c.status == "LISTEN")
+    server.kill()
+    # gone before the request: the proxy has seen its connections to the server close
+    proxy = psutil.Process(stack.procs[1].pid)
+    wait(lambda: not any(c.raddr and c.raddr.port == port for c in proxy.net_connections()))
     status, body = http("POST", stack.url + "/v1/chat/completions", chat(TINY))
     assert status == 200 and body["model"] == TINY  # loaded again, no error for the client
 

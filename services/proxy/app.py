@@ -116,7 +116,9 @@ def make_app(settings: Settings, engine: Engine | None = None) -> web.Applicatio
     engine = engine or make_engine(settings)
 
     async def lifecycle(app: web.Application):
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+        # llama-server closes a connection idle for 5 s; giving it up first means a request
+        # never goes out on one the server is closing at that moment
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
         async with (
             aiohttp.ClientSession(connector=connector, timeout=timeout,
