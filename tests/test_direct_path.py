@@ -80,3 +80,17 @@ def test_a_client_that_leaves_a_plain_request_stops_the_model(stack_factory,
             break
     else:
         raise AssertionError("the model kept generating for a client that left")
+
+
+def test_a_model_that_left_at_its_ttl_answers_the_next_request(stack_factory,
+                                                                config_dir) -> None:
+    (config_dir / "custom_models.yaml").write_text("models:\n  tiny:0.2m-f32:\n    ttl: 2\n")
+    stack = stack_factory(PRESSURE_CHECK_INTERVAL="0.2", MIN_MODEL_AGE_SECONDS="0").start(
+        "engine", "proxy", "governor")
+    assert http("POST", stack.url + "/v1/chat/completions", chat(TINY))[0] == 200
+    first = model_process(stack, TINY)
+    first.wait(30)  # gone at its TTL
+    status, body = http("POST", stack.url + "/v1/chat/completions", chat(TINY))
+    assert status == 200 and body["model"] == TINY
+    assert model_process(stack, TINY).pid != first.pid  # loaded again
+    assert stream_chat(stack.url, TINY)[-1]["model"] == TINY  # and warm: straight to it

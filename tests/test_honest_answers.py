@@ -97,6 +97,21 @@ def test_the_engine_dying_mid_answer_is_an_openai_error(slow_stack) -> None:
     assert "closed the connection" in body["error"]["message"]
 
 
+def test_the_engine_service_dying_mid_answer_takes_its_servers_along(slow_stack) -> None:
+    service = psutil.Process(slow_stack.procs[0].pid)
+    servers = [p for p in service.children(recursive=True) if "llama-server" in p.name()]
+    conn = HTTPConnection("127.0.0.1", int(slow_stack.env["HARMONY_PROXY_PORT"]), timeout=60)
+    conn.request("POST", "/v1/chat/completions", json.dumps(long_answer()),
+                 {"Content-Type": "application/json"})
+    wait(lambda: generating(slow_stack, SLOW), 30)
+    service.kill()  # no chance to stop what it started
+    resp = conn.getresponse()
+    assert resp.status == 502 and "may have crashed" in json.loads(resp.read())["error"][
+        "message"]
+    psutil.wait_procs(servers, timeout=30)
+    assert not [p for p in servers if p.is_running()]  # router and model servers: none left
+
+
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/models/load", "/models/unload"])
 def test_absurd_bodies_get_json_errors(stack_factory, path) -> None:
     stack = stack_factory(MAX_MESSAGES="1000").start()

@@ -10,6 +10,7 @@ service left behind is stopped when the service starts again. Nothing else is ev
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -34,9 +35,9 @@ log = logging.getLogger("model-serve.engine")
 QUIET = ("security: no API key is set", "security: router mode enabled")
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(signum: int) -> None:
     if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None).prctl(1, signum)  # PR_SET_PDEATHSIG
 
 
 def _record(settings: Settings) -> Path:
@@ -76,7 +77,7 @@ def main() -> None:
     child = subprocess.Popen(argv, env={**os.environ, **engine.environment()},
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, errors="replace",
-                             preexec_fn=_die_with_parent)
+                             preexec_fn=functools.partial(_die_with_parent, engine.death_signal))
     write_atomic(_record(settings), json.dumps(
         {"pid": child.pid, "started": psutil.Process(child.pid).create_time()}))
     stopping = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,9 @@ class Engine(ABC):
     name: str
     # whether a reload stops every loaded model, changed or not (a sync says so)
     reload_unloads_all = False
+    # what the engine gets when the service that started it dies without stopping it:
+    # SIGTERM lets it stop the models it started
+    death_signal = signal.SIGTERM
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

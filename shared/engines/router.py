@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -60,6 +61,9 @@ def _port(args: list[str]) -> int | None:
 
 class Router(Engine):
     name = "llama-server router"
+    # its models' servers leave at once when its pipe to them closes; stopping them gently
+    # would hold their requests in flight until its 10 s force-kill
+    death_signal = signal.SIGKILL
 
     @property
     def config_path(self) -> Path:
