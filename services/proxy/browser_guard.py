@@ -8,6 +8,7 @@ that origin is the proxy itself or one the user listed in CORS_ORIGINS.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from urllib.parse import urlsplit
 
@@ -30,6 +31,7 @@ def _host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
+@functools.lru_cache(maxsize=256)  # asked on every request, with a few names
 def _is_ip(name: str) -> bool:
     try:
         ipaddress.ip_address(name)

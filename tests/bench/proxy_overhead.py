@@ -49,14 +49,14 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else values[0]
 
 
-class ProxyCPU:
-    """The proxy's own CPU seconds spent while a block runs (its 1 s engine poll included)."""
+class HopCPU:
+    """One process's own CPU seconds spent while a block runs (its polls included)."""
 
     def __init__(self, pid: int) -> None:
         self.proc = psutil.Process(pid)
         self.spent = 0.0
 
-    def __enter__(self) -> ProxyCPU:
+    def __enter__(self) -> HopCPU:
         times = self.proc.cpu_times()
         self._start = times.user + times.system
         return self
@@ -64,6 +64,12 @@ class ProxyCPU:
     def __exit__(self, *_) -> None:
         times = self.proc.cpu_times()
         self.spent += times.user + times.system - self._start
+
+
+def busy_seconds() -> float:
+    """CPU seconds the whole machine has spent on anything but waiting."""
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
 
 
 async def small(session, targets: dict[str, str]) -> dict[str, list[float]]:
@@ -75,7 +81,7 @@ async def small(session, targets: dict[str, str]) -> dict[str, list[float]]:
     return times
 
 
-async def cpu_per_request(session, url: str, cpu: ProxyCPU) -> float:
+async def cpu_per_request(session, url: str, cpu: HopCPU) -> float:
     """In a run of its own: CPU time is counted in 10 ms ticks, too coarse for one request."""
     payload, cpu.spent = body(False, 1), 0.0
     with cpu:
@@ -85,21 +91,25 @@ async def cpu_per_request(session, url: str, cpu: ProxyCPU) -> float:
 
 
 async def streaming(session, targets: dict[str, str], streams: int,
-                    cpu: ProxyCPU) -> tuple[dict[str, float], int]:
-    """Median tokens/s per target, and the chunks the stack streamed."""
+                    hops: dict[str, HopCPU]) -> tuple[dict[str, float], dict[str, int],
+                                                     dict[str, float]]:
+    """Per target: median tokens/s, the chunks it streamed, and the machine's busy cores."""
     payload = body(True, STREAM_TOKENS)
     rate: dict[str, list[float]] = {name: [] for name in targets}
-    chunks = 0
+    chunks = dict.fromkeys(targets, 0)
+    busy = dict.fromkeys(targets, 0.0)
     for _ in range(3):
         for name, url in targets.items():
-            start = time.perf_counter()
-            with cpu if name == "stack" else contextlib.nullcontext():
+            start, busy_start = time.perf_counter(), busy_seconds()
+            with hops.get(name) or contextlib.nullcontext():
                 results = await asyncio.gather(*(one(session, url, payload)
                                                  for _ in range(streams)))
+            elapsed = time.perf_counter() - start
             tokens = sum(c for _, c in results)
-            chunks += tokens if name == "stack" else 0
-            rate[name].append(tokens / (time.perf_counter() - start))
-    return {k: statistics.median(v) for k, v in rate.items()}, chunks
+            chunks[name] += tokens
+            busy[name] += (busy_seconds() - busy_start) / elapsed / 3
+            rate[name].append(tokens / elapsed)
+    return {k: statistics.median(v) for k, v in rate.items()}, chunks, busy
 
 
 async def clients(session, url: str, n: int, seconds: float) -> float:
@@ -119,14 +129,16 @@ async def clients(session, url: str, n: int, seconds: float) -> float:
 
 
 async def run(stack, targets: dict[str, str]) -> None:
-    cpu = ProxyCPU(stack.procs[1].pid)
+    cpu = HopCPU(stack.procs[1].pid)
+    hops = {"engine": HopCPU(router_pid(stack)), "stack": cpu}
     connector = aiohttp.TCPConnector(limit=0)
     # the engine and the model's server want the stack's key; the proxy drops it
     async with aiohttp.ClientSession(connector=connector,
                                      headers=stack.engine_headers) as session:
         await small(session, targets)  # warm every path
         times = await small(session, targets)
-        per_request = await cpu_per_request(session, targets["stack"], cpu)
+        per_request = {name: await cpu_per_request(session, targets[name], hop)
+                       for name, hop in hops.items()}
         bare = times["bare"]
         rows = [("one-token requests", "p50 ms", "p99 ms", "p50 over bare", "p99 over bare")]
         for name, t in times.items():
@@ -135,22 +147,33 @@ async def run(stack, targets: dict[str, str]) -> None:
                          f"{(pct(t, 99) - pct(bare, 99)) * 1e3:+.3f}"))
         print_table(rows)
         rows = [("streaming", *(f"{n} tok/s" for n in targets),
-                 *(f"{n}/bare" for n in targets if n != "bare"))]
-        cpu.spent, chunks = 0.0, 0
+                 *(f"{n}/bare" for n in targets if n != "bare"),
+                 *(f"{n} cores busy" for n in targets))]
+        for hop in hops.values():
+            hop.spent = 0.0
+        chunks = dict.fromkeys(targets, 0)
         for streams in (1, 8):
-            r, streamed = await streaming(session, targets, streams, cpu)
-            chunks += streamed
+            r, streamed, busy = await streaming(session, targets, streams, hops)
+            chunks = {n: chunks[n] + streamed[n] for n in targets}
             rows.append((f"{streams} stream{'s' if streams > 1 else ''}",
                          *(f"{r[n]:.0f}" for n in targets),
-                         *(f"{r[n] / r['bare']:.2f}" for n in targets if n != "bare")))
+                         *(f"{r[n] / r['bare']:.2f}" for n in targets if n != "bare"),
+                         *(f"{busy[n]:.2f}" for n in targets)))
         print_table(rows)
+        print(f"own CPU per streamed chunk: router {hop_us(hops, chunks, 'engine')} us, "
+              f"proxy {hop_us(hops, chunks, 'stack')} us (the machine has "
+              f"{psutil.cpu_count()} cores)\n")
         rows = [("32 clients", "req/s", "/bare")]
         rates = {name: await clients(session, url, 32, 5.0) for name, url in targets.items()}
         for name, rate in rates.items():
             rows.append((name, f"{rate:.0f}", f"{rate / rates['bare']:.2f}"))
         print_table(rows)
-        print(f"proxy CPU: {per_request * 1e3:.3f} ms per one-token request, "
-              f"{cpu.spent / max(chunks, 1) * 1e6:.0f} us per streamed chunk\n")
+        print(f"own CPU per one-token request: router {per_request['engine'] * 1e3:.3f} ms, "
+              f"proxy {per_request['stack'] * 1e3:.3f} ms\n")
+
+
+def hop_us(hops: dict[str, HopCPU], chunks: dict[str, int], name: str) -> str:
+    return f"{hops[name].spent / max(chunks[name], 1) * 1e6:.0f}"
 
 
 def print_table(rows: list[tuple[str, ...]]) -> None:
@@ -188,6 +211,11 @@ def main() -> None:
 async def load(stack) -> None:
     async with aiohttp.ClientSession() as session:
         await one(session, stack.url, body(False, 1))  # the engine never loads by itself
+
+
+def router_pid(stack) -> int:
+    return next(p.pid for p in psutil.Process(stack.procs[0].pid).children()
+                if "llama-server" in p.name())
 
 
 def bare_url(stack) -> str:
