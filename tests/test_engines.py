@@ -1,12 +1,17 @@
+import json
+import logging
+import subprocess
 from pathlib import Path
 
+import psutil
 import yaml
 
+from services.engine.__main__ import stop_leftover
 from shared import catalog as catalog_mod
 from shared.engines import make_engine
 from shared.engines.base import section_name
 from shared.settings import load
-from tests.harness import swap_bin_dir
+from tests.harness import swap_bin_dir, wait
 from tests.preset_grammar import parse_preset
 
 CUSTOM = """
@@ -78,3 +83,17 @@ def test_cmd_override_keeps_the_engine_in_charge_of_port_and_name(tmp_path, mode
     tiny = ini[section_name("ms/tiny:0.2m-f32")]
     assert (tiny["ctx-size"], tiny["temp"]) == ("256", "0.1")
     assert "port" not in tiny and "m" not in tiny
+
+
+def test_an_engine_left_as_a_zombie_is_not_waited_for(tmp_path, caplog) -> None:
+    """A killed engine service's router that has exited but not been reaped yet: the new
+    service starts at once, without claiming it stopped something still running."""
+    settings = load({"STATE_DIR": str(tmp_path)}, env_file=tmp_path / "none")
+    ended = subprocess.Popen(["true"])
+    wait(lambda: psutil.Process(ended.pid).status() == psutil.STATUS_ZOMBIE, 10)
+    (tmp_path / "engine-child.json").write_text(json.dumps(
+        {"pid": ended.pid, "started": psutil.Process(ended.pid).create_time()}))
+    with caplog.at_level(logging.WARNING):
+        stop_leftover(settings)
+    assert "left running" not in caplog.text
+    ended.wait()

@@ -50,7 +50,9 @@ def stop_leftover(settings: Settings) -> None:
     try:
         rec = json.loads(_record(settings).read_text())
         proc = psutil.Process(rec["pid"])
-        if abs(proc.create_time() - rec["started"]) > 1:
+        # a zombie has already ended: waiting for its parent to reap it stops nothing
+        if abs(proc.create_time() - rec["started"]) > 1 or \
+                proc.status() == psutil.STATUS_ZOMBIE:
             return
     except (OSError, ValueError, KeyError, psutil.Error):
         return
