@@ -35,6 +35,7 @@ class Entry:
     backend: str = "engine"
     ctx_size: int = 8192
     parallel: int = 1
+    max_concurrent: int | None = None  # answers at once; None: as many as its slots
     ttl: int = 1800
     options: list[Option] = field(default_factory=list)  # checked llama-server flags
     cmd: str | None = None  # as written in custom_models.yaml
@@ -166,6 +167,7 @@ def _apply(entry: Entry, custom: CustomModel, settings: Settings) -> None:
     entry.ctx_size = custom.get("ctx_size", entry.ctx_size)
     entry.ttl = custom.get("ttl", entry.ttl)
     entry.parallel = custom.get("parallel", entry.parallel)
+    entry.max_concurrent = custom.get("max_concurrent", entry.max_concurrent)
     entry.backend = custom.get("backend", entry.backend)
     entry.pin = custom.get("pin", entry.pin)
     entry.cmd = custom.get("cmd", entry.cmd)
@@ -344,7 +346,8 @@ def _add_alias(catalog: Catalog, settings: Settings, custom: CustomModel) -> Non
         catalog.notices.append(f"{where}: the name is already {taken.id}'s; alias ignored")
         return
     alias = Entry(id=aid, path=base.path, mmproj=base.mmproj, backend=base.backend,
-                  ctx_size=base.ctx_size, parallel=base.parallel, ttl=base.ttl,
+                  ctx_size=base.ctx_size, parallel=base.parallel,
+                  max_concurrent=base.max_concurrent, ttl=base.ttl,
                   size_bytes=base.size_bytes, base_model=base.id, info=base.info)
     if applied := _applied(alias, custom, settings, where, "alias ignored",
                             catalog.notices):

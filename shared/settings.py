@@ -14,7 +14,8 @@ ENV_KEYS = (
     "ALLOWED_HOSTS", "API_KEY", "BRIDGE_SYNC_INTERVAL", "CONFIG_DIR", "CORS_ORIGINS",
     "DEFAULT_CTX_SIZE", "DEFAULT_PARALLEL", "DEMO_MODEL", "DRAIN_SECONDS",
     "EMBEDDINGS_TO_OLLAMA", "ENGINE", "GOVERNOR_PORT", "HARMONY_PROXY_PORT", "LISTEN_HOST",
-    "LLAMA_SERVER", "LLAMA_SWAP_PORT", "MAX_BODY_BYTES", "MAX_MESSAGES", "MEMORY_ADMISSION",
+    "LLAMA_SERVER", "LLAMA_SWAP_PORT", "MAX_BODY_BYTES", "MAX_MESSAGES", "MAX_QUEUE",
+    "MEMORY_ADMISSION",
     "MEMORY_PRESSURE_THRESHOLD", "MEMORY_SIMULATION_FILE", "MIN_MODEL_AGE_SECONDS",
     "MODELS_DIR", "MODEL_PREFIX", "MODEL_SERVE_ENV_FILE", "MODEL_TTL", "OLLAMA_BASE",
     "OLLAMA_MODELS", "PRESSURE_CHECK_INTERVAL", "PRESSURE_MACOS_LEVEL",
@@ -42,6 +43,7 @@ class Settings:
     config_dir: Path
     max_body_bytes: int
     max_messages: int
+    max_queue: int
     request_read_timeout: float
     drain_seconds: float
     api_key: str
@@ -214,6 +216,7 @@ def load(environ: dict[str, str] | None = None, env_file: Path | None = None) ->
         config_dir=_path(env, "CONFIG_DIR", ROOT / "config"),
         max_body_bytes=_int(env, "MAX_BODY_BYTES", 32 * 1024 * 1024, 1024),
         max_messages=_int(env, "MAX_MESSAGES", 4096, 1),
+        max_queue=_int(env, "MAX_QUEUE", 512, 0),
         request_read_timeout=max(1.0, _number(env, "REQUEST_READ_TIMEOUT", 30.0)),
         drain_seconds=max(0.0, _number(env, "DRAIN_SECONDS", 30.0)),
         api_key=env.get("API_KEY", "").strip(),

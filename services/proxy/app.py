@@ -10,10 +10,12 @@ import logging
 import aiohttp
 from aiohttp import web
 
-from services.proxy import forward, info, manage
+from services.proxy import forward, info, manage, ollama_api, routes
 from services.proxy.admission import Admission
 from services.proxy.browser_guard import browser_guard, cors_headers
 from services.proxy.context import CTX, Context
+from services.proxy.error_shapes import error_shapes
+from services.proxy.limits import Limits
 from services.proxy.ollama_routes import OllamaModels
 from services.proxy.state import Usage
 from shared import harmony_encoding
@@ -24,7 +26,6 @@ from shared.ollama import Ollama
 from shared.settings import Settings
 
 log = logging.getLogger("model-serve.proxy")
-OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 OPEN_PATHS = {"/health"}
 PREPARED = "prepared"
 IN_FLIGHT = web.AppKey("in_flight", set)
@@ -70,7 +71,8 @@ async def api_key(request: web.Request, handler) -> web.StreamResponse:
     if key and request.path not in OPEN_PATHS and \
             not hmac.compare_digest(_given_key(request).encode(), key.encode()):
         return error_response(401, "missing or wrong API key: send "
-                              "'Authorization: Bearer <API_KEY>'", "invalid_api_key")
+                              "'Authorization: Bearer <API_KEY>' or 'x-api-key: <API_KEY>'",
+                              "invalid_api_key")
     return await handler(request)
 
 
@@ -109,7 +111,8 @@ async def drain(app: web.Application) -> None:
 
 def make_app(settings: Settings, engine: Engine | None = None) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes,
-                          middlewares=[in_flight, openai_errors, browser_guard, api_key])
+                          middlewares=[in_flight, error_shapes, openai_errors,
+                                       browser_guard, api_key])
     app[IN_FLIGHT] = set()
     app.on_shutdown.append(drain)
     app.on_response_prepare.extend([cors_headers, _mark_prepared])
@@ -135,7 +138,7 @@ def make_app(settings: Settings, engine: Engine | None = None) -> web.Applicatio
             usage = Usage()
             admission = Admission(settings, engine, session, ollama, usage)
             app[CTX] = Context(settings, engine, holder, usage, session, ollama,
-                               OllamaModels(ollama), admission)
+                               OllamaModels(ollama), admission, Limits(settings.max_queue))
             tasks = [asyncio.create_task(holder.follow()),
                      asyncio.create_task(admission.follow(holder))]
             yield
@@ -145,11 +148,23 @@ def make_app(settings: Settings, engine: Engine | None = None) -> web.Applicatio
                     await task
 
     app.cleanup_ctx.append(lifecycle)
-    for path in OPENAI_ROUTES:
-        app.router.add_post(path, forward.forward)
+    for route in routes.ROUTES.values():  # every per-model route: llama-server's, Ollama's
+        app.router.add_route(route.method, route.path, forward.forward)
     app.router.add_get("/v1/models", info.list_models)
     app.router.add_get("/health", info.health)
     app.router.add_get("/running", manage.running)
     app.router.add_post("/models/unload", manage.unload)
     app.router.add_post("/models/load", manage.load)
+    for path in ollama_api.MODEL_ROUTES:
+        app.router.add_post(path, ollama_api.model_route)
+    for path, method in ollama_api.MANAGEMENT.items():
+        app.router.add_route(method, path, ollama_api.management)
+    app.router.add_route("HEAD", "/api/blobs/{digest}", ollama_api.management)
+    app.router.add_post("/api/blobs/{digest}", ollama_api.management)
+    app.router.add_get("/api/tags", ollama_api.tags)
+    app.router.add_get("/api/ps", ollama_api.ps)
+    app.router.add_post("/api/show", ollama_api.show_model)
+    app.router.add_get("/api/version", ollama_api.version)
+    app.router.add_get("/", ollama_api.running)
+    app.router.add_route("*", "/api/{tail:.*}", ollama_api.unknown)  # last: Ollama's 404
     return app

@@ -8,6 +8,7 @@ import aiohttp
 from aiohttp import web
 
 from services.proxy.admission import Admission
+from services.proxy.limits import Limits
 from services.proxy.ollama_routes import OllamaModels
 from services.proxy.state import Usage
 from shared.catalog_holder import CatalogHolder
@@ -26,6 +27,7 @@ class Context:
     ollama: Ollama
     ollama_models: OllamaModels
     admission: Admission
+    limits: Limits
 
 
 CTX = web.AppKey("ctx", Context)

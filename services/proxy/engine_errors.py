@@ -21,20 +21,33 @@ class NotLoaded(Exception):
         self.response = response
 
 
-async def engine_error(up: aiohttp.ClientResponse, entry_path: str) -> web.Response:
-    """The client's error response; NotLoaded when the model has left the engine."""
+async def reason(up: aiohttp.ClientResponse) -> str:
+    """The message of an error answer: `{"error": {"message"}}`, `{"error": "..."}` (and
+    Anthropic's shape, which has the same keys), else its text."""
     text = await up.text(errors="replace")
     try:
         err = json.loads(text)["error"]
-        message = err["message"] if isinstance(err, dict) else str(err)
+        return err["message"] if isinstance(err, dict) else str(err)
     except (ValueError, KeyError, TypeError):
-        message = text.strip()[:2000] or up.reason or "no reason given"
+        return text.strip()[:2000] or up.reason or "no reason given"
+
+
+async def engine_error(up: aiohttp.ClientResponse, entry_path: str,
+                       route: str = "") -> web.Response:
+    """The client's error response; NotLoaded when the model has left the engine. `route`
+    ("<model> <path>") names what was asked of a model whose server does not offer it."""
+    message = await reason(up)
     status = up.status
     if "failed to load" in message and entry_path:
         message += f" (model file: {entry_path}; the engine log has the details)"
     elif message.startswith("proxy error"):  # the router lost the model's own server
         status = 502
         message += "; the model's process may have crashed: `model logs engine` says why"
+    elif status == 501 and route:  # a route this model's llama-server does not offer
+        message = f"{route}: {message}"
+        if "Start it with" in message:  # a flag turns it on
+            message += "; llama-server flags go in the model's sampler_args in " \
+                       "custom_models.yaml"
     response = error_response(status, f"engine: {message}", "engine_error")
     if up.status == 400 and message == NOT_LOADED:
         raise NotLoaded(response)

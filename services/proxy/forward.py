@@ -1,53 +1,36 @@
-"""The OpenAI routes: check the request, find the model, stream the engine's answer back."""
+"""The per-model routes (routes.py): check the request, find the model, stream its answer
+back from the engine or Ollama."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import logging
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 
-from services.proxy import harmony_route, ollama_routes, request_body, upstream
-from services.proxy.context import CTX
-from services.proxy.engine_errors import NotLoaded, engine_error
+from services.proxy import (
+    harmony_route,
+    ollama_passthrough,
+    ollama_routes,
+    request_body,
+    routes,
+    upstream,
+)
+from services.proxy.context import CTX, Context
+from services.proxy.engine_errors import engine_error
+from services.proxy.model_turn import with_model
+from services.proxy.relay import MessageStart, ModelRenamer, relay, whole
+from services.proxy.routes import ANTHROPIC, FORM, QUERY, Route
 from shared.catalog import Catalog, Entry
-from shared.errors import error_response, stream_error
+from shared.errors import error_response
+from shared.model_kinds import EMBEDDING, RERANK, kind
 from shared.settings import Settings
 
-log = logging.getLogger("model-serve.proxy")
 # Headers that describe one hop, or that are ours (the API key), never the engine's.
 _DROP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive",
          "authorization", "x-api-key", "accept-encoding", "upgrade", "te", "trailer",
          "origin", "cookie"}
-DONE = b"data: [DONE]"
-
-
-class ModelRenamer:
-    """Rewrites `"model":"<engine name>"` to the name the client asked for, across chunk
-    boundaries, holding back only bytes that could start the pattern."""
-
-    def __init__(self, old: str, new: str) -> None:
-        self.pattern = b'"model":' + json.dumps(old).encode()
-        self.replacement = b'"model":' + json.dumps(new).encode()
-        self.tail = b""
-
-    def feed(self, chunk: bytes) -> bytes:
-        data = (self.tail + chunk).replace(self.pattern, self.replacement)
-        self.tail = b""
-        if data.endswith(b"\n"):  # the usual end of an SSE event: nothing to hold back
-            return data
-        for n in range(min(len(self.pattern) - 1, len(data)), 0, -1):
-            if self.pattern.startswith(data[-n:]):
-                self.tail = data[-n:]
-                return data[:-n]
-        return data
-
-    def flush(self) -> bytes:
-        tail, self.tail = self.tail, b""
-        return tail
 
 
 def _model_problem(payload: dict) -> web.Response | None:
@@ -78,116 +61,130 @@ def ollama_target(settings: Settings, entry: Entry, path: str) -> str | None:
     return None
 
 
-async def forward(request: web.Request) -> web.StreamResponse:
-    ctx = request.app[CTX]
+# "… is not an embedding model"
+_KIND_NAME = {EMBEDDING: "an embedding", RERANK: "a rerank"}
+
+
+@dataclass
+class Asked:
+    """What a request asks for: the model's name as the client gave it, the body as it came,
+    and, for a JSON body, the parsed object."""
+    name: str
+    body: bytes = b""
+    payload: dict | None = None
+
+
+async def _asked(request: web.Request, route: Route) -> Asked | web.Response:
+    if route.model_in == QUERY:
+        name = request.query.get("model")
+        if not name:
+            return error_response(400, f"{request.path} serves one model: name it with "
+                                  "'?model=<id>' (an id from GET /v1/models)", "missing_model")
+        return Asked(name)
+    if route.model_in == FORM:
+        body, problem = await request_body.read_raw(request)
+        if problem:
+            return problem
+        name = request_body.form_field(body, request.headers.get("Content-Type", ""), "model")
+        if not name:
+            return error_response(400, f"{request.path} takes multipart/form-data with a "
+                                  "'model' field: the id of a model from GET /v1/models",
+                                  "missing_model")
+        return Asked(name, body)
     body, payload, problem = await request_body.read(request)
     if problem or (problem := _model_problem(payload)):
         return problem
-    name = payload["model"]
+    return Asked(payload["model"], body, payload)
+
+
+def _refusal(ctx: Context, route: Route, entry: Entry | None, target: str | None,
+             name: str) -> web.Response | None:
+    """Why this model cannot answer this route, before anything is loaded for it."""
+    if target:
+        if routes.ollama_serves(route):
+            return None
+        return error_response(400, f"{name} is served by Ollama, which does not answer "
+                              f"{route.path} here; it answers "
+                              f"{', '.join(routes.served_by_ollama())}", "unsupported_route")
+    if route.needs and kind(entry.info, entry.args) != route.needs:
+        able = sorted(e.id for e in ctx.holder.catalog.entries.values()
+                      if e.backend == "engine" and kind(e.info, e.args) == route.needs)
+        return error_response(400, f"{name} is not {_KIND_NAME[route.needs]} model, so it "
+                              f"does not answer {route.path}; {route.needs} models served "
+                              f"here: {', '.join(able) or 'none'}", f"not_{route.needs}_model")
+    return None
+
+
+async def forward(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CTX]
+    route = routes.of(request)
+    asked = await _asked(request, route)
+    if isinstance(asked, web.Response):
+        return asked
+    name = asked.name
     entry = await ctx.holder.resolve(name)
     target = ollama_target(ctx.settings, entry, request.path) if entry else None
     if entry is None:
         target = await ctx.ollama_models.lookup(name)
         if target is None:
             return not_found(ctx.holder.catalog, name)
-    if target and (problem := ollama_routes.fixed_context(payload, entry, target)):
+    if problem := _refusal(ctx, route, entry, target, name):
+        return problem
+    if target and asked.payload is not None and \
+            (problem := ollama_routes.fixed_context(asked.payload, entry, target)):
         return problem
     key = ("ollama", target) if target else ("engine", entry.id)
-    use_id = entry.id if entry else target
-    ctx.usage.start(use_id)
-    try:
-        if refused := await ctx.admission.ensure(key, entry, use_id):
-            return refused
-        try:
-            return await _answer(request, body, payload, entry, target)
-        except NotLoaded:
-            # it left (its process ended) before the proxy noticed: load it again, once
-            log.info("%s had left the engine; loading it again", entry.id)
-            ctx.admission.forget(key)
-            if refused := await ctx.admission.ensure(key, entry, use_id):
-                return refused
-            try:
-                return await _answer(request, body, payload, entry, target)
-            except NotLoaded as e:
-                return e.response
-    finally:
-        ctx.usage.finish(use_id)
+    return await with_model(ctx, key, entry, entry.id if entry else target,
+                            lambda _: _answer(request, route, asked, entry, target))
 
 
-async def _answer(request: web.Request, body: bytes, payload: dict, entry: Entry | None,
+async def _answer(request: web.Request, route: Route, asked: Asked, entry: Entry | None,
                   target: str | None) -> web.StreamResponse:
+    """The one place an answer is produced, by whichever backend serves the model."""
+    ctx = request.app[CTX]
+    if target and route.ollama:
+        return await ollama_passthrough.answer(request, ctx.ollama, route, asked.payload,
+                                               target)
     if target:
-        return await ollama_routes.answer(request, request.app[CTX].ollama, payload, target,
-                                          entry)
+        return await ollama_routes.answer(request, ctx.ollama, asked.payload, target, entry)
     if entry.harmony == "proxy" and request.path == "/v1/chat/completions":
-        return await harmony_route.chat(request, payload, entry)
-    return await to_engine(request, body, payload, entry)
+        return await harmony_route.chat(request, asked.payload, entry)
+    if asked.payload is None:  # a GET, or a form the engine gets as it came
+        return await _from_engine(request, entry, asked.name, data=asked.body or None)
+    return await to_engine(request, asked.body, asked.payload, entry)
 
 
 async def to_engine(request: web.Request, body: bytes, payload: dict,
                     entry: Entry) -> web.StreamResponse:
-    ctx = request.app[CTX]
     name = payload["model"]
     if name != entry.id:  # by its id: an engine still reading a new config knows no alias yet
         body = json.dumps({**payload, "model": entry.id}).encode()
+    return await _from_engine(request, entry, name, data=body)
+
+
+async def _from_engine(request: web.Request, entry: Entry, name: str,
+                       **kwargs) -> web.StreamResponse:
+    """The engine's answer to this request for `entry`, its `model` renamed to `name`."""
+    ctx = request.app[CTX]
+    route = routes.of(request)
     engine_name = ctx.engine.response_name(entry)
     renamer = ModelRenamer(engine_name, name) if engine_name != name else None
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP}
     headers.update(ctx.engine.headers)
+    if route.model_in == QUERY:  # the router picks the model by it; a model's own server
+        kwargs["params"] = {**request.query, "model": entry.id}  # takes no notice
     try:
-        async with await upstream.post(ctx, entry, request.path, ctx.engine.url + request.path,
-                                       data=body, headers=headers) as up:
+        async with await upstream.send(ctx, request.method, entry, request.path,
+                                       ctx.engine.route_url(entry, request.path),
+                                       headers=headers, **kwargs) as up:
             if up.status >= 400:
-                return await engine_error(up, entry.path)
-            if up.content_type != "text/event-stream":  # one JSON answer: whole, or an error
-                data = await up.read()
-                if renamer:
-                    data = renamer.feed(data) + renamer.flush()
-                return web.Response(body=data, status=up.status, content_type=up.content_type,
-                                    charset=up.charset)
-            return await _relay(request, up, renamer, entry)
-    except aiohttp.ClientConnectorError:
-        return error_response(503, ctx.engine.unreachable(), "engine_unavailable")
+                return await engine_error(up, entry.path, f"{name} {request.path}")
+            if up.content_type != "text/event-stream":
+                return await whole(up, renamer)
+            rewriters: list = [renamer] if renamer else []
+            if route.errors == ANTHROPIC:  # the one Anthropic stream, /v1/messages
+                rewriters.append(MessageStart(name))
+            return await relay(request, up, rewriters, route, "the engine",
+                               f"{entry.id} may have crashed: `model logs engine` says why")
     except aiohttp.ClientError as e:
-        return error_response(502, f"the engine closed the connection before answering ({e}); "
-                              f"{entry.id} may have crashed: `model logs engine` says why",
-                              "engine_error")
-
-
-async def _relay(request: web.Request, up: aiohttp.ClientResponse,
-                 renamer: ModelRenamer | None, entry: Entry) -> web.StreamResponse:
-    """Chunk by chunk as the engine sends them. A stream that stops before its `[DONE]`
-    (the model's process died, the engine went away) ends with an error event, so the
-    client's SDK raises instead of taking a cut answer for a whole one."""
-    resp = web.StreamResponse(status=up.status)
-    resp.content_type = up.content_type
-    if up.charset:
-        resp.charset = up.charset
-    await resp.prepare(request)
-    done, tail = False, b""
-    try:
-        async for chunk in up.content.iter_any():
-            if not done:
-                done = DONE in tail + chunk
-                tail = chunk[-len(DONE):]
-            await resp.write(renamer.feed(chunk) if renamer else chunk)
-        cut = None if done else "the engine ended the stream before it was complete"
-    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
-        cut = None if done else f"the connection to the engine broke mid-answer ({e})"
-    except asyncio.CancelledError:
-        # the proxy is stopping and its drain time is over (or the client left): a client
-        # still there hears it, so its SDK raises
-        if not done:
-            with contextlib.suppress(Exception):
-                await resp.write(stream_error("model-serve's proxy stopped before the answer "
-                                              "was complete; ask again"))
-                await resp.write_eof()
-        raise
-    if renamer:
-        await resp.write(renamer.flush())
-    if cut:
-        log.warning("%s: %s", entry.id, cut)
-        await resp.write(stream_error(f"{cut}; {entry.id} may have crashed: `model logs "
-                                      "engine` says why"))
-    await resp.write_eof()
-    return resp
+        return upstream.failure(ctx, entry, e)

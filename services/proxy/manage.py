@@ -85,6 +85,7 @@ async def running_models(ctx: Context) -> tuple[list[dict], bool]:
             "pinned": bool(entry and entry.pin),
             "context_length": entry.ctx_size if entry else None,
             "parallel": entry.parallel if entry else None,
+            "queue": ctx.limits.stats(mid),
         })
 
     for mid, r in engine.items():

@@ -116,9 +116,7 @@ async def embeddings(ollama: Ollama, payload: dict, ollama_name: str,
 
 async def answer(request: web.Request, ollama: Ollama, payload: dict, ollama_name: str,
                  entry: Entry | None) -> web.StreamResponse:
+    """The routes of routes.OLLAMA_TRANSLATED; the rest were refused before loading."""
     if request.path == "/v1/chat/completions":
         return await chat(request, ollama, payload, ollama_name, entry)
-    if request.path == "/v1/embeddings":
-        return await embeddings(ollama, payload, ollama_name, entry)
-    return error_response(400, f"{payload['model']} is served by Ollama, which answers "
-                          "/v1/chat/completions and /v1/embeddings here", "unsupported_route")
+    return await embeddings(ollama, payload, ollama_name, entry)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from email.message import Message
+from email.parser import BytesHeaderParser
 
 from aiohttp import web
 
@@ -40,8 +42,9 @@ def _too_many(request: web.Request, payload: dict) -> web.Response | None:
     return None
 
 
-async def read(request: web.Request) -> tuple[bytes, dict | None, web.Response | None]:
-    """(raw body, JSON object, None), or an error response for the client."""
+async def read_raw(request: web.Request) -> tuple[bytes, web.Response | None]:
+    """The body as it came (at most MAX_BODY_BYTES, within REQUEST_READ_TIMEOUT), or an
+    error response for the client."""
     settings = request.app[CTX].settings
     timeout = settings.request_read_timeout
     if (request.content_length or 0) > settings.max_body_bytes:  # said up front: no wait
@@ -49,12 +52,48 @@ async def read(request: web.Request) -> tuple[bytes, dict | None, web.Response |
                                             actual_size=request.content_length)
     try:
         async with asyncio.timeout(timeout):
-            body = await request.read()
+            return await request.read(), None
     except TimeoutError:
-        return b"", None, error_response(
+        return b"", error_response(
             408, f"the request body did not arrive within {timeout:g}s (REQUEST_READ_TIMEOUT)",
             "request_timeout")
+
+
+async def read(request: web.Request) -> tuple[bytes, dict | None, web.Response | None]:
+    """(raw body, JSON object, None), or an error response for the client."""
+    body, problem = await read_raw(request)
+    if problem:
+        return body, None, problem
     payload, problem = parse(body)
     if payload is not None:
         problem = _too_many(request, payload)
     return body, payload if problem is None else None, problem
+
+
+def _param(header: str, value: str, name: str) -> str | None:
+    message = Message()
+    message[header] = value
+    param = message.get_param(name, header=header)
+    return param if isinstance(param, str) else None
+
+
+def form_field(body: bytes, content_type: str, name: str) -> str | None:
+    """The text of field `name` of a multipart/form-data body, or None. Only the parts'
+    headers and that field are copied: an uploaded file of any size stays where it is."""
+    boundary = _param("content-type", content_type, "boundary")
+    if not boundary:
+        return None
+    delimiter = b"--" + boundary.encode()
+    at = body.find(delimiter)
+    while at != -1 and not body.startswith(b"--", at + len(delimiter)):
+        start = at + len(delimiter)
+        head_end = body.find(b"\r\n\r\n", start)
+        end = body.find(b"\r\n" + delimiter, head_end)
+        if head_end == -1 or end == -1:
+            return None
+        headers = BytesHeaderParser().parsebytes(body[start:head_end].lstrip())
+        disposition = headers.get("content-disposition", "")
+        if _param("content-disposition", disposition, "name") == name:
+            return body[head_end + 4:end].decode(errors="replace")
+        at = end + 2
+    return None

@@ -6,9 +6,11 @@ import asyncio
 from urllib.parse import urlsplit
 
 import aiohttp
+from aiohttp import web
 
 from shared.catalog import Catalog, Entry
 from shared.engines.base import EngineError
+from shared.errors import error_response
 
 # how long an engine may take to notice that a model's server has ended
 SETTLE_SECONDS = 5.0
@@ -16,19 +18,33 @@ SETTLE_SECONDS = 5.0
 
 async def post(ctx, entry: Entry, path: str, engine_url: str,
                **kwargs) -> aiohttp.ClientResponse:
+    return await send(ctx, "POST", entry, path, engine_url, **kwargs)
+
+
+async def send(ctx, method: str, entry: Entry, path: str, engine_url: str,
+               **kwargs) -> aiohttp.ClientResponse:
     """The response (its headers read) from the model's own server, else from the engine.
     The caller releases it (`async with`)."""
     direct = ctx.admission.direct.get(entry.id)
     if direct:
         try:
-            return await ctx.session.post(direct + path, **kwargs)
+            return await ctx.session.request(method, direct + path, **kwargs)
         except aiohttp.ClientConnectorError:
             # it went away since the last look (crashed, unloaded) and the request never
             # left: the engine, which loads the model again, takes it. A connection that
             # breaks later is a crash mid-answer, and the client hears of it.
             ctx.admission.direct.pop(entry.id, None)
             await _until_the_engine_sees_it_gone(ctx, entry, urlsplit(direct).port)
-    return await ctx.session.post(engine_url, **kwargs)
+    return await ctx.session.request(method, engine_url, **kwargs)
+
+
+def failure(ctx, entry: Entry, error: aiohttp.ClientError) -> web.Response:
+    """The client's answer when no answer came: the engine is down, or the connection to the
+    model's server broke before it answered."""
+    if isinstance(error, aiohttp.ClientConnectorError):
+        return error_response(503, ctx.engine.unreachable(), "engine_unavailable")
+    return error_response(502, f"the connection to {entry.id} broke before it answered; it "
+                          "may have crashed: `model logs engine` says why", "engine_error")
 
 
 async def _until_the_engine_sees_it_gone(ctx, entry: Entry, port: int | None) -> None:

@@ -14,6 +14,7 @@ from shared.catalog import Catalog, Entry
 from shared.engine_key import engine_key
 from shared.llama_server import find_llama_server
 from shared.model_flags import Option
+from shared.model_kinds import EMBEDDING, FLAGS, RERANK, kind
 from shared.settings import Settings
 
 
@@ -36,8 +37,11 @@ def model_options(entry: Entry) -> list[Option]:
     options = [["--ctx-size", str(entry.ctx_size)], ["--parallel", str(entry.parallel)]]
     if entry.mmproj:
         options.append(["--mmproj", entry.mmproj])
-    if entry.info.get("pooling_type"):  # an embedding model answers /v1/embeddings
-        options.append(["--embeddings"])
+    # without its flag llama-server refuses an embedding model /v1/embeddings, and a
+    # reranker /v1/rerank; one given in custom_models.yaml stands
+    flag = {EMBEDDING: "--embeddings", RERANK: "--reranking"}.get(kind(entry.info))
+    if flag and not FLAGS.keys() & set(entry.args):
+        options.append([flag])
     return options + entry.options
 
 
@@ -105,9 +109,14 @@ class Engine(ABC):
                 "restarting (`model status` shows it); otherwise start the stack with "
                 "`make up` or `model start`")
 
+    def route_url(self, entry: Entry, path: str) -> str:
+        """One of the model's llama-server routes, through the engine (the router picks the
+        model by the body's `model`, or by `?model=` on a GET)."""
+        return self.url + path
+
     def completion_url(self, entry: Entry) -> str:
         """llama-server's raw /completion endpoint for this model (Harmony goes there)."""
-        return self.url + "/completion"
+        return self.route_url(entry, "/completion")
 
     @abstractmethod
     def response_name(self, entry: Entry) -> str:

@@ -184,8 +184,10 @@ class LlamaSwap(Engine):
         return [binary, "--config", str(self.config_path),
                 "--listen", f"127.0.0.1:{self.settings.engine_port}", "--watch-config"]
 
-    def completion_url(self, entry: Entry) -> str:
-        return f"{self.url}/upstream/{quote(entry.id, safe='')}/completion"
+    def route_url(self, entry: Entry, path: str) -> str:
+        # llama-swap routes by the body's model only the OpenAI routes it knows; its
+        # /upstream/<id>/ reaches every route of the model's own server
+        return f"{self.url}/upstream/{quote(entry.id, safe='')}{path}"
 
     def response_name(self, entry: Entry) -> str:
         return entry.id

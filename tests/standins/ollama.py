@@ -4,9 +4,11 @@ It keeps a real on-disk store in Ollama's layout (manifests/<registry>/<namespac
 <tag>, blobs/sha256-<hex>) and implements the API subset model-serve uses, following
 Ollama's documented shapes: /api/tags, /api/ps, /api/show, /api/pull (streamed progress;
 writes the blob, config and manifest, manifest last), /api/delete, /api/chat, /api/generate
-(keep_alive 0 unloads), /api/embed, /api/version. Pulled models are tiny generated GGUF
-files; a name containing "safetensors" pulls a non-GGUF blob, one containing "vision" also
-gets a projector layer. Replies are deterministic; GET /_standin/requests shows what arrived.
+(keep_alive 0 unloads), /api/embed, /api/version, and the Anthropic and OpenAI Responses
+compatibility routes /v1/messages and /v1/responses (ollama_compat.py). Pulled models are
+tiny generated GGUF files; a name containing "safetensors" pulls a non-GGUF blob, one
+containing "vision" also gets a projector layer. Replies are deterministic; GET
+/_standin/requests shows what arrived.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ import json
 import tempfile
 import time
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 from aiohttp import web
 
 from shared.gguf_header import read_header
 from shared.tiny_gguf import write_model
+from tests.standins import ollama_compat
+from tests.standins.ollama_compat import reply
 
 DEFAULT_REGISTRY = "registry.ollama.ai"
 
@@ -226,16 +231,8 @@ class Ollama:
         if full is None:
             return web.json_response({"error": f"model '{body.get('model')}' not found"},
                                      status=404)
-        last = next((m for m in reversed(body.get("messages", [])) if m["role"] == "user"), {})
-        tools = body.get("tools") or []
-        calls = []
-        if tools and "weather" in last.get("content", ""):
-            calls = [{"function": {"name": t["function"]["name"],
-                                   "arguments": {"city": city}}}
-                     for t, city in zip(tools * 2, ("Paris", "Rome"), strict=False)]
-        text = "" if calls else f"Hello from {full}"
-        thinking = "Let me think." if "think" in full else ""
-        counts = {"prompt_eval_count": 7, "eval_count": max(1, len(text.split()))}
+        text, thinking, calls, counts = reply(full, body.get("messages", []),
+                                              body.get("tools") or [])
         done = {"model": full, "created_at": datetime.now(UTC).isoformat(), "done": True,
                 "done_reason": "stop", **counts}
         if not body.get("stream", True):
@@ -298,7 +295,10 @@ def make_app(root: Path) -> web.Application:
     app.router.add_post("/api/chat", o.chat)
     app.router.add_post("/api/generate", o.generate)
     app.router.add_post("/api/embed", o.embed)
-    app.router.add_get("/api/version", lambda r: web.json_response({"version": "0.12.0"}))
+    app.router.add_post("/v1/messages", partial(ollama_compat.messages, o))
+    app.router.add_post("/v1/responses", partial(ollama_compat.responses, o))
+    # 0.14: the first with /v1/messages (and /v1/responses, from 0.13.3), which it answers
+    app.router.add_get("/api/version", lambda r: web.json_response({"version": "0.14.0"}))
     app.router.add_get("/_standin/requests", o.seen)
     app.router.add_get("/", lambda r: web.Response(text="Ollama is running"))
     return app

@@ -1,0 +1,69 @@
+"""A request's turn with its model, the same on every route: counted as a use (the governor
+never unloads a model in use), loaded through admission, queued behind the model's
+`max_concurrent` answers, and loaded again, once, when its process ended unnoticed."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from services.proxy.context import Context
+from services.proxy.engine_errors import NotLoaded
+from services.proxy.limits import QueueFull
+from shared.catalog import Entry
+from shared.errors import error_response
+from shared.loading import Key
+
+log = logging.getLogger("model-serve.proxy")
+Answer = Callable[[float], Awaitable[web.StreamResponse]]  # seconds spent loading → answer
+
+
+async def with_model(ctx: Context, key: Key, entry: Entry | None, use_id: str,
+                     answer: Answer) -> web.StreamResponse:
+    ctx.usage.start(use_id)
+    try:
+        try:
+            return await _attempt(ctx, key, entry, use_id, answer)
+        except NotLoaded:
+            log.info("%s had left the engine; loading it again", key[1])
+            ctx.admission.forget(key)
+        try:
+            return await _attempt(ctx, key, entry, use_id, answer)
+        except NotLoaded as e:
+            return e.response
+    finally:
+        ctx.usage.finish(use_id)
+
+
+async def _attempt(ctx: Context, key: Key, entry: Entry | None, use_id: str,
+                   answer: Answer) -> web.StreamResponse:
+    start = time.monotonic()
+    if refused := await ctx.admission.ensure(key, entry, use_id):
+        return refused
+    loading = time.monotonic() - start
+    try:
+        async with _turn(ctx, key, entry):
+            return await answer(loading)
+    except QueueFull as e:
+        return _busy(ctx, key[1], entry, e)
+
+
+def _turn(ctx: Context, key: Key, entry: Entry | None):
+    """Ollama queues its own models (OLLAMA_NUM_PARALLEL, OLLAMA_MAX_QUEUE)."""
+    if key[0] != "engine" or entry is None:
+        return contextlib.nullcontext()
+    return ctx.limits.slot(entry.id, entry.max_concurrent or entry.parallel)
+
+
+def _busy(ctx: Context, model: str, entry: Entry | None, full: QueueFull) -> web.Response:
+    limit = entry.max_concurrent or entry.parallel if entry else 1
+    resp = error_response(503, f"{model} is answering {limit} request(s) at once "
+                          f"(max_concurrent) and {full.waiting} more are waiting (MAX_QUEUE="
+                          f"{ctx.settings.max_queue}); retry in {full.retry_after} s",
+                          "model_busy")
+    resp.headers["Retry-After"] = str(full.retry_after)
+    return resp

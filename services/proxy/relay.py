@@ -1,0 +1,149 @@
+"""An answer relayed chunk by chunk from a backend, its `model` renamed to the name the
+client asked for, and a stream cut short said so, in the route's error shape."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+from collections.abc import Sequence
+from typing import Protocol
+
+import aiohttp
+from aiohttp import web
+
+from services.proxy import anthropic_errors
+from services.proxy.routes import ANTHROPIC, Route
+from shared.errors import stream_error
+
+log = logging.getLogger("model-serve.proxy")
+
+
+class ModelRenamer:
+    """Rewrites `"model":"<engine name>"` to the name the client asked for, across chunk
+    boundaries, holding back only bytes that could start the pattern."""
+
+    def __init__(self, old: str, new: str) -> None:
+        self.pattern = b'"model":' + json.dumps(old).encode()
+        self.replacement = b'"model":' + json.dumps(new).encode()
+        self.tail = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = (self.tail + chunk).replace(self.pattern, self.replacement)
+        self.tail = b""
+        if data.endswith(b"\n"):  # the usual end of an SSE event: nothing to hold back
+            return data
+        for n in range(min(len(self.pattern) - 1, len(data)), 0, -1):
+            if self.pattern.startswith(data[-n:]):
+                self.tail = data[-n:]
+                return data[:-n]
+        return data
+
+    def flush(self) -> bytes:
+        tail, self.tail = self.tail, b""
+        return tail
+
+
+async def whole(up: aiohttp.ClientResponse, renamer: ModelRenamer | None) -> web.Response:
+    """An answer that is not a stream: one JSON object (or text), read whole."""
+    data = await up.read()
+    if renamer:
+        data = renamer.feed(data) + renamer.flush()
+    return web.Response(body=data, status=up.status, content_type=up.content_type,
+                        charset=up.charset)
+
+
+def _cut_event(route: Route, message: str) -> bytes:
+    if route.errors == ANTHROPIC:
+        return anthropic_errors.stream_error(message)
+    return stream_error(message)
+
+
+class MessageStart:
+    """llama-server leaves out Anthropic's `message_start` when the first token it generates
+    is not sent on its own (part of a character, or held back as a possible stop string),
+    and the `anthropic` SDK cannot read a stream without it: one is put in front of a
+    stream that does not begin with it."""
+
+    START = b"event: message_start"
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.head: bytes | None = b""  # None once the stream's beginning is known
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.head is None:
+            return chunk
+        head = self.head + chunk
+        if len(head) < len(self.START) and self.START.startswith(head):
+            self.head = head
+            return b""
+        self.head = None
+        return head if head.startswith(self.START) else self._event() + head
+
+    def flush(self) -> bytes:
+        head, self.head = self.head or b"", None
+        return head
+
+    def _event(self) -> bytes:
+        message = {"id": f"msg_{secrets.token_hex(12)}", "type": "message",
+                   "role": "assistant", "content": [], "model": self.model,
+                   "stop_reason": None, "stop_sequence": None,
+                   "usage": {"input_tokens": 0, "output_tokens": 0}}
+        data = json.dumps({"type": "message_start", "message": message})
+        return self.START + b"\ndata: " + data.encode() + b"\n\n"
+
+
+class Rewriter(Protocol):
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def flush(self) -> bytes: ...
+
+
+def _through(rewriters: Sequence[Rewriter], chunk: bytes, flush: bool = False) -> bytes:
+    for rewriter in rewriters:
+        chunk = rewriter.feed(chunk) + (rewriter.flush() if flush else b"")
+    return chunk
+
+
+async def relay(request: web.Request, up: aiohttp.ClientResponse,
+                rewriters: Sequence[Rewriter], route: Route, source: str,
+                hint: str) -> web.StreamResponse:
+    """Chunk by chunk as `source` (the engine, Ollama) sends them, through `rewriters` in
+    turn. A stream that stops before the route's last event (the model's process died, the
+    backend went away) ends with an error event, so the client's SDK raises instead of
+    taking a cut answer for a whole one; `hint` says where to look."""
+    resp = web.StreamResponse(status=up.status)
+    resp.content_type = up.content_type
+    if up.charset:
+        resp.charset = up.charset
+    await resp.prepare(request)
+    end = route.stream_end
+    done, tail, detail = False, b"", ""
+    try:
+        async for chunk in up.content.iter_any():
+            if not done:
+                done = end in tail + chunk
+                tail = chunk[-len(end):]
+            await resp.write(_through(rewriters, chunk))
+        cut = None if done else f"{source} ended the stream before it was complete"
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
+        # aiohttp's wording ("400, message='Not enough data…'") is for the log, not the client
+        cut, detail = None if done else f"the connection to {source} broke mid-answer", str(e)
+    except asyncio.CancelledError:
+        # the proxy is stopping and its drain time is over (or the client left): a client
+        # still there hears it, so its SDK raises
+        if not done:
+            with contextlib.suppress(Exception):
+                await resp.write(_cut_event(route, "model-serve's proxy stopped before the "
+                                            "answer was complete; ask again"))
+                await resp.write_eof()
+        raise
+    await resp.write(_through(rewriters, b"", flush=True))
+    if cut:
+        log.warning("%s: %s%s; %s", request.path, cut, f" ({detail})" if detail else "", hint)
+        await resp.write(_cut_event(route, f"{cut}; {hint}"))
+    await resp.write_eof()
+    return resp
