@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import anthropic
+import ollama
 import openai
 import pytest
 
@@ -235,6 +236,10 @@ def test_messages_and_responses_through_llama_swap(swap_stack) -> None:
     responses_round(gpt(swap_stack), OTHER)
     status, body = http("GET", f"{swap_stack.url}/props?model={TINY}")
     assert status == 200 and body["default_generation_settings"]["n_ctx"] > 0
+    # and Ollama's API, over the same models
+    ollama_client = ollama.Client(host=swap_stack.url)
+    assert ollama_client.chat(TINY, messages=HI, options={"num_predict": 4}).done
+    assert TINY in {m.model for m in ollama_client.ps().models}
 
 
 @pytest.fixture
