@@ -13,7 +13,7 @@ import pytest
 from services.proxy.ollama_convert import Answer, Stats, Stream, chat_body
 from shared.catalog import Entry
 from shared.tiny_gguf import write_model
-from tests.harness import free_port, http, wait
+from tests.harness import free_port, http, start_ollama, wait
 from tests.ollama_store import add_model
 from tests.test_direct_path import model_process
 
@@ -344,3 +344,15 @@ def test_a_missing_key_is_in_ollamas_shape_too(stack_factory) -> None:
     assert e.value.status_code == 401 and "x-api-key" in e.value.error
     keyed = ollama.Client(host=stack.url, headers={"Authorization": "Bearer secret"})
     assert TINY in {m.model for m in keyed.list().models}
+
+
+def test_ollamas_model_while_ollama_is_down_says_so(stack_factory, tmp_path) -> None:
+    url, store, proc = start_ollama(tmp_path)
+    add_model(store, OWN, data=NOT_A_MODEL)
+    stack = stack_factory(OLLAMA_BASE=url, OLLAMA_MODELS=str(store)).start()
+    assert OWN in {m.model for m in client(stack).list().models}
+    proc.terminate()
+    proc.wait()
+    with pytest.raises(ollama.ResponseError) as e:  # not "not found; did you mean <it>?"
+        client(stack).chat(OWN, messages=[{"role": "user", "content": "hi"}])
+    assert e.value.status_code == 503 and "OLLAMA_BASE" in e.value.error

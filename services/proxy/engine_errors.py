@@ -44,7 +44,8 @@ async def engine_error(up: aiohttp.ClientResponse, entry_path: str,
         status = 502
         message += "; the model's process may have crashed: `model logs engine` says why"
     elif status == 501 and route:  # a route this model's llama-server does not offer
-        message = f"{route}: {message}"
+        # 400: asking again cannot help, and the SDKs retry a 5xx
+        status, message = 400, f"{route}: {message}"
         if "Start it with" in message:  # a flag turns it on
             message += "; llama-server flags go in the model's sampler_args in " \
                        "custom_models.yaml"

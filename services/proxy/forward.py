@@ -20,7 +20,7 @@ from services.proxy import (
 from services.proxy.context import CTX, Context
 from services.proxy.engine_errors import engine_error
 from services.proxy.model_turn import with_model
-from services.proxy.relay import MessageStart, ModelRenamer, relay, whole
+from services.proxy.relay import MessageStart, ModelRenamer, ResponsesIndexes, relay, whole
 from services.proxy.routes import ANTHROPIC, FORM, QUERY, Route
 from shared.catalog import Catalog, Entry
 from shared.errors import error_response
@@ -94,6 +94,9 @@ async def _asked(request: web.Request, route: Route) -> Asked | web.Response:
     body, payload, problem = await request_body.read(request)
     if problem or (problem := _model_problem(payload)):
         return problem
+    if route.requires and not isinstance(payload.get(route.requires), list):
+        return error_response(400, f"'{route.requires}' is required: a list",
+                              f"missing_{route.requires}")
     return Asked(payload["model"], body, payload)
 
 
@@ -106,12 +109,19 @@ def _refusal(ctx: Context, route: Route, entry: Entry | None, target: str | None
         return error_response(400, f"{name} is served by Ollama, which does not answer "
                               f"{route.path} here; it answers "
                               f"{', '.join(routes.served_by_ollama())}", "unsupported_route")
+    return unable(ctx, route, entry, name)
+
+
+def unable(ctx: Context, route: Route, entry: Entry, name: str,
+           path: str = "") -> web.Response | None:
+    """A 400 when the route needs another kind of model (embeddings of a chat model)."""
     if route.needs and kind(entry.info, entry.args) != route.needs:
         able = sorted(e.id for e in ctx.holder.catalog.entries.values()
                       if e.backend == "engine" and kind(e.info, e.args) == route.needs)
         return error_response(400, f"{name} is not {_KIND_NAME[route.needs]} model, so it "
-                              f"does not answer {route.path}; {route.needs} models served "
-                              f"here: {', '.join(able) or 'none'}", f"not_{route.needs}_model")
+                              f"does not answer {path or route.path}; {route.needs} models "
+                              f"served here: {', '.join(able) or 'none'}",
+                              f"not_{route.needs}_model")
     return None
 
 
@@ -184,6 +194,8 @@ async def _from_engine(request: web.Request, entry: Entry, name: str,
             rewriters: list = [renamer] if renamer else []
             if route.errors == ANTHROPIC:  # the one Anthropic stream, /v1/messages
                 rewriters.append(MessageStart(name))
+            elif route.path == "/v1/responses":
+                rewriters.append(ResponsesIndexes())
             return await relay(request, up, rewriters, route, "the engine",
                                f"{entry.id} may have crashed: `model logs engine` says why")
     except aiohttp.ClientError as e:

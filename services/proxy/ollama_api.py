@@ -14,9 +14,9 @@ import logging
 import aiohttp
 from aiohttp import web
 
-from services.proxy import manage, ollama_engine, request_body
+from services.proxy import manage, ollama_engine, request_body, routes
 from services.proxy.context import CTX, Context
-from services.proxy.forward import ollama_target
+from services.proxy.forward import ollama_target, unable
 from services.proxy.model_turn import with_model
 from services.proxy.ollama_convert import keep_alive_zero
 from services.proxy.ollama_routes import fixed_context
@@ -47,6 +47,8 @@ def error(status: int, message: str) -> web.Response:
 
 def not_found(ctx: Context, name: str) -> web.Response:
     ollama_names = [m.get("name", "") for m in ctx.ollama_models.models]
+    if name in ollama_names:  # Ollama had it when last asked, and does not answer now
+        return _ollama_down(ctx)
     close = ctx.holder.catalog.closest(name) + difflib.get_close_matches(name, ollama_names,
                                                                          n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(dict.fromkeys(close))}?" if close else \
@@ -131,6 +133,9 @@ async def model_route(request: web.Request) -> web.StreamResponse:
         return await _to_ollama(request, payload, None, target)
     if target := ollama_target(ctx.settings, entry, MODEL_ROUTES[request.path]):
         return await _to_ollama(request, payload, entry, target)
+    if problem := unable(ctx, routes.ROUTES[MODEL_ROUTES[request.path]], entry, name,
+                         request.path):
+        return problem
     if request.path in ("/api/embed", "/api/embeddings"):
         return await ollama_engine.embed(request, entry, payload,
                                          request.path == "/api/embeddings")

@@ -53,11 +53,12 @@ def fixed_context(payload: dict, entry: Entry | None, ollama_name: str) -> web.R
     for field in ("num_ctx", "ctx_size"):
         asked = payload.get(field)
         if asked is not None and asked != configured:
-            where = (f"ctx_size of {entry.id} in custom_models.yaml (now {configured})"
-                     if entry else "Ollama's own settings for it")
+            where = (f"the ctx_size of {entry.id} in custom_models.yaml (now {configured})"
+                     if entry else "its num_ctx in Ollama itself (PARAMETER num_ctx in a "
+                     "Modelfile)")
             return error_response(
                 400, f"{field}={asked!r}: {ollama_name} is served by Ollama, which would reload "
-                f"it at that context outside memory admission; set the {where} instead",
+                f"it at that context outside memory admission; set {where} instead",
                 "context_fixed")
     return None
 

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from services.proxy.ollama_chat import preset_options
 from shared.catalog import Entry
 from shared.gguf_header import GGUFError, _Cursor
+from shared.model_kinds import GENERATE, kind
 
 # Ollama's blobs are named for their digest: a model linked from Ollama keeps Ollama's.
 _BLOB = re.compile(r"sha256-([0-9a-f]{64})$")
@@ -104,8 +105,8 @@ def header_kv(path: str) -> dict[str, object]:
 
 
 def capabilities(entry: Entry, template: str) -> list[str]:
-    if entry.info.get("pooling_type"):
-        return ["embedding"]
+    if (what := kind(entry.info, entry.args)) != GENERATE:
+        return [what]  # "rerank" is not Ollama's, but tells a client it is no embedder
     caps = ["completion"]
     if entry.harmony != "off" or "tools" in template:
         caps.append("tools")

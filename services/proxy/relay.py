@@ -96,6 +96,51 @@ class MessageStart:
         return self.START + b"\ndata: " + data.encode() + b"\n\n"
 
 
+class ResponsesIndexes:
+    """llama-server's Responses stream events lack the `sequence_number`, `output_index` and
+    `content_index` the API defines, and the openai SDK's `responses.stream()` indexes by
+    them: each event gets them, counted as the API counts (every event; each output item in
+    order of appearance; its one content part)."""
+
+    def __init__(self) -> None:
+        self.pending = b""
+        self.sequence = 0
+        self.items: dict[str, int] = {}
+
+    def feed(self, chunk: bytes) -> bytes:
+        whole, end, self.pending = (self.pending + chunk).rpartition(b"\n\n")
+        if not end:  # no whole event yet: all of it is pending
+            return b""
+        return b"".join(self._event(event) + b"\n\n" for event in whole.split(b"\n\n"))
+
+    def flush(self) -> bytes:
+        rest, self.pending = self.pending, b""
+        return rest
+
+    def _event(self, event: bytes) -> bytes:
+        lines = event.split(b"\n")
+        for n, line in enumerate(lines):
+            if line.startswith(b"data: {"):
+                try:
+                    data = json.loads(line[6:])
+                except ValueError:
+                    return event
+                self._fill(data)
+                lines[n] = b"data: " + json.dumps(data).encode()
+        return b"\n".join(lines)
+
+    def _fill(self, data: dict) -> None:
+        data.setdefault("sequence_number", self.sequence)
+        self.sequence += 1
+        item = data.get("item")
+        item_id = data.get("item_id") or (item.get("id") if isinstance(item, dict) else None)
+        if not isinstance(item_id, str):
+            return
+        data.setdefault("output_index", self.items.setdefault(item_id, len(self.items)))
+        if "item_id" in data and "function_call" not in data.get("type", ""):
+            data.setdefault("content_index", 0)
+
+
 class Rewriter(Protocol):
     def feed(self, chunk: bytes) -> bytes: ...
 

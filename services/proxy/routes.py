@@ -25,6 +25,9 @@ class Route:
     errors: str = OPENAI
     ollama: str | None = None  # Ollama's own route for the same API, which it answers
     needs: str | None = None  # the kind of model the route needs (shared.model_kinds)
+    # a list the body must hold: llama-server answers its absence with a 500, which the
+    # SDKs would retry
+    requires: str | None = None
 
 
 ROUTES = {route.path: route for route in (
@@ -32,8 +35,8 @@ ROUTES = {route.path: route for route in (
     Route("/v1/completions"),
     Route("/v1/embeddings", needs=EMBEDDING),
     Route("/v1/messages", stream_end=b"event: message_stop", errors=ANTHROPIC,
-          ollama="/v1/messages"),
-    Route("/v1/messages/count_tokens", errors=ANTHROPIC),
+          ollama="/v1/messages", requires="messages"),
+    Route("/v1/messages/count_tokens", errors=ANTHROPIC, requires="messages"),
     Route("/v1/responses", stream_end=b"event: response.completed", ollama="/v1/responses"),
     Route("/v1/responses/input_tokens"),
     Route("/v1/chat/completions/input_tokens"),
