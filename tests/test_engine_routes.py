@@ -216,6 +216,8 @@ def test_get_routes_take_the_model_as_a_query_parameter(stack) -> None:
     assert "sampler_args" in body["error"]["message"]
     status, body = http("GET", stack.url + "/props")
     assert status == 400 and "'?model=<id>'" in body["error"]["message"]
+    status, metrics = http("GET", stack.url + "/metrics")  # without ?model=: the stack's own
+    assert status == 200 and "model_serve_requests_total" in metrics
     status, body = http("GET", stack.url + "/slots?model=ms/nope")
     assert status == 404 and body["error"]["code"] == "model_not_found"
 

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from services.cli import doctor, logs_cmd, memory_cmds, models, ollama_cmds, service, stack
+from services.cli import doctor, logs_cmd, memory_cmds, models, ollama_cmds, service, stack, top
 from services.cli.sync_cmd import sync
 
 
@@ -19,7 +19,7 @@ for command in (sync, stack.start, stack.stop, stack.status, stack.restart, stac
                 logs_cmd.logs, service.service, doctor.doctor, ollama_cmds.pull,
                 ollama_cmds.rm,
                 ollama_cmds.list_models, ollama_cmds.names, models.show, models.run,
-                memory_cmds.stats, memory_cmds.load, memory_cmds.unload):
+                memory_cmds.stats, memory_cmds.load, memory_cmds.unload, top.top):
     cli.add_command(command)
 
 

@@ -13,11 +13,11 @@ from services.cli.ollama_cmds import table
 from shared.proxy_client import ProxyClient, ProxyError
 
 
-def call_proxy(method: str, *args):
+def call_proxy(method: str, *args, timeout: float = 900):
     settings = load_settings()
 
     async def go():
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as s:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s:
             return await getattr(ProxyClient(settings.proxy_url, s, settings.api_key),
                                  method)(*args)
 
@@ -25,7 +25,7 @@ def call_proxy(method: str, *args):
         return asyncio.run(go())
     except ProxyError as e:
         raise click.ClickException(str(e)) from None
-    except aiohttp.ClientError as e:
+    except (aiohttp.ClientError, TimeoutError) as e:
         raise click.ClickException(f"the proxy at {settings.proxy_url} is not answering "
                                    f"({e.__class__.__name__}); start it with `model start`") \
             from None

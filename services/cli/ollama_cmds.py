@@ -16,10 +16,15 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def table(rows: list[tuple[str, ...]]) -> None:
+def table_lines(rows: list[tuple[str, ...]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+            for row in rows]
+
+
+def table(rows: list[tuple[str, ...]]) -> None:
+    for line in table_lines(rows):
+        click.echo(line)
 
 
 @click.command()

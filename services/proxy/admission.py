@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 import aiohttp
 from aiohttp import web
 
 from services.proxy.governor_client import governor_health
+from services.proxy.metrics import Metrics
 from services.proxy.state import Usage
 from shared import loading
 from shared.catalog import Catalog, Entry
@@ -29,15 +31,18 @@ GOVERNOR_CHECK = 5.0  # seconds between checks that the governor we wait for sti
 
 class Admission:
     def __init__(self, settings: Settings, engine: Engine, session: aiohttp.ClientSession,
-                 ollama: Ollama, usage: Usage) -> None:
+                 ollama: Ollama, usage: Usage, metrics: Metrics) -> None:
         self.settings, self.engine, self.session, self.ollama = settings, engine, session, ollama
-        self.usage = usage
+        self.usage, self.metrics = usage, metrics
         self.warm: set[Key] = set()
         # catalog id → the address of the model's own llama-server: warm requests go there,
         # past the engine (one hop, kept-alive connections)
         self.direct: dict[str, str] = {}
         self._pending: dict[Key, asyncio.Task[LoadError | None]] = {}
         self._unloading: dict[Key, asyncio.Event] = {}
+        # let go of by the proxy (an unload, a request that found it gone): its leaving is
+        # counted there, not as an exit, even by a look that still saw it
+        self._forgotten: set[Key] = set()
         self._said_down = False
 
     async def ensure(self, key: Key, entry: Entry | None, use_id: str) -> web.Response | None:
@@ -57,6 +62,7 @@ class Admission:
 
     def forget(self, key: Key) -> None:
         self.warm.discard(key)
+        self._forgotten.add(key)
         self.direct.pop(key[1], None)
 
     @contextlib.asynccontextmanager
@@ -71,13 +77,18 @@ class Admission:
             done.set()
 
     async def _load(self, key: Key, entry: Entry | None, use_id: str) -> LoadError | None:
+        start, by = time.monotonic(), "governor"
         try:
             if not (self.settings.memory_admission and await self._by_governor(key)):
+                by = "proxy"
                 await loading.load(key, entry, self.engine, self.ollama, self.session)
                 log.info("loaded %s on %s without admission", key[1], key[0])
         except LoadError as e:
+            self.metrics.load_failed(key, use_id, e.code)
             return e
+        self.metrics.loaded(key, use_id, by, time.monotonic() - start)
         self.warm.add(key)
+        self._forgotten.discard(key)
         self.usage.touch(use_id)
         if key[0] == "engine":  # its address now, not at the next look
             with contextlib.suppress(aiohttp.ClientError, ValueError, EngineError):
@@ -125,12 +136,28 @@ class Admission:
         and Ollama unloads its models after their keep_alive."""
         while True:
             await asyncio.sleep(interval)
+            before, seen = set(self.warm), set()
             try:
                 warm = await self._look_at_engine(holder.catalog.entries)
+                seen.add("engine")
             except (aiohttp.ClientError, ValueError, EngineError):
                 warm = set()
             self.direct = {m: url for m, url in self.direct.items() if ("engine", m) in warm}
             if any(b == "ollama" for b, _ in self.warm):  # ask Ollama only when it serves us
                 with contextlib.suppress(OllamaUnavailable, OllamaError, ValueError):
                     warm |= {("ollama", m.get("name", "")) for m in await self.ollama.ps()}
+                    seen.add("ollama")
+            self._count_exits(before & self.warm - warm, seen, holder.catalog.entries)
+            self._forgotten &= warm
             self.warm = warm
+
+    def _count_exits(self, gone: set[Key], seen: set[str], entries: dict[str, Entry]) -> None:
+        """Models that left a backend which answered, without the proxy unloading them: an
+        engine model's process ended; Ollama let one go (its keep_alive)."""
+        for backend, name in gone - self._forgotten:
+            if backend == "engine" and "engine" in seen:
+                self.metrics.unloaded((backend, name), name, "exited")
+            elif backend == "ollama" and "ollama" in seen:
+                # counted by the catalog id its requests are counted by, as with_model does
+                mid = next((m for m, e in entries.items() if e.ollama == name), name)
+                self.metrics.unloaded((backend, name), mid, "expired")

@@ -6,16 +6,18 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import time
 
 import aiohttp
 from aiohttp import web
 
-from services.proxy import forward, info, manage, ollama_api, routes
+from services.proxy import forward, info, manage, metrics, ollama_api, routes
 from services.proxy.admission import Admission
 from services.proxy.browser_guard import browser_guard, cors_headers
 from services.proxy.context import CTX, Context
 from services.proxy.error_shapes import error_shapes
 from services.proxy.limits import Limits
+from services.proxy.metrics import Metrics
 from services.proxy.ollama_routes import OllamaModels
 from services.proxy.state import Usage
 from shared import harmony_encoding
@@ -78,6 +80,24 @@ async def api_key(request: web.Request, handler) -> web.StreamResponse:
 
 async def _mark_prepared(request: web.Request, response: web.StreamResponse) -> None:
     request[PREPARED] = True
+    # a stream's first byte, until relay (the engine's streams) knows its first chunk's time
+    if (turn := metrics.turn()) and turn.first_byte is None:
+        turn.first_byte = time.monotonic()
+
+
+@web.middleware
+async def count(request: web.Request, handler) -> web.StreamResponse:
+    """Outermost, so the status counted is the one sent, whoever made it; a request that
+    never reached a model (with_model names it) is not counted."""
+    ctx = request.app[CTX]
+    turn = ctx.metrics.begin(request.path)
+    try:
+        response = await handler(request)
+    except web.HTTPException as e:
+        ctx.metrics.finish(turn, e.status)
+        raise
+    ctx.metrics.finish(turn, response.status)
+    return response
 
 
 @web.middleware
@@ -111,7 +131,7 @@ async def drain(app: web.Application) -> None:
 
 def make_app(settings: Settings, engine: Engine | None = None) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes,
-                          middlewares=[in_flight, error_shapes, openai_errors,
+                          middlewares=[count, in_flight, error_shapes, openai_errors,
                                        browser_guard, api_key])
     app[IN_FLIGHT] = set()
     app.on_shutdown.append(drain)
@@ -135,10 +155,11 @@ def make_app(settings: Settings, engine: Engine | None = None) -> web.Applicatio
             except Exception as e:  # noqa: BLE001 - any failure: serve the rest, say why
                 log.error("Harmony unavailable, GPT-OSS models will fail: %s", e)
             ollama = Ollama(settings.ollama_base, ollama_session)
-            usage = Usage()
-            admission = Admission(settings, engine, session, ollama, usage)
+            usage, meters = Usage(), Metrics()
+            admission = Admission(settings, engine, session, ollama, usage, meters)
             app[CTX] = Context(settings, engine, holder, usage, session, ollama,
-                               OllamaModels(ollama), admission, Limits(settings.max_queue))
+                               OllamaModels(ollama), admission, Limits(settings.max_queue),
+                               meters)
             tasks = [asyncio.create_task(holder.follow()),
                      asyncio.create_task(admission.follow(holder))]
             yield
@@ -149,7 +170,9 @@ def make_app(settings: Settings, engine: Engine | None = None) -> web.Applicatio
 
     app.cleanup_ctx.append(lifecycle)
     for route in routes.ROUTES.values():  # every per-model route: llama-server's, Ollama's
-        app.router.add_route(route.method, route.path, forward.forward)
+        if route.path != "/metrics":  # the stack's own without ?model=
+            app.router.add_route(route.method, route.path, forward.forward)
+    app.router.add_get("/metrics", manage.scrape)
     app.router.add_get("/v1/models", info.list_models)
     app.router.add_get("/health", info.health)
     app.router.add_get("/running", manage.running)

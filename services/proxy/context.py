@@ -9,6 +9,7 @@ from aiohttp import web
 
 from services.proxy.admission import Admission
 from services.proxy.limits import Limits
+from services.proxy.metrics import Metrics
 from services.proxy.ollama_routes import OllamaModels
 from services.proxy.state import Usage
 from shared.catalog_holder import CatalogHolder
@@ -28,6 +29,7 @@ class Context:
     ollama_models: OllamaModels
     admission: Admission
     limits: Limits
+    metrics: Metrics
 
 
 CTX = web.AppKey("ctx", Context)

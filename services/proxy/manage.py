@@ -13,8 +13,9 @@ from aiohttp import web
 
 from services.proxy import request_body
 from services.proxy.context import CTX, Context
-from services.proxy.forward import not_found
+from services.proxy.forward import forward, not_found
 from services.proxy.governor_client import governor_health
+from services.proxy.metrics import unload_reason
 from shared.catalog import Entry
 from shared.engines import EngineError
 from shared.errors import error_response
@@ -102,17 +103,34 @@ async def running_models(ctx: Context) -> tuple[list[dict], bool]:
     return out, ollama_up
 
 
-async def running(request: web.Request) -> web.Response:
-    ctx = request.app[CTX]
+async def running_state(ctx: Context) -> tuple[list[dict], bool, dict]:
+    """Loaded models, whether Ollama answers, and the system's memory by the governor's
+    accounting: /running, and /metrics' gauges."""
     (models, ollama_up), health = await asyncio.gather(
         running_models(ctx), governor_health(ctx.session, ctx.settings))
     governed = health and health.get("memory")
     if not governed:  # no governor, or none of its checks yet: the same sum, no signals
         reading = await asyncio.to_thread(system_memory)
         governed = account(reading, models, 0, ctx.settings.pressure_threshold).to_dict()
-    return web.json_response({"models": models,
-                              "system": {**governed, "governor": "up" if health else "down"},
+    return models, ollama_up, {**governed, "governor": "up" if health else "down"}
+
+
+async def running(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    models, ollama_up, system = await running_state(ctx)
+    return web.json_response({"models": models, "system": system,
                               "ollama": {"url": ctx.settings.ollama_base, "ok": ollama_up}})
+
+
+async def scrape(request: web.Request) -> web.StreamResponse:
+    """GET /metrics: the stack's Prometheus metrics; with ?model=, that model's own
+    llama-server's (a per-model route)."""
+    if "model" in request.query:
+        return await forward(request)
+    ctx = request.app[CTX]
+    models, _, system = await running_state(ctx)
+    return ctx.metrics.export(models, system,
+                              {mid: ctx.limits.stats(mid) for mid in ctx.limits.lanes})
 
 
 async def _requested(request: web.Request) -> tuple[Entry | None, str | None, dict] | \
@@ -177,6 +195,8 @@ async def unload(request: web.Request) -> web.Response:
             return error_response(503, str(e), "ollama_unavailable")
         except (EngineError, aiohttp.ClientError) as e:
             return error_response(503, f"engine: {e}", "engine_error")
+    for key in keys:  # the governor's unloads pass here too, with their cause
+        ctx.metrics.unloaded(key, mid, unload_reason(body.get("reason")))
     if not body.get("reason"):  # the governor logs its own, with the numbers
         log.info("unloaded %s from %s at a client's request%s", mid,
                  " and ".join(k[0] for k in keys), " (forced)" if use and use.in_flight else "")

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from services.proxy import metrics
 from services.proxy.context import Context
 from services.proxy.engine_errors import NotLoaded
 from services.proxy.limits import QueueFull
@@ -25,18 +26,24 @@ Answer = Callable[[float], Awaitable[web.StreamResponse]]  # seconds spent loadi
 async def with_model(ctx: Context, key: Key, entry: Entry | None, use_id: str,
                      answer: Answer) -> web.StreamResponse:
     ctx.usage.start(use_id)
+    if turn := metrics.turn():  # from here on the request counts as this model's
+        turn.model, turn.backend = use_id, key[0]
+    in_flight = ctx.metrics.in_flight.labels(use_id, key[0])
+    in_flight.inc()
     try:
         try:
             return await _attempt(ctx, key, entry, use_id, answer)
         except NotLoaded:
             log.info("%s had left the engine; loading it again", key[1])
             ctx.admission.forget(key)
+            ctx.metrics.unloaded(key, use_id, "exited")
         try:
             return await _attempt(ctx, key, entry, use_id, answer)
         except NotLoaded as e:
             return e.response
     finally:
         ctx.usage.finish(use_id)
+        in_flight.dec()
 
 
 async def _attempt(ctx: Context, key: Key, entry: Entry | None, use_id: str,
@@ -44,9 +51,14 @@ async def _attempt(ctx: Context, key: Key, entry: Entry | None, use_id: str,
     start = time.monotonic()
     if refused := await ctx.admission.ensure(key, entry, use_id):
         return refused
-    loading = time.monotonic() - start
+    loaded = time.monotonic()
+    loading = loaded - start
     try:
         async with _turn(ctx, key, entry):
+            if turn := metrics.turn():  # TTFT's parts; a reload after NotLoaded adds up
+                turn.loading += loading
+                turn.sent = time.monotonic()
+                turn.queued += turn.sent - loaded
             return await answer(loading)
     except QueueFull as e:
         return _busy(ctx, key[1], entry, e)

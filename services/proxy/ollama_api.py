@@ -14,7 +14,7 @@ import logging
 import aiohttp
 from aiohttp import web
 
-from services.proxy import manage, ollama_engine, request_body, routes
+from services.proxy import manage, metrics, ollama_engine, request_body, routes
 from services.proxy.context import CTX, Context
 from services.proxy.forward import ollama_target, unable
 from services.proxy.model_turn import with_model
@@ -83,9 +83,12 @@ async def relay(request: web.Request, ctx: Context, data,
             if "Content-Type" in up.headers:
                 resp.headers["Content-Type"] = up.headers["Content-Type"]
             await resp.prepare(request)
+            previous, last = b"", b""
             try:
                 async for chunk in up.content.iter_any():
+                    previous, last = last, chunk  # Ollama's last line holds eval_count
                     await resp.write(renamer.feed(chunk) if renamer else chunk)
+                metrics.answer_end(previous + last)
                 if renamer:
                     await resp.write(renamer.flush())
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:

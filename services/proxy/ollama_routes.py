@@ -7,7 +7,7 @@ import time
 
 from aiohttp import web
 
-from services.proxy import ollama_chat
+from services.proxy import metrics, ollama_chat
 from shared.catalog import Entry
 from shared.errors import error_response, stream_error
 from shared.ollama import Ollama, OllamaError, OllamaUnavailable
@@ -80,7 +80,9 @@ async def chat(request: web.Request, ollama: Ollama, payload: dict, ollama_name:
             item = await ollama.call("POST", "/api/chat", body)
         except (OllamaUnavailable, OllamaError) as e:
             return _failure(e)
-        return web.json_response(ollama_chat.chat_response(item, model), headers=headers)
+        resp = web.json_response(ollama_chat.chat_response(item, model), headers=headers)
+        metrics.answer_end(resp.body)
+        return resp
     stream = ollama_chat.ChatStream(model)
     resp: web.StreamResponse | None = None
     cut: str | None = "Ollama ended the answer before it was complete"
@@ -90,9 +92,11 @@ async def chat(request: web.Request, ollama: Ollama, payload: dict, ollama_name:
                 resp = web.StreamResponse(headers=headers)
                 resp.content_type = "text/event-stream"
                 await resp.prepare(request)
-            await resp.write(stream.feed(item))
-            if item.get("done"):
+            chunk = stream.feed(item)
+            await resp.write(chunk)
+            if item.get("done"):  # the last chunk, with the usage
                 cut = None
+                metrics.answer_end(chunk)
     except (OllamaUnavailable, OllamaError) as e:
         if resp is None:
             return _failure(e)

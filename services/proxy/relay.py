@@ -8,13 +8,14 @@ import contextlib
 import json
 import logging
 import secrets
+import time
 from collections.abc import Sequence
 from typing import Protocol
 
 import aiohttp
 from aiohttp import web
 
-from services.proxy import anthropic_errors
+from services.proxy import anthropic_errors, metrics
 from services.proxy.routes import ANTHROPIC, Route
 from shared.errors import stream_error
 
@@ -49,6 +50,7 @@ class ModelRenamer:
 async def whole(up: aiohttp.ClientResponse, renamer: ModelRenamer | None) -> web.Response:
     """An answer that is not a stream: one JSON object (or text), read whole."""
     data = await up.read()
+    metrics.answer_end(data)
     if renamer:
         data = renamer.feed(data) + renamer.flush()
     return web.Response(body=data, status=up.status, content_type=up.content_type,
@@ -167,8 +169,14 @@ async def relay(request: web.Request, up: aiohttp.ClientResponse,
     await resp.prepare(request)
     end = route.stream_end
     done, tail, detail = False, b"", ""
+    # for the metrics: the first chunk's time, and the last two chunks, where the usage and
+    # timings of the answer's last event are (no event is parsed on the way)
+    first, previous, last = None, b"", b""
     try:
         async for chunk in up.content.iter_any():
+            if first is None:
+                first = time.monotonic()
+            previous, last = last, chunk
             if not done:
                 done = end in tail + chunk
                 tail = chunk[-len(end):]
@@ -186,6 +194,9 @@ async def relay(request: web.Request, up: aiohttp.ClientResponse,
                                             "answer was complete; ask again"))
                 await resp.write_eof()
         raise
+    if (turn := metrics.turn()) and first is not None:
+        turn.first_byte = first
+        turn.ending(previous + last)
     await resp.write(_through(rewriters, b"", flush=True))
     if cut:
         log.warning("%s: %s%s; %s", request.path, cut, f" ({detail})" if detail else "", hint)

@@ -1,0 +1,220 @@
+"""The stack's Prometheus metrics, GET /metrics (without ?model=, which is the model's own
+llama-server's). Requests, their time to first token and its parts, tokens, loads and unloads
+are counted where the proxy already sees them, a few updates per request; memory, queues and
+what is loaded are read at scrape time, by the functions /running uses."""
+
+from __future__ import annotations
+
+import re
+import time
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from shared.loading import Key
+
+MODEL = ["model", "backend"]
+# from a warm model's first token (tens of ms) to a cold load of a large one (minutes)
+SECONDS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+RATES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+# llama-server's `timings` (its own measure), else the usage the API reports; searched in the
+# answer's last bytes only, so no chunk is parsed as JSON
+_GENERATED = (re.compile(rb'"predicted_n":\s*(\d+)'),
+              re.compile(rb'"(?:completion_tokens|output_tokens|eval_count)":\s*(\d+)'))
+_RATE = re.compile(rb'"predicted_per_second":\s*([0-9.eE+-]+)')
+_PROMPT_MS = re.compile(rb'"prompt_ms":\s*([0-9.eE+-]+)')
+END_BYTES = 4096
+
+
+# the causes the governor gives /models/unload (services/governor/scheduler.py); anything
+# else a client sends is its own decision, and would only add label values
+GOVERNOR_CAUSES = frozenset({"ttl", "pressure", "signal", "admission"})
+
+
+def unload_reason(given: object) -> str:
+    return given if isinstance(given, str) and given in GOVERNOR_CAUSES else "manual"
+
+
+@dataclass
+class Turn:
+    """One request's way through the proxy, filled in by whoever sees each part."""
+    route: str
+    start: float
+    model: str = ""
+    backend: str = ""
+    queued: float = 0.0
+    loading: float = 0.0
+    sent: float | None = None  # its turn began: the request goes to the backend
+    first_byte: float | None = None
+    end: bytes = b""  # the answer's last bytes, where usage and timings are
+
+    def ending(self, data: bytes) -> None:
+        """Keeps the end of the answer: llama-server writes `usage` and `timings` last, and a
+        large answer (many embeddings) is not searched whole."""
+        self.end = data[-END_BYTES:]
+
+
+TURN: ContextVar[Turn | None] = ContextVar("turn", default=None)
+
+
+def turn() -> Turn | None:
+    """The current request's turn, if it is a request the metrics follow."""
+    return TURN.get()
+
+
+def answer_end(data: bytes) -> None:
+    """The end of the current request's answer, as sent: where its usage and timings are."""
+    if t := TURN.get():
+        t.ending(data)
+
+
+def _number(pattern: re.Pattern[bytes], data: bytes) -> float | None:
+    """The last one: a stream's earlier events may hold a count so far (Anthropic's
+    message_start has output_tokens 0)."""
+    found = pattern.findall(data)
+    try:
+        return float(found[-1]) if found else None
+    except ValueError:
+        return None
+
+
+class Metrics:
+    """One registry per app, so that tests creating several apps do not share counters."""
+
+    def __init__(self) -> None:
+        self.registry = reg = CollectorRegistry()
+        self.requests = Counter("model_serve_requests", "Requests that named a served model, "
+                                "by route and the status answered", [*MODEL, "route", "status"],
+                                registry=reg)
+        self.in_flight = Gauge("model_serve_in_flight", "Requests being answered or waiting",
+                               MODEL, registry=reg)
+        self.ttft = Histogram("model_serve_time_to_first_token_seconds", "From the request's "
+                              "arrival to the answer's first byte", MODEL, buckets=SECONDS,
+                              registry=reg)
+        self.queue_wait = Histogram("model_serve_queue_wait_seconds", "Time queued behind the "
+                                    "model's max_concurrent answers", MODEL, buckets=SECONDS,
+                                    registry=reg)
+        self.load_wait = Histogram("model_serve_load_wait_seconds", "Time a request waited "
+                                   "for its model to load", MODEL, buckets=SECONDS,
+                                   registry=reg)
+        self.prefill = Histogram("model_serve_prefill_seconds", "The engine's prompt_ms, else "
+                                 "from sending the request to the first byte", MODEL,
+                                 buckets=SECONDS, registry=reg)
+        self.generated = Counter("model_serve_generated_tokens", "Tokens generated, as the "
+                                 "answer's timings or usage report them", MODEL, registry=reg)
+        self.rate = Histogram("model_serve_tokens_per_second", "Generation speed, from the "
+                              "engine's timings.predicted_per_second", MODEL, buckets=RATES,
+                              registry=reg)
+        self.loads = Counter("model_serve_loads", "Models loaded for a request or "
+                             "/models/load; by: governor (admitted) or proxy (no governor)",
+                             [*MODEL, "by"], registry=reg)
+        self.load_seconds = Histogram("model_serve_load_seconds", "Duration of the loads",
+                                      MODEL, buckets=SECONDS, registry=reg)
+        self.load_failures = Counter("model_serve_load_failures", "Loads refused (the "
+                                     "governor's admission: code insufficient_memory, ...) "
+                                     "or failed", [*MODEL, "code"], registry=reg)
+        self.unloads = Counter("model_serve_unloads", "Models unloaded, by reason: ttl, "
+                               "pressure, signal, admission (the governor's), manual, "
+                               "exited (its process ended unasked), expired (Ollama's "
+                               "keep_alive)", [*MODEL, "reason"], registry=reg)
+        self.live = Live()
+        reg.register(self.live)
+
+    # ---- the hot path: a few updates per request ------------------------------------------
+
+    def begin(self, route: str) -> Turn:
+        t = Turn(route, time.monotonic())
+        TURN.set(t)
+        return t
+
+    def finish(self, t: Turn, status: int) -> None:
+        if not t.model:  # refused before a model was found: not a model's request
+            return
+        labels = (t.model, t.backend)
+        self.requests.labels(*labels, t.route, str(status)).inc()
+        if status >= 400:
+            return
+        first = t.first_byte or time.monotonic()
+        self.ttft.labels(*labels).observe(first - t.start)
+        # every request, a warm one's wait as ~0: TTFT's parts have the same count as TTFT
+        self.queue_wait.labels(*labels).observe(t.queued)
+        self.load_wait.labels(*labels).observe(t.loading)
+        prompt_ms = _number(_PROMPT_MS, t.end)
+        if prompt_ms is not None:
+            self.prefill.labels(*labels).observe(prompt_ms / 1000)
+        elif t.sent is not None:
+            self.prefill.labels(*labels).observe(first - t.sent)
+        generated = _number(_GENERATED[0], t.end) or _number(_GENERATED[1], t.end)
+        if generated:
+            self.generated.labels(*labels).inc(generated)
+        if (rate := _number(_RATE, t.end)) is not None:
+            self.rate.labels(*labels).observe(rate)
+
+    # ---- loads and unloads ----------------------------------------------------------------
+
+    def loaded(self, key: Key, model: str, by: str, seconds: float) -> None:
+        self.loads.labels(model, key[0], by).inc()
+        self.load_seconds.labels(model, key[0]).observe(seconds)
+
+    def load_failed(self, key: Key, model: str, code: str) -> None:
+        self.load_failures.labels(model, key[0], code).inc()
+
+    def unloaded(self, key: Key, model: str, reason: str) -> None:
+        self.unloads.labels(model, key[0], reason).inc()
+
+    def export(self, models: list[dict], system: dict, queues: dict[str, dict]) -> web.Response:
+        """The text format, with the gauges of this scrape (`models` as /running lists them,
+        `system` its memory accounting, `queues` limits' stats by model)."""
+        self.live.now = (models, system, queues)
+        try:
+            body = generate_latest(self.registry)
+        finally:
+            self.live.now = ([], {}, {})
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+class Live:
+    """Gauges read at scrape time: set just before the registry is written out, with nothing
+    awaited in between, so concurrent scrapes do not see each other's."""
+
+    def __init__(self) -> None:
+        self.now: tuple[list[dict], dict, dict[str, dict]] = ([], {}, {})
+
+    def describe(self) -> list:
+        return []  # the families are only known at scrape time
+
+    def collect(self):
+        models, system, queues = self.now
+        state = GaugeMetricFamily("model_serve_model_state", "1 for each model a backend "
+                                  "lists, by its state (loaded, loading, unloaded, ...)",
+                                  labels=[*MODEL, "state"])
+        memory = GaugeMetricFamily("model_serve_model_memory_bytes", "A loaded model's "
+                                   "memory: estimated (before loading), measured (its "
+                                   "process), reclaimable (mapped weights)",
+                                   labels=[*MODEL, "kind"])
+        for m in models:
+            state.add_metric([m["id"], m["backend"], m["state"]], 1)
+            for kind, value in m["memory"].items():
+                if value is not None and m["state"] == "loaded":
+                    memory.add_metric([m["id"], m["backend"], kind], value)
+        queued = GaugeMetricFamily("model_serve_queued", "Requests waiting for a slot "
+                                   "(max_concurrent)", labels=MODEL)
+        longest = GaugeMetricFamily("model_serve_queue_longest_wait_seconds", "How long the "
+                                    "first in the queue has waited", labels=MODEL)
+        for mid, stats in queues.items():
+            queued.add_metric([mid, "engine"], stats["queued"])
+            longest.add_metric([mid, "engine"], stats["longest_queued_seconds"])
+        system_memory = GaugeMetricFamily("model_serve_system_memory_bytes", "The system's "
+                                          "memory by the governor's accounting",
+                                          labels=["kind"])
+        for kind in ("total", "used", "available", "limit", "os_used", "models_reclaimable",
+                     "reserved"):
+            if isinstance(system.get(kind), int):
+                system_memory.add_metric([kind], system[kind])
+        governor = GaugeMetricFamily("model_serve_governor_up", "1 when the governor answers")
+        governor.add_metric([], 1 if system.get("governor") == "up" else 0)
+        yield from (state, memory, queued, longest, system_memory, governor)
