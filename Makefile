@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install llama-server up down status test lint bench clean-venv
+.PHONY: install llama-server browser up down status test lint bench clean-venv
 
 install: $(STAMP) llama-server
 
@@ -24,6 +24,25 @@ llama-server: $(STAMP)
 	  bash services/engine/build_llama_server.sh >/dev/null; \
 	fi
 
+# headless Chromium for the dashboard's test (tests/browser.py looks for the same names):
+# from PATH or CHROMIUM, else Debian's package, else Homebrew's on a Mac
+browser:
+	@if [ -n "$$CHROMIUM" ] || command -v chromium chromium-browser google-chrome \
+	     google-chrome-stable >/dev/null || [ -d /Applications/Chromium.app ] || \
+	     [ -d "/Applications/Google Chrome.app" ]; then :; \
+	elif command -v apt-get >/dev/null; then \
+	  echo "installing chromium (Debian's package) for the dashboard's test"; \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null || \
+	  { $$sudo apt-get update -qq && \
+	    $$sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; \
+	elif command -v brew >/dev/null; then \
+	  brew install --cask --no-quarantine chromium; \
+	else \
+	  echo "no Chromium and no apt-get or brew to install it: set CHROMIUM=<path>" >&2; \
+	  exit 1; \
+	fi
+
 up: install
 	$(BIN)/model start
 
@@ -36,7 +55,7 @@ status:
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: install lint
+test: install browser lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: install

@@ -36,12 +36,17 @@ class ProxyClient:
     async def running(self) -> dict:
         return await self._call("GET", "/running")
 
+    async def events(self) -> dict:
+        """The recent loads, unloads and refusals (the dashboard gets them live)."""
+        return await self._call("GET", "/events")
+
     async def unload(self, model: str, force: bool = False, backend: str | None = None,
-                     reason: str | None = None) -> dict:
+                     reason: str | None = None, detail: str = "", signal: str = "") -> dict:
         """`reason`: the caller logs the unload with it (the governor); without one the proxy
-        logs it as a client's request."""
+        logs it as a client's request. `detail` and `signal` (the OS signals that fired) go to
+        the metrics and the dashboard's events."""
         body = {"model": model, "force": force, **({"backend": backend} if backend else {}),
-                **({"reason": reason} if reason else {})}
+                **({"reason": reason, "detail": detail, "signal": signal} if reason else {})}
         return await self._call("POST", "/models/unload", body)
 
     async def load(self, model: str) -> dict:

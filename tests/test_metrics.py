@@ -7,6 +7,7 @@ import json
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.proxy.events import Events
 from services.proxy.metrics import Metrics, Turn
 from tests.harness import http, wait
 from tests.ollama_store import add_model
@@ -78,10 +79,10 @@ def test_requests_loads_memory_and_unloads_per_model(stack_factory, config_dir) 
          30)
     assert value(scrape(stack), "model_serve_model_memory_bytes", **tiny) == 0
 
-    # a model whose process ends unasked is counted as exited once the proxy notices
+    # a model whose process ends unasked is counted as a crash once the proxy notices
     model_process(stack, OTHER).kill()
     wait(lambda: value(scrape(stack), "model_serve_unloads_total", **other,
-                       reason="exited") == 1, 30)
+                       reason="crash") == 1, 30)
     assert value(scrape(stack), "model_serve_unloads_total", **tiny) == 1  # nothing more
 
 
@@ -95,7 +96,7 @@ def test_the_governors_unloads_are_counted_by_their_cause(stack_factory, config_
     wait(lambda: value(scrape(stack), "model_serve_unloads_total", **tiny, reason="ttl") == 1,
          30)
     samples = scrape(stack)
-    assert value(samples, "model_serve_unloads_total", **tiny) == 1  # not also as exited
+    assert value(samples, "model_serve_unloads_total", **tiny) == 1  # not also as a crash
     assert value(samples, "model_serve_governor_up") == 1
     assert value(samples, "model_serve_system_memory_bytes", kind="limit") > 0
 
@@ -137,6 +138,33 @@ def test_tokens_of_the_answers_ollama_gives(stack_factory, ollama) -> None:
     assert value(scrape(stack), "model_serve_generated_tokens_total", **olla) == 5 * each
 
 
+def test_unloads_by_the_governor_keep_their_cause_and_signal(stack_factory) -> None:
+    """What the governor sends /models/unload (tests/test_scheduler.py checks it sends it):
+    the cause becomes the reason; only a signal unload names signals, only as names."""
+    stack = stack_factory().start()
+    for reason, signal in (("signal", "psi,refault"), ("pressure", "psi"), ("signal", "a b"),
+                           ("my-own", "")):
+        assert http("POST", stack.url + "/models/load", {"model": TINY})[0] == 200
+        assert http("POST", stack.url + "/models/unload", {
+            "model": TINY, "reason": reason, "signal": signal,
+            "detail": f"{reason} detail"})[0] == 200
+        # gone from the engine before the next load (it lists it while its process ends)
+        wait(lambda: not http("GET", stack.url + "/running")[1]["models"], 30)
+    samples = scrape(stack)
+    tiny = {"model": TINY, "backend": "engine"}
+    assert value(samples, "model_serve_unloads_total", **tiny, reason="signal",
+                 signal="psi,refault") == 1
+    assert value(samples, "model_serve_unloads_total", **tiny, reason="pressure",
+                 signal="") == 1
+    assert value(samples, "model_serve_unloads_total", **tiny, reason="signal", signal="") == 1
+    assert value(samples, "model_serve_unloads_total", **tiny, reason="manual") == 1
+    events = [e for e in http("GET", stack.url + "/events")[1]["events"]
+              if e["kind"] == "unloaded"]
+    assert [(e["reason"], e["detail"]) for e in events] == [
+        ("signal", "signal detail"), ("pressure", "pressure detail"),
+        ("signal", "signal detail"), ("manual", "my-own detail")]
+
+
 def test_metrics_ask_for_the_api_key(stack_factory) -> None:
     stack = stack_factory(API_KEY="secret").start()
     assert http("GET", stack.url + "/metrics")[0] == 401
@@ -145,7 +173,7 @@ def test_metrics_ask_for_the_api_key(stack_factory) -> None:
 
 
 def test_usage_and_timings_are_read_from_the_answers_end() -> None:
-    metrics, turn = Metrics(), Turn("/v1/chat/completions", 0.0, "m", "engine", sent=0.0,
+    metrics, turn = Metrics(Events()), Turn("/v1/chat/completions", 0.0, "m", "engine", sent=0.0,
                                     first_byte=0.5)
     turn.end = (b'data: {"choices":[],"usage":{"completion_tokens":7},"timings":'
                 b'{"prompt_ms":12.5,"predicted_n":8,"predicted_per_second":40.0}}\n\n'

@@ -54,6 +54,7 @@ class Fake:
     def __init__(self, routes: dict) -> None:
         self.app = web.Application()
         self.calls: dict[str, int] = {}
+        self.bodies: dict[str, list] = {}
         for (method, path), handler in routes.items():
             self.app.router.add_route(method, path, self._counted(path, handler))
         self.server = TestServer(self.app, host="127.0.0.1")
@@ -61,6 +62,8 @@ class Fake:
     def _counted(self, path, handler):
         async def handle(request: web.Request) -> web.Response:
             self.calls[path] = self.calls.get(path, 0) + 1
+            if request.can_read_body:
+                self.bodies.setdefault(path, []).append(await request.json())
             return handler(request)
         return handle
 
@@ -244,6 +247,10 @@ def test_a_pressure_signal_unloads_the_lru_idle_model_and_names_itself(tmp_path,
         assert s.memory["firing"] == ["refault 80.0 MiB/s (level 32 MiB/s)"]
         assert s.unloads[0]["cause"] == "signal" and "refault 80.0 MiB/s" in \
             s.unloads[0]["reason"]
+        # the proxy is told the cause, the signal (a metric's label) and the why (the events)
+        told = fakes[0].bodies["/models/unload"][0]
+        assert (told["model"], told["reason"], told["signal"]) == (B, "signal", "refault")
+        assert told["detail"].startswith("pressure signal refault 80.0 MiB/s")
         await asyncio.sleep(1)  # the system gets time to recover before another may go
         assert gone == [B]
         s.signals.on = False

@@ -59,6 +59,8 @@ def test_once_shows_the_memory_and_each_loaded_model(stack_factory) -> None:
     mem = next(m for m in running(stack)["models"] if m["id"] == TINY)["memory"]
     assert size.lstrip("~").replace(",", "").isdigit()
     assert size.startswith("~") == (mem["measured"] is None)
+    events = loaded.stdout.split("\nEVENTS\n")[1].splitlines()
+    assert f"{TINY} (engine) loaded in " in events[0] and f"{TINY} (engine) loading" in events[1]
 
 
 def test_once_shows_requests_in_flight_and_queued(stack_factory, models_dir,
@@ -143,6 +145,7 @@ def test_live_view_in_a_terminal_follows_the_stack_and_quits(stack_factory, key)
         read_until(TINY.encode() + b"  engine   loaded")
         assert http("POST", stack.url + "/models/unload", {"model": TINY})[0] == 200
         read_until(TINY.encode() + b"  engine   unloaded")  # top remembers what it saw
+        read_until(TINY.encode() + b" (engine) unloaded: manual")  # and the event says why
         stack.stop()
         read_until(b"is not answering")  # said in the frame, and top goes on
         assert proc.poll() is None

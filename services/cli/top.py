@@ -26,6 +26,7 @@ from services.cli.ollama_cmds import table_lines
 BAR = 10
 # A frame must come back well within a refresh or two; a hung proxy is reported, not waited on
 FETCH_TIMEOUT = 5.0
+EVENTS = 6  # the latest loads, unloads (with why) and refusals under the table
 # Models seen loaded earlier in this session and unloaded since: /running lists loaded models
 # only, so top itself remembers them to show what was recently used
 RECENT = 5
@@ -85,8 +86,21 @@ def model_rows(models: list[dict], recent: list[dict], budget: int, now: float) 
     return table_lines(rows)
 
 
+def describe(event: dict) -> str:
+    """One event as the dashboard words it."""
+    what = {"loading": "loading",
+            "loaded": f"loaded in {event.get('seconds')}s",
+            "unloaded": f"unloaded: {event.get('reason')}"
+                        + (f" ({event['detail']})" if event.get("detail") else ""),
+            "refused": f"refused: {event.get('message')}",
+            "load_failed": f"load failed: {event.get('message')}"}.get(event["kind"],
+                                                                        event["kind"])
+    at = time.strftime("%H:%M:%S", time.localtime(event["at"]))
+    return f"{at}  {event['model']} ({event['backend']}) {what}"
+
+
 def frame(url: str, data: dict | None, error: str | None, recent: list[dict],
-          interactive: bool) -> list[str]:
+          interactive: bool, events: list[dict] = ()) -> list[str]:
     now = time.time()
     title = f"model top  {url}  {time.strftime('%H:%M:%S', time.localtime(now))}"
     lines = [title + ("   (q quits)" if interactive else ""), ""]
@@ -101,6 +115,8 @@ def frame(url: str, data: dict | None, error: str | None, recent: list[dict],
     lines += model_rows(models, recent, system["limit"], now)
     if any(footprint(m)[1] for m in models):
         lines.append("~ estimated (not measured yet)")
+    if events:
+        lines += ["", "EVENTS", *(describe(e) for e in reversed(events[-EVENTS:]))]
     return lines
 
 
@@ -115,8 +131,9 @@ class Session:
         """The frame, and whether the proxy answered."""
         try:
             data, error = call_proxy("running", timeout=FETCH_TIMEOUT), None
+            events = call_proxy("events", timeout=FETCH_TIMEOUT).get("events", [])
         except click.ClickException as e:
-            data, error = None, e.message
+            data, error, events = None, e.message, []
         try:
             recent: list[dict] = []
             if data is not None:
@@ -125,7 +142,7 @@ class Session:
                     self.seen[(m["backend"], m["id"])] = m
                 recent = sorted((m for k, m in self.seen.items() if k not in loaded),
                                 key=lambda m: -(m["last_used"] or 0))[:RECENT]
-            return frame(self.url, data, error, recent, interactive), data is not None
+            return frame(self.url, data, error, recent, interactive, events), data is not None
         except (KeyError, TypeError, AttributeError):
             # a proxy of another version: say so in the frame rather than crash the view
             return frame(self.url, None, "its /running answer is not one this `model top` "

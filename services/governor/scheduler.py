@@ -233,7 +233,8 @@ class Scheduler:
         if not victims:
             self._nothing_idle(rows, f"pressure signal {why}", "signal")
             return
-        await self.unload(victims[0], f"pressure signal {why}", "signal")
+        await self.unload(victims[0], f"pressure signal {why}", "signal",
+                          signal=",".join(s.name for s in firing))
         self.signals_quiet_until = time.monotonic() + max(3.0,
                                                           2 * self.settings.pressure_interval)
 
@@ -245,11 +246,12 @@ class Scheduler:
         self._stuck.add(cause)
 
     async def unload(self, row: dict, reason: str, cause: str,
-                     acct: Accounting | None = None) -> bool:
+                     acct: Accounting | None = None, signal: str = "") -> bool:
         """Through the proxy, which refuses (409) if a request has just arrived for it."""
         key, mid = row_key(row), row["id"]
         try:
-            await self.proxy.unload(mid, backend=row["backend"], reason=cause)
+            await self.proxy.unload(mid, backend=row["backend"], reason=cause, detail=reason,
+                                    signal=signal)
         except ProxyError as e:
             if e.status == 409:
                 log.info("did not unload %s: %s", mid, e)

@@ -78,13 +78,14 @@ class Admission:
 
     async def _load(self, key: Key, entry: Entry | None, use_id: str) -> LoadError | None:
         start, by = time.monotonic(), "governor"
+        self.metrics.loading(key, use_id)
         try:
             if not (self.settings.memory_admission and await self._by_governor(key)):
                 by = "proxy"
                 await loading.load(key, entry, self.engine, self.ollama, self.session)
                 log.info("loaded %s on %s without admission", key[1], key[0])
         except LoadError as e:
-            self.metrics.load_failed(key, use_id, e.code)
+            self.metrics.load_failed(key, use_id, e)
             return e
         self.metrics.loaded(key, use_id, by, time.monotonic() - start)
         self.warm.add(key)
@@ -156,8 +157,9 @@ class Admission:
         engine model's process ended; Ollama let one go (its keep_alive)."""
         for backend, name in gone - self._forgotten:
             if backend == "engine" and "engine" in seen:
-                self.metrics.unloaded((backend, name), name, "exited")
+                self.metrics.unloaded((backend, name), name, "crash",
+                                     "its process ended without being asked to")
             elif backend == "ollama" and "ollama" in seen:
                 # counted by the catalog id its requests are counted by, as with_model does
                 mid = next((m for m, e in entries.items() if e.ollama == name), name)
-                self.metrics.unloaded((backend, name), mid, "expired")
+                self.metrics.unloaded((backend, name), mid, "expired", "Ollama's keep_alive")

@@ -11,11 +11,12 @@ import time
 import aiohttp
 from aiohttp import web
 
-from services.proxy import forward, info, manage, metrics, ollama_api, routes
+from services.proxy import forward, home, info, manage, metrics, ollama_api, routes
 from services.proxy.admission import Admission
 from services.proxy.browser_guard import browser_guard, cors_headers
 from services.proxy.context import CTX, Context
 from services.proxy.error_shapes import error_shapes
+from services.proxy.events import Events
 from services.proxy.limits import Limits
 from services.proxy.metrics import Metrics
 from services.proxy.ollama_routes import OllamaModels
@@ -67,10 +68,18 @@ def _given_key(request: web.Request) -> str:
     return request.headers.get("x-api-key", "").strip()
 
 
+def _dashboard_page(request: web.Request) -> bool:
+    """The page's files hold no data: a browser gets them without the key, and the page then
+    asks for it."""
+    if request.path.startswith(home.OPEN_PREFIX):
+        return True
+    return request.path == "/" and request.method in ("GET", "HEAD")
+
+
 @web.middleware
 async def api_key(request: web.Request, handler) -> web.StreamResponse:
     key = request.app[CTX].settings.api_key
-    if key and request.path not in OPEN_PATHS and \
+    if key and request.path not in OPEN_PATHS and not _dashboard_page(request) and \
             not hmac.compare_digest(_given_key(request).encode(), key.encode()):
         return error_response(401, "missing or wrong API key: send "
                               "'Authorization: Bearer <API_KEY>' or 'x-api-key: <API_KEY>'",
@@ -134,7 +143,12 @@ def make_app(settings: Settings, engine: Engine | None = None) -> web.Applicatio
                           middlewares=[count, in_flight, error_shapes, openai_errors,
                                        browser_guard, api_key])
     app[IN_FLIGHT] = set()
-    app.on_shutdown.append(drain)
+    events = Events()
+
+    async def end_feeds(app: web.Application) -> None:
+        events.close()
+
+    app.on_shutdown.extend([end_feeds, drain])
     app.on_response_prepare.extend([cors_headers, _mark_prepared])
     engine = engine or make_engine(settings)
 
@@ -155,7 +169,7 @@ def make_app(settings: Settings, engine: Engine | None = None) -> web.Applicatio
             except Exception as e:  # noqa: BLE001 - any failure: serve the rest, say why
                 log.error("Harmony unavailable, GPT-OSS models will fail: %s", e)
             ollama = Ollama(settings.ollama_base, ollama_session)
-            usage, meters = Usage(), Metrics()
+            usage, meters = Usage(), Metrics(events)
             admission = Admission(settings, engine, session, ollama, usage, meters)
             app[CTX] = Context(settings, engine, holder, usage, session, ollama,
                                OllamaModels(ollama), admission, Limits(settings.max_queue),
@@ -188,6 +202,6 @@ def make_app(settings: Settings, engine: Engine | None = None) -> web.Applicatio
     app.router.add_get("/api/ps", ollama_api.ps)
     app.router.add_post("/api/show", ollama_api.show_model)
     app.router.add_get("/api/version", ollama_api.version)
-    app.router.add_get("/", ollama_api.running)
+    home.add_routes(app)
     app.router.add_route("*", "/api/{tail:.*}", ollama_api.unknown)  # last: Ollama's 404
     return app

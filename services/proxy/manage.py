@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import time
 
 import aiohttp
@@ -133,6 +134,10 @@ async def scrape(request: web.Request) -> web.StreamResponse:
                               {mid: ctx.limits.stats(mid) for mid in ctx.limits.lanes})
 
 
+def _text(given: object) -> str:
+    return given[:300] if isinstance(given, str) else ""
+
+
 async def _requested(request: web.Request) -> tuple[Entry | None, str | None, dict] | \
         web.Response:
     """The model a management call names: its catalog entry and/or its Ollama name."""
@@ -195,8 +200,12 @@ async def unload(request: web.Request) -> web.Response:
             return error_response(503, str(e), "ollama_unavailable")
         except (EngineError, aiohttp.ClientError) as e:
             return error_response(503, f"engine: {e}", "engine_error")
+    reason = unload_reason(body.get("reason"))
+    # the signals' names label a metric: only the governor's, only names
+    signal = _text(body.get("signal")) if reason == "signal" else ""
+    signal = signal if re.fullmatch(r"[a-z0-9_,-]*", signal) else ""
     for key in keys:  # the governor's unloads pass here too, with their cause
-        ctx.metrics.unloaded(key, mid, unload_reason(body.get("reason")))
+        ctx.metrics.unloaded(key, mid, reason, _text(body.get("detail")), signal)
     if not body.get("reason"):  # the governor logs its own, with the numbers
         log.info("unloaded %s from %s at a client's request%s", mid,
                  " and ".join(k[0] for k in keys), " (forced)" if use and use.in_flight else "")

@@ -15,7 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from shared.loading import Key
+from services.proxy.events import Events
+from shared.loading import Key, LoadError
 
 MODEL = ["model", "backend"]
 # from a warm model's first token (tens of ms) to a cold load of a large one (minutes)
@@ -83,9 +84,12 @@ def _number(pattern: re.Pattern[bytes], data: bytes) -> float | None:
 
 
 class Metrics:
-    """One registry per app, so that tests creating several apps do not share counters."""
+    """One registry per app, so that tests creating several apps do not share counters. Loads,
+    unloads and refusals are also told to `events`, the dashboard's live feed: one call where
+    each happens."""
 
-    def __init__(self) -> None:
+    def __init__(self, events: Events) -> None:
+        self.events = events
         self.registry = reg = CollectorRegistry()
         self.requests = Counter("model_serve_requests", "Requests that named a served model, "
                                 "by route and the status answered", [*MODEL, "route", "status"],
@@ -118,9 +122,10 @@ class Metrics:
                                      "governor's admission: code insufficient_memory, ...) "
                                      "or failed", [*MODEL, "code"], registry=reg)
         self.unloads = Counter("model_serve_unloads", "Models unloaded, by reason: ttl, "
-                               "pressure, signal, admission (the governor's), manual, "
-                               "exited (its process ended unasked), expired (Ollama's "
-                               "keep_alive)", [*MODEL, "reason"], registry=reg)
+                               "pressure, signal (with the OS signals that fired), "
+                               "admission (the governor's), manual, crash (its process "
+                               "ended unasked), expired (Ollama's keep_alive)",
+                               [*MODEL, "reason", "signal"], registry=reg)
         self.live = Live()
         reg.register(self.live)
 
@@ -156,15 +161,24 @@ class Metrics:
 
     # ---- loads and unloads ----------------------------------------------------------------
 
+    def loading(self, key: Key, model: str) -> None:
+        self.events.emit("loading", model, key[0])
+
     def loaded(self, key: Key, model: str, by: str, seconds: float) -> None:
         self.loads.labels(model, key[0], by).inc()
         self.load_seconds.labels(model, key[0]).observe(seconds)
+        self.events.emit("loaded", model, key[0], by=by, seconds=round(seconds, 2))
 
-    def load_failed(self, key: Key, model: str, code: str) -> None:
-        self.load_failures.labels(model, key[0], code).inc()
+    def load_failed(self, key: Key, model: str, error: LoadError) -> None:
+        self.load_failures.labels(model, key[0], error.code).inc()
+        self.events.emit("refused" if error.code == "insufficient_memory" else "load_failed",
+                         model, key[0], code=error.code, message=error.message)
 
-    def unloaded(self, key: Key, model: str, reason: str) -> None:
-        self.unloads.labels(model, key[0], reason).inc()
+    def unloaded(self, key: Key, model: str, reason: str, detail: str = "",
+                 signal: str = "") -> None:
+        self.unloads.labels(model, key[0], reason, signal).inc()
+        self.events.emit("unloaded", model, key[0], reason=reason, detail=detail,
+                         signal=signal)
 
     def export(self, models: list[dict], system: dict, queues: dict[str, dict]) -> web.Response:
         """The text format, with the gauges of this scrape (`models` as /running lists them,

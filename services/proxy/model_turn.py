@@ -36,7 +36,7 @@ async def with_model(ctx: Context, key: Key, entry: Entry | None, use_id: str,
         except NotLoaded:
             log.info("%s had left the engine; loading it again", key[1])
             ctx.admission.forget(key)
-            ctx.metrics.unloaded(key, use_id, "exited")
+            ctx.metrics.unloaded(key, use_id, "crash", "it had left the engine")
         try:
             return await _attempt(ctx, key, entry, use_id, answer)
         except NotLoaded as e:

@@ -212,11 +212,6 @@ async def version(request: web.Request) -> web.Response:
     return web.json_response({"version": theirs or OLLAMA_VERSION, "model_serve": OUR_VERSION})
 
 
-async def running(request: web.Request) -> web.Response:
-    """What Ollama's clients probe for."""
-    return web.Response(text="Ollama is running")
-
-
 async def management(request: web.Request) -> web.StreamResponse:
     """pull, push, create, copy, delete and blob uploads: Ollama's. The sync service sees
     the manifests change and updates the catalog; Ollama's own list is asked again now."""

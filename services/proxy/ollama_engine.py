@@ -51,7 +51,7 @@ async def unload(ctx: Context, entry: Entry) -> None:
     except (EngineError, aiohttp.ClientError, ValueError) as e:
         log.warning("keep_alive 0: could not unload %s: %s", entry.id, e)
     else:
-        ctx.metrics.unloaded(key, entry.id, "manual")
+        ctx.metrics.unloaded(key, entry.id, "manual", "keep_alive 0")
         log.info("unloaded %s at a client's request (keep_alive 0)", entry.id)
 
 

@@ -1,0 +1,171 @@
+"""The dashboard at /, in headless Chromium against the real stack: models appear loaded after
+a request and unloaded after an unload, events arrive live, the buttons work (behind the API
+key when one is set); and the events feed itself."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from services.proxy.events import BACKLOG, Events
+from tests.browser import Chromium, Page
+from tests.harness import http
+from tests.streams import chat
+
+TINY, OTHER = "ms/tiny:0.2m-f32", "ms/other:0.2m-f32"
+
+
+def row_state(model: str) -> str:
+    return f"document.querySelector('tr[data-model=\"{model}\"]')?.dataset.state"
+
+
+def event_shown(kind: str, model: str, text: str = "") -> str:
+    return (f"[...document.querySelectorAll('#events li[data-kind=\"{kind}\"]')]"
+            f".some(li => li.dataset.model === '{model}' && li.textContent.includes('{text}'))")
+
+
+async def click(page: Page, model: str, action: str) -> None:
+    await page.js(f"document.querySelector('tr[data-model=\"{model}\"] "
+                  f"button[data-action=\"{action}\"]').click()")
+
+
+def visible(element_id: str) -> str:
+    return f"getComputedStyle(document.getElementById('{element_id}')).display !== 'none'"
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_dashboard_follows_the_stack_live(stack_factory, tmp_path: Path) -> None:
+    stack = stack_factory().start("engine", "proxy", "governor")
+
+    async def scenario() -> None:
+        async with Chromium() as browser:
+            page = await browser.open(stack.url + "/")
+            assert await page.until(row_state(TINY)) == "unloaded"
+            assert await page.until("document.getElementById('governor').textContent") == \
+                "governor up"
+            assert not await page.js(visible("key-form"))  # no key asked for: none is set
+            await page.until("document.getElementById('live').textContent === 'live'")
+
+            # a client's request loads the model: the page shows it, and the event, unasked
+            assert (await asyncio.to_thread(http, "POST", stack.url + "/v1/chat/completions",
+                                            chat(TINY)))[0] == 200
+            await page.until(f"{row_state(TINY)} === 'loaded'")
+            await page.until(event_shown("loaded", TINY))
+            memory = await page.js(f"document.querySelector('tr[data-model=\"{TINY}\"] "
+                                   "td.memory').textContent")
+            assert "MiB" in memory
+            assert "% of" in await page.js("document.getElementById('memory-text').textContent")
+
+            # an unload from elsewhere (the API): gone from the loaded ones, with its reason
+            assert (await asyncio.to_thread(http, "POST", stack.url + "/models/unload",
+                                            {"model": TINY}))[0] == 200
+            await page.until(f"{row_state(TINY)} === 'unloaded'")
+            await page.until(event_shown("unloaded", TINY, "manual"))
+
+            # the buttons: load, then unload, from the page
+            await click(page, OTHER, "load")
+            await page.until(f"{row_state(OTHER)} === 'loaded'")
+            await page.until(event_shown("loaded", OTHER))
+            running = (await asyncio.to_thread(http, "GET",
+                                                stack.url + "/running"))[1]
+            assert [m["id"] for m in running["models"]] == [OTHER]
+            await page.screenshot(tmp_path / "dashboard.png")
+            await click(page, OTHER, "unload")
+            await page.until(f"{row_state(OTHER)} === 'unloaded'")
+            await page.until(event_shown("unloaded", OTHER))
+            running = (await asyncio.to_thread(http, "GET",
+                                                stack.url + "/running"))[1]
+            assert running["models"] == []
+
+    asyncio.run(scenario())
+    width, height = png_size(tmp_path / "dashboard.png")
+    assert width >= 1000 and height >= 400
+
+
+def test_dashboard_asks_for_the_api_key(stack_factory) -> None:
+    stack = stack_factory(API_KEY="s3cret").start()
+    # the page itself holds no data: served without the key; the data is not
+    status, page_html = http("GET", stack.url + "/", headers={"Accept": "text/html"})
+    assert status == 200 and "<title>model-serve</title>" in page_html
+    assert http("GET", stack.url + "/dashboard/dashboard.js")[0] == 200
+    assert http("GET", stack.url + "/running")[0] == 401
+    assert http("GET", stack.url + "/events")[0] == 401
+    assert http("GET", stack.url + "/dashboard/../../pyproject.toml")[0] == 404
+
+    async def scenario() -> None:
+        async with Chromium() as browser:
+            page = await browser.open(stack.url + "/")
+            await page.until(visible("key-form"))
+            assert await page.js(f"document.querySelector('tr[data-model=\"{TINY}\"]')") is None
+            await page.js("document.getElementById('key').value = 's3cret';"
+                          "document.getElementById('key-form').requestSubmit()")
+            assert await page.until(row_state(TINY)) == "unloaded"
+            await page.until(f"!({visible('key-form')})")
+            await page.until("document.getElementById('live').textContent === 'live'")
+            await click(page, TINY, "load")
+            await page.until(f"{row_state(TINY)} === 'loaded'")
+            await page.until(event_shown("loaded", TINY))
+
+    asyncio.run(scenario())
+
+
+def test_ollama_clients_still_get_their_answer_at_the_root(stack_factory) -> None:
+    stack = stack_factory().start()
+    for accept in (None, "*/*", "application/json"):
+        headers = {"Accept": accept} if accept else {}
+        assert http("GET", stack.url + "/", headers=headers) == (200, "Ollama is running")
+    assert http("HEAD", stack.url + "/")[0] == 200
+
+
+def test_events_feed_recent_and_live(stack_factory) -> None:
+    stack = stack_factory().start()
+    assert http("POST", stack.url + "/models/load", {"model": TINY})[0] == 200
+    status, body = http("GET", stack.url + "/events")
+    assert status == 200
+    kinds = [(e["kind"], e["model"]) for e in body["events"]]
+    assert kinds == [("loading", TINY), ("loaded", TINY)]
+
+    async def live() -> list[dict]:
+        async with aiohttp.ClientSession() as session, session.get(
+                stack.url + "/events", headers={"Accept": "text/event-stream",
+                                                "Last-Event-ID": "2"}) as resp:
+            assert resp.headers["Content-Type"].startswith("text/event-stream")
+            await asyncio.to_thread(http, "POST", stack.url + "/models/unload",
+                                    {"model": TINY})
+            line = b""
+            while not line.startswith(b"data: "):
+                line = await asyncio.wait_for(resp.content.readline(), 30)
+            return [json.loads(line[6:])]
+
+    (event,) = asyncio.run(live())  # only what came after the last one it had
+    assert (event["kind"], event["model"], event["reason"]) == ("unloaded", TINY, "manual")
+
+
+@pytest.mark.parametrize("slow", [True, False])
+def test_a_reader_that_falls_behind_is_let_go_others_keep_up(slow: bool) -> None:
+    async def go() -> None:
+        feed = Events()
+        with feed.reader() as behind, feed.reader() as keeping_up:
+            for i in range(BACKLOG + (1 if slow else 0)):
+                feed.emit("loaded", f"m{i}", "engine")
+                keeping_up.get_nowait()
+            if slow:  # its queue ends with the end mark: it reconnects for the rest
+                assert behind.qsize() == 1 and behind.get_nowait() is None
+            else:
+                assert behind.qsize() == BACKLOG
+            assert keeping_up.empty()
+            feed.close()
+            assert keeping_up.get_nowait() is None
+        assert [e["model"] for e in feed.since(BACKLOG - 1)][:1] == [f"m{BACKLOG - 1}"]
+
+    asyncio.run(go())
