@@ -3,15 +3,23 @@ when that server has gone."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import time
 from http.client import HTTPConnection
+from types import SimpleNamespace
 
 import psutil
 
-from shared.engines.base import section_name
+from services.proxy.admission import Admission
+from services.proxy.events import Events
+from services.proxy.metrics import Metrics
+from services.proxy.state import Usage
+from shared import settings as settings_mod
+from shared.catalog import Catalog
+from shared.engines.base import Running, section_name
 from shared.tiny_gguf import write_model
 from tests.harness import http, wait
 from tests.streams import chat, stream_chat
@@ -94,3 +102,38 @@ def test_a_model_that_left_at_its_ttl_answers_the_next_request(stack_factory,
     assert status == 200 and body["model"] == TINY
     assert model_process(stack, TINY).pid != first.pid  # loaded again
     assert stream_chat(stack.url, TINY)[-1]["model"] == TINY  # and warm: straight to it
+
+
+class LateEngine:
+    """An engine whose answer to "what is loaded" arrives when the test lets it."""
+
+    def __init__(self) -> None:
+        self.asked, self.answer = asyncio.Event(), asyncio.Event()
+
+    async def running(self, session, catalog) -> dict[str, Running]:
+        self.asked.set()
+        await self.answer.wait()
+        return {TINY: Running("loaded", 1234)}
+
+
+def test_a_look_at_the_engine_from_before_an_unload_does_not_warm_the_model_again(
+        tmp_path) -> None:
+    async def go() -> None:
+        engine = LateEngine()
+        settings = settings_mod.load({"STATE_DIR": str(tmp_path)}, env_file=tmp_path / "no")
+        admission = Admission(settings, engine, None, None, Usage(), Metrics(Events()))
+        key = ("engine", TINY)
+        admission.warm.add(key)
+        admission.direct[TINY] = "http://127.0.0.1:1234"
+        holder = SimpleNamespace(catalog=Catalog({}))
+        look = asyncio.create_task(admission.follow(holder, interval=0))
+        await engine.asked.wait()  # the look has begun, the model still loaded
+        async with admission.unloading(key):
+            pass
+        engine.answer.set()  # and it says so, after the unload
+        await asyncio.sleep(0.05)
+        look.cancel()
+        # its next request loads it again (through admission), not straight to a dead server
+        assert key not in admission.warm and TINY not in admission.direct
+
+    asyncio.run(go())

@@ -4,6 +4,7 @@ Prometheus would; with ?model=, still the model's own llama-server's."""
 from __future__ import annotations
 
 import json
+from http.client import HTTPConnection
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -84,6 +85,29 @@ def test_requests_loads_memory_and_unloads_per_model(stack_factory, config_dir) 
     wait(lambda: value(scrape(stack), "model_serve_unloads_total", **other,
                        reason="crash") == 1, 30)
     assert value(scrape(stack), "model_serve_unloads_total", **tiny) == 1  # nothing more
+
+
+def test_a_client_leaving_mid_stream_is_a_499_one_leaving_at_its_end_is_not(
+        stack_factory) -> None:
+    stack = stack_factory().start()
+    port = int(stack.env["HARMONY_PROXY_PORT"])
+    for tokens, read_all in ((100000, False), (8, True)):
+        conn = HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("POST", "/v1/chat/completions", json.dumps(chat(
+            TINY, max_tokens=tokens, ignore_eos=True, stream=True)),
+            {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        while (line := resp.readline()) and (read_all or not line.startswith(b"data: {")):
+            if line.startswith(b"data: [DONE]"):
+                break
+        conn.close()  # at once, either mid-answer or on its last event
+    tiny = {"model": TINY, "backend": "engine", "route": "/v1/chat/completions"}
+    wait(lambda: value(scrape(stack), "model_serve_requests_total", **tiny) == 2, 30)
+    samples = scrape(stack)
+    assert value(samples, "model_serve_requests_total", **tiny, status="499") == 1
+    assert value(samples, "model_serve_requests_total", **tiny, status="200") == 1
+    assert value(samples, "model_serve_time_to_first_token_seconds_count",
+                 model=TINY) == 1
 
 
 def test_the_governors_unloads_are_counted_by_their_cause(stack_factory, config_dir) -> None:

@@ -143,14 +143,18 @@ class Admission:
                 seen.add("engine")
             except (aiohttp.ClientError, ValueError, EngineError):
                 warm = set()
-            self.direct = {m: url for m, url in self.direct.items() if ("engine", m) in warm}
             if any(b == "ollama" for b, _ in self.warm):  # ask Ollama only when it serves us
                 with contextlib.suppress(OllamaUnavailable, OllamaError, ValueError):
                     warm |= {("ollama", m.get("name", "")) for m in await self.ollama.ps()}
                     seen.add("ollama")
             self._count_exits(before & self.warm - warm, seen, holder.catalog.entries)
             self._forgotten &= warm
-            self.warm = warm
+            # one the proxy let go of (an unload, perhaps while this look was under way) is
+            # warm again only once the proxy loads it: a backend lists a model a moment
+            # longer while its process ends
+            self.warm = warm - self._forgotten
+            self.direct = {m: url for m, url in self.direct.items()
+                           if ("engine", m) in self.warm}
 
     def _count_exits(self, gone: set[Key], seen: set[str], entries: dict[str, Entry]) -> None:
         """Models that left a backend which answered, without the proxy unloading them: an

@@ -89,9 +89,12 @@ async def api_key(request: web.Request, handler) -> web.StreamResponse:
 
 async def _mark_prepared(request: web.Request, response: web.StreamResponse) -> None:
     request[PREPARED] = True
-    # a stream's first byte, until relay (the engine's streams) knows its first chunk's time
-    if (turn := metrics.turn()) and turn.first_byte is None:
-        turn.first_byte = time.monotonic()
+    if turn := metrics.turn():
+        turn.sent_status = response.status
+        # a stream's first byte, until relay (the engine's streams) knows its first chunk's
+        # time
+        if turn.first_byte is None:
+            turn.first_byte = time.monotonic()
 
 
 @web.middleware
@@ -104,6 +107,13 @@ async def count(request: web.Request, handler) -> web.StreamResponse:
         response = await handler(request)
     except web.HTTPException as e:
         ctx.metrics.finish(turn, e.status)
+        raise
+    except asyncio.CancelledError:
+        # the client left (or the proxy stopped): once the whole answer was sent (a stream's
+        # client often closes on its last event, before the handler is done) it counts as
+        # answered; before that as 499, nginx's "client closed request"
+        ctx.metrics.finish(turn, turn.sent_status if turn.complete and turn.sent_status
+                           else 499)
         raise
     ctx.metrics.finish(turn, response.status)
     return response

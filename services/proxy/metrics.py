@@ -51,12 +51,26 @@ class Turn:
     loading: float = 0.0
     sent: float | None = None  # its turn began: the request goes to the backend
     first_byte: float | None = None
+    sent_status: int | None = None  # the status line sent, once it is
+    complete: bool = False  # a stream's last event was sent
     end: bytes = b""  # the answer's last bytes, where usage and timings are
 
     def ending(self, data: bytes) -> None:
         """Keeps the end of the answer: llama-server writes `usage` and `timings` last, and a
         large answer (many embeddings) is not searched whole."""
         self.end = data[-END_BYTES:]
+
+
+@dataclass
+class Series:
+    """One model's per-request series (its `model` and `backend` labels applied)."""
+    in_flight: Gauge
+    ttft: Histogram
+    queue_wait: Histogram
+    load_wait: Histogram
+    prefill: Histogram
+    generated: Counter
+    rate: Histogram
 
 
 TURN: ContextVar[Turn | None] = ContextVar("turn", default=None)
@@ -128,6 +142,8 @@ class Metrics:
                                [*MODEL, "reason", "signal"], registry=reg)
         self.live = Live()
         reg.register(self.live)
+        self._series: dict[tuple[str, str], Series] = {}
+        self._requests: dict[tuple[str, str, str, int], Counter] = {}
 
     # ---- the hot path: a few updates per request ------------------------------------------
 
@@ -136,28 +152,43 @@ class Metrics:
         TURN.set(t)
         return t
 
+    def series(self, model: str, backend: str) -> Series:
+        """The model's labelled series, looked up once: prometheus_client's labels() costs
+        more than the update itself."""
+        found = self._series.get((model, backend))
+        if found is None:
+            labels = (model, backend)
+            found = self._series[labels] = Series(
+                *(m.labels(*labels) for m in (self.in_flight, self.ttft, self.queue_wait,
+                                              self.load_wait, self.prefill, self.generated,
+                                              self.rate)))
+        return found
+
     def finish(self, t: Turn, status: int) -> None:
         if not t.model:  # refused before a model was found: not a model's request
             return
-        labels = (t.model, t.backend)
-        self.requests.labels(*labels, t.route, str(status)).inc()
+        key = (t.model, t.backend, t.route, status)
+        if (counted := self._requests.get(key)) is None:
+            counted = self._requests[key] = self.requests.labels(*key[:3], str(status))
+        counted.inc()
         if status >= 400:
             return
+        series = self.series(t.model, t.backend)
         first = t.first_byte or time.monotonic()
-        self.ttft.labels(*labels).observe(first - t.start)
+        series.ttft.observe(first - t.start)
         # every request, a warm one's wait as ~0: TTFT's parts have the same count as TTFT
-        self.queue_wait.labels(*labels).observe(t.queued)
-        self.load_wait.labels(*labels).observe(t.loading)
+        series.queue_wait.observe(t.queued)
+        series.load_wait.observe(t.loading)
         prompt_ms = _number(_PROMPT_MS, t.end)
         if prompt_ms is not None:
-            self.prefill.labels(*labels).observe(prompt_ms / 1000)
+            series.prefill.observe(prompt_ms / 1000)
         elif t.sent is not None:
-            self.prefill.labels(*labels).observe(first - t.sent)
+            series.prefill.observe(first - t.sent)
         generated = _number(_GENERATED[0], t.end) or _number(_GENERATED[1], t.end)
         if generated:
-            self.generated.labels(*labels).inc(generated)
+            series.generated.inc(generated)
         if (rate := _number(_RATE, t.end)) is not None:
-            self.rate.labels(*labels).observe(rate)
+            series.rate.observe(rate)
 
     # ---- loads and unloads ----------------------------------------------------------------
 

@@ -28,7 +28,7 @@ async def with_model(ctx: Context, key: Key, entry: Entry | None, use_id: str,
     ctx.usage.start(use_id)
     if turn := metrics.turn():  # from here on the request counts as this model's
         turn.model, turn.backend = use_id, key[0]
-    in_flight = ctx.metrics.in_flight.labels(use_id, key[0])
+    in_flight = ctx.metrics.series(use_id, key[0]).in_flight
     in_flight.inc()
     try:
         try:

@@ -195,7 +195,7 @@ async def relay(request: web.Request, up: aiohttp.ClientResponse,
                 await resp.write_eof()
         raise
     if (turn := metrics.turn()) and first is not None:
-        turn.first_byte = first
+        turn.first_byte, turn.complete = first, done
         turn.ending(previous + last)
     # llama-server closes a connection once it has streamed an answer on it, without saying
     # so (its HTTP library takes a stream's end for a cancel): closed here too, not kept for
