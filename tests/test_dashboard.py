@@ -1,12 +1,15 @@
 """The dashboard at /, in headless Chromium against the real stack: models appear loaded after
-a request and unloaded after an unload, events arrive live, the buttons work (behind the API
-key when one is set); and the events feed itself."""
+a request and unloaded after an unload in rows that keep their place, events arrive live, the
+buttons work (behind the API key when one is set, and a refused key is said to be), a model
+answering is not shown idle, and data the proxy no longer confirms is marked old; and the
+events feed itself."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import struct
+from http.client import HTTPConnection
 from pathlib import Path
 
 import aiohttp
@@ -18,6 +21,8 @@ from tests.harness import http
 from tests.streams import chat
 
 TINY, OTHER = "ms/tiny:0.2m-f32", "ms/other:0.2m-f32"
+ROWS = "[...document.querySelectorAll('#models tbody tr')].map(tr => tr.dataset.model)"
+PROBLEM = "document.getElementById('problem').textContent"
 
 
 def row_state(model: str) -> str:
@@ -34,8 +39,25 @@ async def click(page: Page, model: str, action: str) -> None:
                   f"button[data-action=\"{action}\"]').click()")
 
 
+def idle_cell(model: str) -> str:
+    return f"document.querySelector('tr[data-model=\"{model}\"] td:nth-child(5)').textContent"
+
+
 def visible(element_id: str) -> str:
     return f"getComputedStyle(document.getElementById('{element_id}')).display !== 'none'"
+
+
+def streaming(stack, headers: dict) -> HTTPConnection:
+    """A request that keeps its model answering until the connection is closed."""
+    conn = HTTPConnection("127.0.0.1", int(stack.env["HARMONY_PROXY_PORT"]), timeout=60)
+    conn.request("POST", "/v1/chat/completions", json.dumps(
+        chat(TINY, max_tokens=100000, ignore_eos=True, stream=True)),
+        {"Content-Type": "application/json", **headers})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    for _ in range(3):  # under way; left unread, the stream then waits for its reader
+        resp.readline()
+    return conn
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -53,6 +75,9 @@ def test_dashboard_follows_the_stack_live(stack_factory, tmp_path: Path) -> None
             assert await page.until(row_state(TINY)) == "unloaded"
             assert await page.until("document.getElementById('governor').textContent") == \
                 "governor up"
+            catalog = [m["id"] for m in (await asyncio.to_thread(
+                http, "GET", stack.url + "/v1/models"))[1]["data"]]
+            assert await page.js(ROWS) == catalog
             assert not await page.js(visible("key-form"))  # no key asked for: none is set
             await page.until("document.getElementById('live').textContent === 'live'")
 
@@ -60,7 +85,9 @@ def test_dashboard_follows_the_stack_live(stack_factory, tmp_path: Path) -> None
             assert (await asyncio.to_thread(http, "POST", stack.url + "/v1/chat/completions",
                                             chat(TINY)))[0] == 200
             await page.until(f"{row_state(TINY)} === 'loaded'")
-            await page.until(event_shown("loaded", TINY))
+            await page.until(event_shown("loaded", TINY, f"{TINY} (engine) in "))
+            # a loaded model keeps its row's place: a second click lands on the same model
+            assert await page.js(ROWS) == catalog
             memory = await page.js(f"document.querySelector('tr[data-model=\"{TINY}\"] "
                                    "td.memory').textContent")
             assert "MiB" in memory
@@ -87,6 +114,14 @@ def test_dashboard_follows_the_stack_live(stack_factory, tmp_path: Path) -> None
                                                 stack.url + "/running"))[1]
             assert running["models"] == []
 
+            # the proxy goes away: what was shown stays, marked as old
+            await asyncio.to_thread(stack.stop)
+            assert "the proxy is not answering" in await page.until(
+                f"{PROBLEM}.startsWith('Last update') && {PROBLEM}")
+            assert await page.js("document.getElementById('governor').textContent") == \
+                "governor unknown"
+            assert await page.js("document.getElementById('models').classList.contains('stale')")
+
     asyncio.run(scenario())
     width, height = png_size(tmp_path / "dashboard.png")
     assert width >= 1000 and height >= 400
@@ -107,14 +142,34 @@ def test_dashboard_asks_for_the_api_key(stack_factory) -> None:
             page = await browser.open(stack.url + "/")
             await page.until(visible("key-form"))
             assert await page.js(f"document.querySelector('tr[data-model=\"{TINY}\"]')") is None
-            await page.js("document.getElementById('key').value = 's3cret';"
-                          "document.getElementById('key-form').requestSubmit()")
+            # nothing to show yet, and the page says why rather than show empty figures
+            assert "enter the API key" in await page.js(PROBLEM)
+            assert "enter the API key" in await page.js(
+                "document.querySelector('#models tbody').textContent")
+            assert await page.js(
+                "getComputedStyle(document.getElementById('memory-used')).width") == "0px"
+            assert not await page.js(visible("governor"))
+
+            async def enter(key: str) -> None:
+                await page.js(f"document.getElementById('key').value = '{key}';"
+                              "document.getElementById('key-form').requestSubmit()")
+
+            await enter("wrong")
+            await page.until(f"{PROBLEM}.includes('the key was refused')")
+            await enter("s3cret")
             assert await page.until(row_state(TINY)) == "unloaded"
             await page.until(f"!({visible('key-form')})")
             await page.until("document.getElementById('live').textContent === 'live'")
             await click(page, TINY, "load")
             await page.until(f"{row_state(TINY)} === 'loaded'")
             await page.until(event_shown("loaded", TINY))
+
+            # a model answering a request is in use, not idle
+            conn = await asyncio.to_thread(streaming, stack, {"Authorization": "Bearer s3cret"})
+            try:
+                await page.until(f"{idle_cell(TINY)} === 'in use'")
+            finally:
+                conn.close()
 
     asyncio.run(scenario())
 
@@ -134,11 +189,18 @@ def test_events_feed_recent_and_live(stack_factory) -> None:
     assert status == 200
     kinds = [(e["kind"], e["model"]) for e in body["events"]]
     assert kinds == [("loading", TINY), ("loaded", TINY)]
+    loading, loaded = body["events"]
+    assert http("GET", stack.url + f"/events?since={loading['id']}") == \
+        (200, {"events": [loaded]})
+    for query, headers in (("?since=abc", {}), ("?since=-1", {}),
+                           ("", {"Last-Event-ID": "1.5"})):
+        status, error = http("GET", stack.url + "/events" + query, headers=headers)
+        assert (status, error["error"]["code"]) == (400, "invalid_request"), (query, headers)
 
     async def live() -> list[dict]:
         async with aiohttp.ClientSession() as session, session.get(
                 stack.url + "/events", headers={"Accept": "text/event-stream",
-                                                "Last-Event-ID": "2"}) as resp:
+                                                "Last-Event-ID": str(loaded["id"])}) as resp:
             assert resp.headers["Content-Type"].startswith("text/event-stream")
             await asyncio.to_thread(http, "POST", stack.url + "/models/unload",
                                     {"model": TINY})
@@ -166,6 +228,7 @@ def test_a_reader_that_falls_behind_is_let_go_others_keep_up(slow: bool) -> None
             assert keeping_up.empty()
             feed.close()
             assert keeping_up.get_nowait() is None
-        assert [e["model"] for e in feed.since(BACKLOG - 1)][:1] == [f"m{BACKLOG - 1}"]
+        *_, before, last = feed.recent
+        assert feed.since(before["id"]) == [last]
 
     asyncio.run(go())

@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 from http.client import HTTPConnection
 
+import aiohttp
 import pytest
 
 from services.proxy.limits import Limits, QueueFull
@@ -130,3 +131,24 @@ def test_a_busy_model_queues_in_order_then_says_when_to_come_back(stack_factory,
     assert second and second[0][0] == 200
     queue = running_queue(stack, SLOW)
     assert queue["active"] == 0 and queue["queued"] == 0 and queue["queued_seconds_total"] > 0
+
+
+def test_a_queued_stream_starts_as_the_one_before_it_ends(stack_factory) -> None:
+    """llama-server closes the connection a stream went over: the next stream, let in that
+    very moment, must not be sent on it."""
+    stack = stack_factory().start()
+    model = "ms/tiny:0.2m-f32"  # one slot: the streams take turns
+
+    async def round_of_streams(session: aiohttp.ClientSession) -> list[int]:
+        async def one() -> int:
+            async with session.post(stack.url + "/v1/chat/completions", json=chat(
+                    model, max_tokens=200, ignore_eos=True, stream=True)) as resp:
+                await resp.read()
+                return resp.status
+        return list(await asyncio.gather(*(one() for _ in range(4))))
+
+    async def main() -> list[list[int]]:
+        async with aiohttp.ClientSession() as session:
+            return [await round_of_streams(session) for _ in range(8)]
+
+    assert asyncio.run(main()) == [[200] * 4] * 8

@@ -49,11 +49,11 @@ def test_once_shows_the_memory_and_each_loaded_model(stack_factory) -> None:
     assert loaded.returncode == 0, loaded.stderr
     assert "no models loaded" not in loaded.stdout
     header = next(line for line in loaded.stdout.splitlines() if line.startswith("MODEL"))
-    for column in ("BACKEND", "STATE", "MEMORY", "IN FLIGHT", "QUEUED", "IDLE", "TTL LEFT",
+    for column in ("BACKEND", "STATE", "MEMORY", "ACTIVE", "QUEUED", "IDLE", "TTL LEFT",
                    "PINNED"):
         assert column in header
-    model, backend, state, size, unit, membar, in_flight, queued = row(loaded.stdout, TINY)[:8]
-    assert (backend, state, unit, in_flight, queued) == ("engine", "loaded", "MiB", "0", "0")
+    model, backend, state, size, unit, membar, active, queued = row(loaded.stdout, TINY)[:8]
+    assert (backend, state, unit, active, queued) == ("engine", "loaded", "MiB", "0", "0")
     assert membar.startswith("[") and membar.endswith("]")
     # the figure /running gives, measured or (marked ~) estimated
     mem = next(m for m in running(stack)["models"] if m["id"] == TINY)["memory"]
@@ -87,8 +87,13 @@ def test_once_shows_requests_in_flight_and_queued(stack_factory, models_dir,
         result = stack.cli("top", "--once")
         assert result.returncode == 0, result.stderr
         cells = row(result.stdout, slow)
-        in_flight, queued, longest = cells[6:9]
-        assert (in_flight, queued, longest) == ("1", "1", "(longest")
+        active, queued, longest = cells[6:9]
+        assert (active, queued, longest) == ("1", "1", "(longest")
+        assert cells[10:12] == ["in", "use"]  # not idle, and not counting up as if it were
+        # /running agrees: a model in use is not idle, its TTL runs from its last request's end
+        asked = time.time()
+        busy = next(m for m in running(stack)["models"] if m["id"] == slow)
+        assert busy["idle_seconds"] == 0 and busy["expires_at"] >= asked + busy["ttl"]
     finally:
         first.close()  # the stream ends: the queued request gets the slot
         waiter.join(60)

@@ -62,7 +62,7 @@ def header(system: dict, models: list[dict]) -> list[str]:
 
 
 def model_rows(models: list[dict], recent: list[dict], budget: int, now: float) -> list[str]:
-    rows = [("MODEL", "BACKEND", "STATE", "MEMORY", "", "IN FLIGHT", "QUEUED", "IDLE",
+    rows = [("MODEL", "BACKEND", "STATE", "MEMORY", "", "ACTIVE", "QUEUED", "IDLE",
              "TTL LEFT", "PINNED")]
     # loaded before loading, the biggest first: the big ones decide whether a load fits
     for m in sorted(models, key=lambda m: (m["state"] != "loaded", -(footprint(m)[0] or 0))):
@@ -74,10 +74,14 @@ def model_rows(models: list[dict], recent: list[dict], budget: int, now: float) 
         # the proxy counts a request in flight from its arrival, so the queued are in it too
         answering = max(0, m["in_flight"] - queue.get("queued", 0))
         left = None if m["pinned"] or not m["expires_at"] else max(0.0, m["expires_at"] - now)
+        idle, ttl = ago(m["idle_seconds"]), ago(left)
+        if m["in_flight"]:  # neither idle nor counting down while it has requests
+            idle = "in use"
+            if left is not None:
+                ttl = "in use"
         rows.append((m["id"], m["backend"], m["state"],
                      ("~" if estimated else "") + mib(size), bar(size, budget),
-                     str(answering), queued, ago(m["idle_seconds"]), ago(left),
-                     "yes" if m["pinned"] else ""))
+                     str(answering), queued, idle, ttl, "yes" if m["pinned"] else ""))
     for m in recent:
         rows.append((m["id"], m["backend"], "unloaded", "-", "", "", "",
                      ago(now - m["last_used"]) if m["last_used"] else "-", "", ""))
@@ -87,7 +91,8 @@ def model_rows(models: list[dict], recent: list[dict], budget: int, now: float) 
 
 
 def describe(event: dict) -> str:
-    """One event as the dashboard words it."""
+    """One event: the model, then what happened to it (the dashboard has the kind in a column
+    of its own)."""
     what = {"loading": "loading",
             "loaded": f"loaded in {event.get('seconds')}s",
             "unloaded": f"unloaded: {event.get('reason')}"

@@ -121,6 +121,8 @@ async def count(request: web.Request, handler) -> web.StreamResponse:
 
 @web.middleware
 async def in_flight(request: web.Request, handler) -> web.StreamResponse:
+    if request.path == "/events":  # never done by itself; a stopping proxy ends it first
+        return await handler(request)
     tasks = request.app[IN_FLIGHT]
     task = asyncio.current_task()
     tasks.add(task)

@@ -25,12 +25,14 @@ class Events:
     def __init__(self) -> None:
         self.recent: deque[dict] = deque(maxlen=KEEP)
         self._readers: set[asyncio.Queue[dict | None]] = set()
-        self._next = 1
+        self._last = 0
 
     def emit(self, kind: str, model: str, backend: str, **fields: object) -> None:
-        event = {"id": self._next, "at": round(time.time(), 3), "kind": kind, "model": model,
+        # ids from the clock (microseconds), so that they keep rising across proxy restarts:
+        # a page that reconnects with the last id it had gets a restarted proxy's events
+        self._last = max(self._last + 1, time.time_ns() // 1000)
+        event = {"id": self._last, "at": round(time.time(), 3), "kind": kind, "model": model,
                  "backend": backend, **fields}
-        self._next += 1
         self.recent.append(event)
         for queue in list(self._readers):
             try:
@@ -66,14 +68,9 @@ def _frame(event: dict) -> bytes:
     return f"id: {event['id']}\nevent: {event['kind']}\ndata: {json.dumps(event)}\n\n".encode()
 
 
-async def feed(request: web.Request, events: Events) -> web.StreamResponse:
-    """GET /events: the recent events (those after Last-Event-ID when the browser reconnects,
-    or after ?since=), then each new one as it happens."""
-    given = request.headers.get("Last-Event-ID") or request.query.get("since") or "0"
-    try:
-        last = int(given)
-    except ValueError:
-        last = 0
+async def feed(request: web.Request, events: Events, last: int) -> web.StreamResponse:
+    """The recent events after the id `last` (a reader that reconnects has the ones before),
+    then each new one as it happens."""
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                        "Cache-Control": "no-cache"})
     with events.reader() as queue:  # before the backlog is sent: nothing falls in between

@@ -160,7 +160,7 @@ async def _answer(request: web.Request, route: Route, asked: Asked, entry: Entry
     if entry.harmony == "proxy" and request.path == "/v1/chat/completions":
         return await harmony_route.chat(request, asked.payload, entry)
     if asked.payload is None:  # a GET, or a form the engine gets as it came
-        return await _from_engine(request, entry, asked.name, data=asked.body or None)
+        return await _from_engine(request, entry, asked.name, False, data=asked.body or None)
     return await to_engine(request, asked.body, asked.payload, entry)
 
 
@@ -169,10 +169,10 @@ async def to_engine(request: web.Request, body: bytes, payload: dict,
     name = payload["model"]
     if name != entry.id:  # by its id: an engine still reading a new config knows no alias yet
         body = json.dumps({**payload, "model": entry.id}).encode()
-    return await _from_engine(request, entry, name, data=body)
+    return await _from_engine(request, entry, name, payload.get("stream") is True, data=body)
 
 
-async def _from_engine(request: web.Request, entry: Entry, name: str,
+async def _from_engine(request: web.Request, entry: Entry, name: str, streamed: bool,
                        **kwargs) -> web.StreamResponse:
     """The engine's answer to this request for `entry`, its `model` renamed to `name`."""
     ctx = request.app[CTX]
@@ -185,7 +185,7 @@ async def _from_engine(request: web.Request, entry: Entry, name: str,
         kwargs["params"] = {**request.query, "model": entry.id}  # takes no notice
     try:
         async with await upstream.send(ctx, request.method, entry, request.path,
-                                       ctx.engine.route_url(entry, request.path),
+                                       ctx.engine.route_url(entry, request.path), streamed,
                                        headers=headers, **kwargs) as up:
             if up.status >= 400:
                 return await engine_error(up, entry.path, f"{name} {request.path}")

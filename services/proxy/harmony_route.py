@@ -54,7 +54,7 @@ def completion_body(payload: dict, entry: Entry, tokens: list[int],
 
 def _post(ctx, entry: Entry, body: dict):
     return upstream.post(ctx, entry, "/completion", ctx.engine.completion_url(entry),
-                         headers=ctx.engine.headers, json=body)
+                         body["stream"], headers=ctx.engine.headers, json=body)
 
 
 def finish_reason(decoder: HarmonyDecoder, stop_type: str) -> str:

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from services.proxy import events
 from services.proxy.context import CTX
+from shared.errors import error_response
 
 FILES = Path(__file__).with_name("dashboard")
 # the page and its files carry no data; the data routes they call need the API key when set
@@ -26,11 +27,15 @@ async def home(request: web.Request) -> web.StreamResponse:
 
 async def feed(request: web.Request) -> web.StreamResponse:
     """GET /events: live (server-sent events) for a reader that accepts them, else the recent
-    ones as JSON (`model top`, curl)."""
+    ones as JSON (`model top`, curl); either way only those after Last-Event-ID or ?since=."""
+    given = request.headers.get("Last-Event-ID") or request.query.get("since") or "0"
+    if not given.isascii() or not given.isdigit():
+        return error_response(400, f"since (or Last-Event-ID) must be an event id, a "
+                              f"non-negative integer, not {given!r}", "invalid_request")
     stream = request.app[CTX].metrics.events
     if "text/event-stream" in request.headers.get("Accept", ""):
-        return await events.feed(request, stream)
-    return web.json_response({"events": list(stream.recent)})
+        return await events.feed(request, stream, int(given))
+    return web.json_response({"events": stream.since(int(given))})
 
 
 async def asset(request: web.Request) -> web.StreamResponse:

@@ -70,6 +70,7 @@ async def running_models(ctx: Context) -> tuple[list[dict], bool]:
     def row(mid: str, name: str, entry: Entry | None, backend: str, state: str,
             measured: int | None, reclaimable: int | None) -> None:
         use = ctx.usage.models.get(mid)
+        busy = bool(use and use.in_flight)
         last = ctx.usage.touch(mid, only_if_unseen=True) if state == "loaded" else (
             use.last_used if use and use.last_used else None)
         ttl = entry.ttl if entry else None
@@ -78,10 +79,13 @@ async def running_models(ctx: Context) -> tuple[list[dict], bool]:
                      footprints.learned(key, [backend, name]))
         out.append({
             "id": mid, "name": name, "backend": backend, "state": state,
-            "last_used": last, "idle_seconds": round(now - last, 1) if last else None,
+            # a model in use is not idle: its TTL runs from its last request's end
+            "last_used": last, "idle_seconds": (0.0 if busy else round(now - last, 1))
+            if last else None,
             "in_flight": use.in_flight if use else 0,
             "requests": use.requests if use else 0,
-            "ttl": ttl or None, "expires_at": last + ttl if last and ttl else None,
+            "ttl": ttl or None,
+            "expires_at": (now if busy else last) + ttl if last and ttl else None,
             "memory": {"estimated": estimated, "measured": measured,
                        "reclaimable": reclaimable},
             "pinned": bool(entry and entry.pin),

@@ -11,12 +11,16 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from services.proxy.events import Events
 from shared.loading import Key, LoadError
+
+# a `*_created` series per counter and histogram only says when the proxy started counting,
+# which a restart's reset already tells Prometheus: it would double every series for nothing
+disable_created_metrics()
 
 MODEL = ["model", "backend"]
 # from a warm model's first token (tens of ms) to a cold load of a large one (minutes)
@@ -235,7 +239,7 @@ class Live:
     def collect(self):
         models, system, queues = self.now
         state = GaugeMetricFamily("model_serve_model_state", "1 for each model a backend "
-                                  "lists, by its state (loaded, loading, unloaded, ...)",
+                                  "holds, by its state (loaded, loading)",
                                   labels=[*MODEL, "state"])
         memory = GaugeMetricFamily("model_serve_model_memory_bytes", "A loaded model's "
                                    "memory: estimated (before loading), measured (its "

@@ -61,7 +61,7 @@ async def _post(request: web.Request, entry: Entry, path: str, body: dict,
     ctx = request.app[CTX]
     try:
         async with await upstream.post(ctx, entry, path, ctx.engine.route_url(entry, path),
-                                       json=body,
+                                       body.get("stream") is True, json=body,
                                        headers=ctx.engine.headers) as up:
             if up.status >= 400:
                 return await engine_error(up, entry.path)

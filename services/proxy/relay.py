@@ -197,10 +197,6 @@ async def relay(request: web.Request, up: aiohttp.ClientResponse,
     if (turn := metrics.turn()) and first is not None:
         turn.first_byte, turn.complete = first, done
         turn.ending(previous + last)
-    # llama-server closes a connection once it has streamed an answer on it, without saying
-    # so (its HTTP library takes a stream's end for a cancel): closed here too, not kept for
-    # a next request (a queued one takes over at once) that would find it closed
-    up.close()
     await resp.write(_through(rewriters, b"", flush=True))
     if cut:
         log.warning("%s: %s%s; %s", request.path, cut, f" ({detail})" if detail else "", hint)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -12,19 +13,26 @@ from shared.catalog import Catalog, Entry
 from shared.engines.base import EngineError
 from shared.errors import error_response
 
+log = logging.getLogger("model-serve.proxy")
 # how long an engine may take to notice that a model's server has ended
 SETTLE_SECONDS = 5.0
 
 
-async def post(ctx, entry: Entry, path: str, engine_url: str,
+async def post(ctx, entry: Entry, path: str, engine_url: str, streamed: bool = False,
                **kwargs) -> aiohttp.ClientResponse:
-    return await send(ctx, "POST", entry, path, engine_url, **kwargs)
+    return await send(ctx, "POST", entry, path, engine_url, streamed, **kwargs)
 
 
 async def send(ctx, method: str, entry: Entry, path: str, engine_url: str,
-               **kwargs) -> aiohttp.ClientResponse:
+               streamed: bool = False, **kwargs) -> aiohttp.ClientResponse:
     """The response (its headers read) from the model's own server, else from the engine.
     The caller releases it (`async with`)."""
+    if streamed:
+        # llama-server closes a connection once it has streamed an answer on it, without
+        # saying so (its HTTP library takes a stream's end for a cancel), and the pool would
+        # take it back at the stream's last byte: the next request (a queued one starts that
+        # very moment) would go out on it and find it closed. Said, it is never reused.
+        kwargs["headers"] = {**kwargs.get("headers", {}), "Connection": "close"}
     direct = ctx.admission.direct.get(entry.id)
     if direct:
         try:
@@ -43,6 +51,8 @@ def failure(ctx, entry: Entry, error: aiohttp.ClientError) -> web.Response:
     model's server broke before it answered."""
     if isinstance(error, aiohttp.ClientConnectorError):
         return error_response(503, ctx.engine.unreachable(), "engine_unavailable")
+    log.warning("%s: no answer, the connection broke: %s: %s", entry.id,
+                error.__class__.__name__, error)
     return error_response(502, f"the connection to {entry.id} broke before it answered; it "
                           "may have crashed: `model logs engine` says why", "engine_error")
 

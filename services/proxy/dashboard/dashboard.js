@@ -6,14 +6,18 @@
 const REFRESH_MS = 2000;
 const SHOWN_EVENTS = 60;
 const KEY_STORE = "model-serve-api-key";
+const FADE_MS = 4000;
 
 let apiKey = localStorage.getItem(KEY_STORE) || "";
 let catalog = [];
 let running = null;
 let fetchedAt = 0;
+// why there is no data, or why the data shown is old; empty while the proxy answers
+let trouble = "";
 let lastEvent = 0;
 const events = [];
 let refreshSoon = null;
+let statusTimer = null;
 
 const $ = (id) => document.getElementById(id);
 
@@ -67,14 +71,15 @@ function bar(part, whole, estimated) {
   return el("div", { className: "bar" }, fill);
 }
 
-function showProblem(text) {
-  $("problem").hidden = !text;
-  $("problem").textContent = text || "";
+function chip(id, text, tone, title = "") {
+  Object.assign($(id), { hidden: false, textContent: text, className: `chip ${tone}`, title });
 }
 
-function askForKey() {
-  $("key-form").hidden = false;
-  showProblem("This stack has an API key: enter it to see and manage its models.");
+function whyNot(e) {
+  if (e instanceof KeyNeeded) return apiKey ? "the key was refused" : "enter the API key";
+  // fetch rejects with a TypeError only when no answer came at all
+  if (e instanceof TypeError) return "the proxy is not answering";
+  return `the proxy answered with an error: ${e.message}`;
 }
 
 async function refresh() {
@@ -83,11 +88,11 @@ async function refresh() {
     catalog = models.data;
     running = now;
     fetchedAt = Date.now();
+    trouble = "";
     $("key-form").hidden = true;
-    showProblem("");
   } catch (e) {
-    if (e instanceof KeyNeeded) askForKey();
-    else showProblem(`The proxy did not answer: ${e.message}`);
+    trouble = whyNot(e);
+    if (e instanceof KeyNeeded) $("key-form").hidden = false;
   }
   render();
 }
@@ -99,12 +104,23 @@ function soon() {
 
 // ---- the page ------------------------------------------------------------------------
 
+function renderTrouble() {
+  const stale = Boolean(trouble && running);
+  for (const id of ["memory", "models"]) $(id).classList.toggle("stale", stale);
+  const problem = $("problem");
+  problem.hidden = !trouble;
+  problem.textContent = !trouble ? ""
+    : running ? `Last update ${new Date(fetchedAt).toLocaleTimeString()}; ${trouble}.`
+    : `No data: ${trouble}.`;
+}
+
 function renderSystem() {
   const system = running.system;
   const used = $("memory-used");
   used.style.width = `${Math.min(100, (100 * system.used) / system.total).toFixed(1)}%`;
   used.className = "fill" + (system.used > system.limit ? " over"
     : system.used > 0.85 * system.limit ? " high" : "");
+  $("memory-limit").hidden = false;
   $("memory-limit").style.left = `${((100 * system.limit) / system.total).toFixed(1)}%`;
   const models = running.models.reduce((sum, m) => sum + (m.memory.measured ?? m.memory.estimated ?? 0), 0);
   $("memory-text").textContent =
@@ -112,15 +128,16 @@ function renderSystem() {
     `(${system.used_pct}% of ${gib(system.total)}; the governor unloads idle models above ` +
     `${system.threshold_pct}%)` + (system.reserved ? `; loads in progress reserve ${gib(system.reserved)}` : "");
 
-  const governor = $("governor");
-  governor.textContent = system.governor === "up" ? "governor up" : "governor down";
-  governor.className = `chip ${system.governor === "up" ? "ok" : "bad"}`;
-  governor.title = system.governor === "up" ? ""
-    : "models load without memory admission and no pressure signals are heard";
-  const ollama = $("ollama");
-  ollama.textContent = running.ollama.ok ? "Ollama up" : "Ollama not reachable";
-  ollama.className = `chip ${running.ollama.ok ? "ok" : "warn"}`;
-  ollama.title = running.ollama.url;
+  if (trouble) {  // what the proxy last said of them may no longer hold
+    chip("governor", "governor unknown", "", trouble);
+    chip("ollama", "Ollama unknown", "", trouble);
+  } else {
+    const up = system.governor === "up";
+    chip("governor", up ? "governor up" : "governor down", up ? "ok" : "bad", up ? ""
+      : "models load without memory admission and no pressure signals are heard");
+    chip("ollama", running.ollama.ok ? "Ollama up" : "Ollama not reachable",
+      running.ollama.ok ? "ok" : "warn", running.ollama.url);
+  }
 
   const signals = $("signals");
   signals.replaceChildren("Pressure signals: ");
@@ -137,14 +154,15 @@ function renderSystem() {
   }
 }
 
+// The catalog's order, then the models only /running lists (Ollama's outside the catalog):
+// a row that moved when its model loaded or unloaded would put another model's button under
+// the pointer between two clicks.
 function modelRows() {
-  const loaded = new Map(running.models.map((m) => [m.id, m]));
-  const rows = running.models.map((m) => ({ ...m, aliases: [] }));
-  for (const entry of catalog) {
-    const row = loaded.get(entry.id);
-    if (row) row.aliases = entry.aliases || [];
-    else rows.push({ id: entry.id, backend: entry.backend, state: entry.status, aliases: entry.aliases || [] });
-  }
+  const held = new Map(running.models.map((m) => [m.id, m]));
+  const rows = catalog.map((entry) => ({ id: entry.id, backend: entry.backend, state: entry.status,
+    ...held.get(entry.id), aliases: entry.aliases || [] }));
+  const listed = new Set(catalog.map((entry) => entry.id));
+  for (const m of running.models) if (!listed.has(m.id)) rows.push({ ...m, aliases: [] });
   return rows;
 }
 
@@ -172,7 +190,8 @@ function modelRow(id) {
 }
 
 function renderModels() {
-  const elapsed = (Date.now() - fetchedAt) / 1000;
+  // old data is shown as it was at its last update, not counted on
+  const elapsed = trouble ? 0 : (Date.now() - fetchedAt) / 1000;
   const limit = running.system.limit;
   const models = modelRows();
   const shown = models.map((m) => {
@@ -199,11 +218,12 @@ function renderModels() {
     } else {
       cells[3].replaceChildren();
     }
-    cells[4].textContent = live ? duration(idle) : "–";
+    cells[4].textContent = !live ? "–" : m.in_flight ? "in use" : duration(idle);
     cells[5].textContent = ttl;
     // the proxy counts a request from its arrival: the queued ones are in in_flight too
     cells[6].textContent = live ? String(Math.max(0, (m.in_flight || 0) - queued)) : "–";
-    cells[7].textContent = live ? String(queued) : "–";
+    cells[7].textContent = !live ? "–"
+      : queued ? `${queued} (longest ${duration(m.queue.longest_queued_seconds)})` : "0";
     if (!button.disabled) {  // a pressed one keeps its action until it is answered
       button.dataset.action = live ? "unload" : "load";
       button.textContent = live ? "Unload" : "Load";
@@ -215,17 +235,20 @@ function renderModels() {
   const body = $("models").tBodies[0];
   const same = shown.length === body.children.length && shown.every((tr, i) => body.children[i] === tr);
   if (!same) body.replaceChildren(...shown);
-  if (!shown.length) body.append(el("tr", {}, el("td", { colSpan: 9, textContent: "No models in the catalog." })));
+  if (!shown.length) note("No models in the catalog.");
 }
 
+function note(text) {
+  $("models").tBodies[0].replaceChildren(el("tr", {}, el("td", { colSpan: 9, textContent: text })));
+}
+
+// what follows the kind, which has its own column
 function describe(e) {
   switch (e.kind) {
-    case "loading": return "loading";
-    case "loaded": return `loaded in ${e.seconds}s` + (e.by === "proxy" ? " (without the governor's admission)" : "");
-    case "unloaded": return `unloaded: ${e.reason}` + (e.detail ? ` (${e.detail})` : "");
-    case "refused": return `refused: ${e.message}`;
-    case "load_failed": return `load failed: ${e.message}`;
-    default: return e.kind;
+    case "loaded": return `in ${e.seconds}s` + (e.by === "proxy" ? ", without the governor's admission" : "");
+    case "unloaded": return e.reason + (e.detail ? ` (${e.detail})` : "");
+    case "refused": case "load_failed": return e.message;
+    default: return "";
   }
 }
 
@@ -240,8 +263,8 @@ function renderEvents() {
     const item = el("li", { className: e.kind },
       el("time", { dateTime: at.toISOString(), textContent: at.toLocaleTimeString() }),
       el("span", { className: "kind", textContent: e.kind.replace("_", " ") }),
-      el("span", { className: "model-id", textContent: `${e.model} ` }),
-      el("span", { textContent: `on ${e.backend}: ${describe(e)}` }));
+      el("span", { className: "model-id", textContent: e.model }),
+      el("span", { textContent: ` (${e.backend}) ${describe(e)}` }));
     item.dataset.kind = e.kind;
     item.dataset.model = e.model;
     return item;
@@ -249,32 +272,46 @@ function renderEvents() {
 }
 
 function render() {
+  renderTrouble();
   if (running) {
     renderSystem();
     renderModels();
+  } else {
+    note(trouble ? `No data: ${trouble}.` : "Asking the proxy…");
   }
   renderEvents();
 }
 
 // ---- actions -------------------------------------------------------------------------
 
+function say(text, bad = false) {
+  clearTimeout(statusTimer);
+  $("action").className = bad ? "action bad" : "action";
+  $("action").textContent = text;
+}
+
 async function act(action, model, button) {
-  const status = $("action");
   button.disabled = true;
-  status.className = "action";
-  status.textContent = `${action === "load" ? "Loading" : "Unloading"} ${model}…`;
+  say(`${action === "load" ? "Loading" : "Unloading"} ${model}…`);
   try {
     try {
       await call("POST", `/models/${action}`, { model });
     } catch (e) {
-      if (e.code !== "model_busy" || !confirm(`${e.message}\n\nUnload it anyway?`)) throw e;
+      if (e.code !== "model_busy") throw e;
+      await refresh();  // the count of requests as it is now
+      const count = Math.max(1, running?.models.find((m) => m.id === model)?.in_flight || 0);
+      if (!confirm(`${model} is answering ${count} request(s). Unload it anyway? ` +
+          "Those requests will fail.")) {
+        say(`${model} stays loaded.`);
+        return;
+      }
       await call("POST", "/models/unload", { model, force: true });
     }
-    status.textContent = `${model} ${action === "load" ? "loaded" : "unloaded"}.`;
+    say(`${model} ${action === "load" ? "loaded" : "unloaded"}.`);
+    statusTimer = setTimeout(() => $("action").classList.add("faded"), FADE_MS);
   } catch (e) {
-    if (e instanceof KeyNeeded) askForKey();
-    status.className = "action bad";
-    status.textContent = `${model}: ${e.message}`;
+    // the proxy's messages mostly name the model already
+    say(e.message.includes(model) ? e.message : `${model}: ${e.message}`, true);
   } finally {
     button.disabled = false;
     refresh();
@@ -291,10 +328,7 @@ $("key-form").addEventListener("submit", (event) => {
 // ---- the live feed: fetch rather than EventSource, which cannot send the API key --------
 
 function setLive(on, why) {
-  const live = $("live");
-  live.textContent = on ? "live" : "reconnecting…";
-  live.className = `chip ${on ? "ok" : "warn"}`;
-  live.title = why || "";
+  chip("live", on ? "live" : "reconnecting…", on ? "ok" : "warn", why);
 }
 
 function received(event) {
@@ -330,7 +364,6 @@ async function follow() {
       }
       setLive(false, "the proxy ended the feed");
     } catch (e) {
-      if (e instanceof KeyNeeded) askForKey();
       setLive(false, e.message);
     }
     await new Promise((resolve) => setTimeout(resolve, 2000));
