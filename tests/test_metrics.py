@@ -91,23 +91,36 @@ def test_a_client_leaving_mid_stream_is_a_499_one_leaving_at_its_end_is_not(
         stack_factory) -> None:
     stack = stack_factory().start()
     port = int(stack.env["HARMONY_PROXY_PORT"])
-    for tokens, read_all in ((100000, False), (8, True)):
+    long = {"max_tokens": 100000, "max_output_tokens": 100000, "ignore_eos": True,
+            "stream": True}
+    chat_route, responses = "/v1/chat/completions", "/v1/responses"
+    # after the first event (most often), and later: a race, so several
+    leaving = [(route, lines) for route in (chat_route, responses)
+               for lines in (1, 1, 1, 1, 5, 5, 20, 20)]
+    for route, lines in [*leaving, (chat_route, None)]:  # None: to the end
+        body = chat(TINY, **long) if route == chat_route else {"model": TINY, "input": "hi",
+                                                                 **long}
+        if lines is None:
+            body = chat(TINY, max_tokens=8, stream=True)
         conn = HTTPConnection("127.0.0.1", port, timeout=60)
-        conn.request("POST", "/v1/chat/completions", json.dumps(chat(
-            TINY, max_tokens=tokens, ignore_eos=True, stream=True)),
-            {"Content-Type": "application/json"})
+        conn.request("POST", route, json.dumps(body), {"Content-Type": "application/json"})
         resp = conn.getresponse()
-        while (line := resp.readline()) and (read_all or not line.startswith(b"data: {")):
-            if line.startswith(b"data: [DONE]"):
+        read = 0
+        while (line := resp.readline()) and not line.startswith(b"data: [DONE]"):
+            read += line.startswith(b"data: {")
+            if lines is not None and read >= lines:
                 break
         conn.close()  # at once, either mid-answer or on its last event
-    tiny = {"model": TINY, "backend": "engine", "route": "/v1/chat/completions"}
-    wait(lambda: value(scrape(stack), "model_serve_requests_total", **tiny) == 2, 30)
+    tiny = {"model": TINY, "backend": "engine"}
+    wait(lambda: value(scrape(stack), "model_serve_requests_total", **tiny) == 17, 30)
     samples = scrape(stack)
-    assert value(samples, "model_serve_requests_total", **tiny, status="499") == 1
-    assert value(samples, "model_serve_requests_total", **tiny, status="200") == 1
-    assert value(samples, "model_serve_time_to_first_token_seconds_count",
-                 model=TINY) == 1
+    for route in (chat_route, responses):  # the proxy's next write finds the client gone
+        assert value(samples, "model_serve_requests_total", **tiny, route=route,
+                     status="499") == 8
+    assert value(samples, "model_serve_requests_total", **tiny, route=chat_route,
+                 status="200") == 1
+    assert value(samples, "model_serve_time_to_first_token_seconds_count", model=TINY) == 1
+    assert "broke" not in (stack.root / "proxy.log").read_text()  # no crash is suspected
 
 
 def test_the_governors_unloads_are_counted_by_their_cause(stack_factory, config_dir) -> None:

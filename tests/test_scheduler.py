@@ -193,6 +193,28 @@ def test_one_load_for_many_waiters_and_each_hears_the_engines_reason(tmp_path) -
     asyncio.run(go())
 
 
+def test_a_reservation_ends_when_its_model_leaves_before_it_is_measured(tmp_path) -> None:
+    """Unloaded right after its load, before any measurement: what it reserved is free again
+    (not held for MEASURE_WAIT)."""
+    async def go() -> None:
+        rows: list[dict] = []
+        loaded = {"id": section_name(A), "status": {"value": "loaded"}}
+        s, fakes = await governor(tmp_path, 10**12,
+                                  {("GET", "/running"): lambda r: answer(models=rows)},
+                                  {("POST", "/models/load"): lambda r: answer(success=True),
+                                   ("GET", "/models"): lambda r: answer(data=[loaded])})
+        task = asyncio.create_task(s.run())
+        assert (await s.load(("engine", A)))["loaded"] is True
+        rows.append({**row(A, 0), "memory": {"measured": None, "reclaimable": None}})
+        await asyncio.sleep(0.3)  # checks that see it loaded and not measured: still held
+        assert s.memory["reserved"] == s.loads[("engine", A)].need > 0
+        rows.clear()  # unloaded, never measured
+        await wait_for(lambda: s.memory["reserved"] == 0 and not s.loads)
+        await stop(s, task, fakes)
+
+    asyncio.run(go())
+
+
 def test_a_reservation_holds_memory_until_the_model_is_measured(tmp_path) -> None:
     """Two cold loads of different models cannot both be admitted against the same free
     memory: the first one's estimate stays reserved while it loads."""

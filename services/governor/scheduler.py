@@ -375,11 +375,16 @@ class Scheduler:
                 waiter.set_result(dict(verdict))
 
     def settle(self, rows: list[dict]) -> None:
-        """A finished load's reservation ends once the model's own memory is measured."""
+        """A finished load's reservation ends once the model's own memory is measured, or
+        once it has left (unloaded before it was measured); rows read in the first checks
+        after the load may still be older than it."""
         now = time.monotonic()
         for key, ld in list(self.loads.items()):
-            if ld.done_at is not None and (self._measured(key, rows)
-                                           or now - ld.done_at > MEASURE_WAIT):
+            if ld.done_at is None:
+                continue
+            gone = now - ld.done_at > 2 * self.settings.pressure_interval and \
+                all(row_key(r) != key for r in rows)
+            if gone or self._measured(key, rows) or now - ld.done_at > MEASURE_WAIT:
                 del self.loads[key]
 
     def learn(self, rows: list[dict]) -> None:

@@ -199,4 +199,4 @@ async def _from_engine(request: web.Request, entry: Entry, name: str, streamed: 
             return await relay(request, up, rewriters, route, "the engine",
                                f"{entry.id} may have crashed: `model logs engine` says why")
     except aiohttp.ClientError as e:
-        return upstream.failure(ctx, entry, e)
+        return upstream.failure(request, entry, e)

@@ -123,6 +123,8 @@ async def chat(request: web.Request, payload: dict, entry: Entry) -> web.StreamR
         if resp is None:
             return error_response(503, ctx.engine.unreachable(), "engine_unavailable")
     except (aiohttp.ClientError, ValueError) as e:
+        if upstream.the_client_left(request):  # its write failed, not the model's read
+            raise asyncio.CancelledError from None
         cut = f"the connection to the engine broke mid-answer ({e})"
     if failed is not None:
         message = failed.get("message") if isinstance(failed, dict) else str(failed)

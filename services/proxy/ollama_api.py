@@ -14,7 +14,7 @@ import logging
 import aiohttp
 from aiohttp import web
 
-from services.proxy import manage, metrics, ollama_engine, request_body, routes
+from services.proxy import manage, metrics, ollama_engine, request_body, routes, upstream
 from services.proxy.context import CTX, Context
 from services.proxy.forward import ollama_target, unable
 from services.proxy.model_turn import with_model
@@ -92,6 +92,8 @@ async def relay(request: web.Request, ctx: Context, data,
                 if renamer:
                     await resp.write(renamer.flush())
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
+                if upstream.the_client_left(request):  # its write failed, not Ollama's read
+                    raise asyncio.CancelledError from None
                 await resp.write(json.dumps({"error": f"ollama: the answer broke off ({e})"})
                                  .encode() + b"\n")
             await resp.write_eof()

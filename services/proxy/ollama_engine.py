@@ -67,7 +67,7 @@ async def _post(request: web.Request, entry: Entry, path: str, body: dict,
                 return await engine_error(up, entry.path)
             return await read(up)
     except aiohttp.ClientError as e:
-        return upstream.failure(ctx, entry, e)
+        return upstream.failure(request, entry, e)
 
 
 async def _relay(request: web.Request, up: aiohttp.ClientResponse, stream: Stream,
@@ -92,6 +92,8 @@ async def _relay(request: web.Request, up: aiohttp.ClientResponse, stream: Strea
             if out := stream.feed(json.loads(data)):
                 await resp.write(out)
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
+        if upstream.the_client_left(request):  # its write failed, not the model's read
+            raise asyncio.CancelledError from None
         cut = f"the connection to the engine broke mid-answer ({e})"
     except ValueError as e:
         cut = f"the engine sent an event that is not JSON ({e})"

@@ -15,7 +15,7 @@ from typing import Protocol
 import aiohttp
 from aiohttp import web
 
-from services.proxy import anthropic_errors, metrics
+from services.proxy import anthropic_errors, metrics, upstream
 from services.proxy.routes import ANTHROPIC, Route
 from shared.errors import stream_error
 
@@ -172,6 +172,13 @@ async def relay(request: web.Request, up: aiohttp.ClientResponse,
     # for the metrics: the first chunk's time, and the last two chunks, where the usage and
     # timings of the answer's last event are (no event is parsed on the way)
     first, previous, last = None, b"", b""
+    turn = metrics.turn()
+
+    def counted() -> None:
+        if turn and first is not None:
+            turn.first_byte, turn.complete = first, done
+            turn.ending(previous + last)
+
     try:
         async for chunk in up.content.iter_any():
             if first is None:
@@ -183,20 +190,23 @@ async def relay(request: web.Request, up: aiohttp.ClientResponse,
             await resp.write(_through(rewriters, chunk))
         cut = None if done else f"{source} ended the stream before it was complete"
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
+        # a client that left before the end: its write failed, not the model's read
+        if not done and upstream.the_client_left(request):
+            raise asyncio.CancelledError from None
         # aiohttp's wording ("400, message='Not enough data…'") is for the log, not the client
         cut, detail = None if done else f"the connection to {source} broke mid-answer", str(e)
     except asyncio.CancelledError:
-        # the proxy is stopping and its drain time is over (or the client left): a client
+        # the proxy is stopping and its drain time is over, or the client left (perhaps on
+        # the last event, while the model's server had yet to end the stream): a client
         # still there hears it, so its SDK raises
+        counted()
         if not done:
             with contextlib.suppress(Exception):
                 await resp.write(_cut_event(route, "model-serve's proxy stopped before the "
                                             "answer was complete; ask again"))
                 await resp.write_eof()
         raise
-    if (turn := metrics.turn()) and first is not None:
-        turn.first_byte, turn.complete = first, done
-        turn.ending(previous + last)
+    counted()
     await resp.write(_through(rewriters, b"", flush=True))
     if cut:
         log.warning("%s: %s%s; %s", request.path, cut, f" ({detail})" if detail else "", hint)

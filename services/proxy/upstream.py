@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
+from services.proxy.context import CTX
 from shared.catalog import Catalog, Entry
 from shared.engines.base import EngineError
 from shared.errors import error_response
@@ -46,9 +47,19 @@ async def send(ctx, method: str, entry: Entry, path: str, engine_url: str,
     return await ctx.session.request(method, engine_url, **kwargs)
 
 
-def failure(ctx, entry: Entry, error: aiohttp.ClientError) -> web.Response:
+def the_client_left(request: web.Request) -> bool:
+    """Writing to a client that has gone raises ClientConnectionResetError, a
+    ClientConnectionError like a broken connection to the model: the client's own transport
+    tells them apart. The caller then ends the request as the client's leaving (499)."""
+    return request.transport is None or request.transport.is_closing()
+
+
+def failure(request: web.Request, entry: Entry, error: aiohttp.ClientError) -> web.Response:
     """The client's answer when no answer came: the engine is down, or the connection to the
     model's server broke before it answered."""
+    if the_client_left(request):
+        raise asyncio.CancelledError from None
+    ctx = request.app[CTX]
     if isinstance(error, aiohttp.ClientConnectorError):
         return error_response(503, ctx.engine.unreachable(), "engine_unavailable")
     log.warning("%s: no answer, the connection broke: %s: %s", entry.id,

@@ -7,6 +7,7 @@ const REFRESH_MS = 2000;
 const SHOWN_EVENTS = 60;
 const KEY_STORE = "model-serve-api-key";
 const FADE_MS = 4000;
+const KEY_WANTED = "the events need the API key";
 
 let apiKey = localStorage.getItem(KEY_STORE) || "";
 let catalog = [];
@@ -255,7 +256,8 @@ function describe(e) {
 function renderEvents() {
   const list = $("events");
   if (!events.length) {
-    list.replaceChildren(el("li", { className: "empty", textContent: "No loads or unloads yet." }));
+    list.replaceChildren(el("li", { className: "empty", textContent: running
+      ? "No loads or unloads since the proxy started." : "No events yet." }));
     return;
   }
   list.replaceChildren(...events.map((e) => {
@@ -284,15 +286,17 @@ function render() {
 
 // ---- actions -------------------------------------------------------------------------
 
-function say(text, bad = false) {
+// said for a while, then faded: an old failure must not read as the state of things now
+function say(text, { bad = false, fades = true } = {}) {
   clearTimeout(statusTimer);
   $("action").className = bad ? "action bad" : "action";
   $("action").textContent = text;
+  if (fades) statusTimer = setTimeout(() => $("action").classList.add("faded"), bad ? 4 * FADE_MS : FADE_MS);
 }
 
 async function act(action, model, button) {
   button.disabled = true;
-  say(`${action === "load" ? "Loading" : "Unloading"} ${model}…`);
+  say(`${action === "load" ? "Loading" : "Unloading"} ${model}…`, { fades: false });
   try {
     try {
       await call("POST", `/models/${action}`, { model });
@@ -308,10 +312,10 @@ async function act(action, model, button) {
       await call("POST", "/models/unload", { model, force: true });
     }
     say(`${model} ${action === "load" ? "loaded" : "unloaded"}.`);
-    statusTimer = setTimeout(() => $("action").classList.add("faded"), FADE_MS);
   } catch (e) {
-    // the proxy's messages mostly name the model already
-    say(e.message.includes(model) ? e.message : `${model}: ${e.message}`, true);
+    // the proxy's messages mostly name the model already; the browser's own do not help
+    const why = e instanceof KeyNeeded || e instanceof TypeError ? whyNot(e) : e.message;
+    say(why.includes(model) ? why : `${model}: ${why}`, { bad: true });
   } finally {
     button.disabled = false;
     refresh();
@@ -328,7 +332,8 @@ $("key-form").addEventListener("submit", (event) => {
 // ---- the live feed: fetch rather than EventSource, which cannot send the API key --------
 
 function setLive(on, why) {
-  chip("live", on ? "live" : "reconnecting…", on ? "ok" : "warn", why);
+  chip("live", on ? "live" : why === KEY_WANTED ? "waiting for the API key" : "reconnecting…",
+    on ? "ok" : "warn", why);
 }
 
 function received(event) {
@@ -345,7 +350,7 @@ async function follow() {
       const resp = await fetch(`/events?since=${lastEvent}`, {
         headers: headers({ Accept: "text/event-stream" }),
       });
-      if (resp.status === 401) throw new KeyNeeded("the events need the API key");
+      if (resp.status === 401) throw new KeyNeeded(KEY_WANTED);
       if (!resp.ok) throw new Error(`${resp.status} ${resp.statusText}`);
       setLive(true);
       const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
