@@ -247,6 +247,25 @@ def test_management_api_running_unload_load(gov_stack, tmp_path) -> None:
     assert status == 404
 
 
+def test_an_unload_asked_for_while_the_model_loads_unloads_it_once_loaded(gov_stack) -> None:
+    """Unload clicked right after Load: the load answers loaded, then the model leaves; no
+    failed load is reported for an unload."""
+    stack = gov_stack()
+    loading: list = []
+    loader = threading.Thread(target=lambda: loading.append(
+        http("POST", stack.url + "/models/load", {"model": A})))
+    loader.start()
+    wait(lambda: any(e["kind"] == "loading" for e in http("GET", stack.url + "/events")[1][
+        "events"]), 30)
+    status, body = http("POST", stack.url + "/models/unload", {"model": A})
+    loader.join(60)
+    assert loading[0] == (200, {"model": A, "loaded": True})
+    assert (status, body["unloaded"]) == (200, True)
+    kinds = [e["kind"] for e in http("GET", stack.url + "/events")[1]["events"]]
+    assert kinds == ["loading", "loaded", "unloaded"]
+    wait(lambda: A not in running(stack))
+
+
 def test_ollama_models_take_part_in_the_same_lru_order(gov_stack, machine, ollama) -> None:
     url, store = ollama
     stack = gov_stack(OLLAMA_BASE=url, OLLAMA_MODELS=str(store))

@@ -41,7 +41,7 @@ class Admission:
         self._pending: dict[Key, asyncio.Task[LoadError | None]] = {}
         self._unloading: dict[Key, asyncio.Event] = {}
         # let go of by the proxy (an unload, a request that found it gone): its leaving is
-        # counted there, not as an exit, even by a look that still saw it
+        # counted there, not as a crash, and it is not warm again until the proxy loads it
         self._forgotten: set[Key] = set()
         self._said_down = False
 
@@ -59,6 +59,11 @@ class Admission:
         # shielded: a client that gives up does not cancel the load others wait for
         error = await asyncio.shield(task)
         return None if error is None else error.response()
+
+    async def loading_done(self, key: Key) -> None:
+        """Returns once a load of the model in progress here has ended, however it ended."""
+        if task := self._pending.get(key):
+            await asyncio.shield(task)
 
     def forget(self, key: Key) -> None:
         self.warm.discard(key)

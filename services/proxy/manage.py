@@ -181,6 +181,11 @@ async def unload(request: web.Request) -> web.Response:
         return found
     entry, ollama_name, body = found
     mid = entry.id if entry else ollama_name
+    # an unload asked for while the model loads (Unload right after Load) unloads it once it
+    # is loaded: stopped halfway, the load would fail as if the engine had
+    for key in (("engine", entry.id) if entry else None, ("ollama", ollama_name)):
+        if key and key[1]:
+            await ctx.admission.loading_done(key)
     keys = [k for k in await _holders(ctx, entry, ollama_name)
             if body.get("backend") in (None, k[0])]
     if not keys:

@@ -369,7 +369,7 @@ async function follow() {
       }
       setLive(false, "the proxy ended the feed");
     } catch (e) {
-      setLive(false, e.message);
+      setLive(false, e instanceof KeyNeeded ? KEY_WANTED : whyNot(e));
     }
     await new Promise((resolve) => setTimeout(resolve, 2000));
   }
