@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from shared.tiny_gguf import write_model
 from tests.harness import free_port, http
 from tests.streams import chat, stream_chat
 
@@ -233,3 +234,19 @@ def test_hugging_face_pulls_are_served_under_the_name_pulled(stack, models_dir) 
 def test_model_run_with_the_proxy_down_says_so(stack_factory) -> None:
     result = stack_factory().cli("run", "ms/tiny:0.2m-f32", input="hi\n")
     assert result.returncode == 1 and "not answering" in result.stderr
+
+
+def test_a_models_folder_created_after_the_start_is_watched(stack_factory, tmp_path) -> None:
+    later = tmp_path / "later" / "models"  # neither exists at the start
+    stack = stack_factory(MODELS_DIR=str(later)).start("engine", "proxy", "sync")
+    assert "ms/late:0.2m-f32" not in models(stack)  # (the demo model stands in meanwhile)
+    for i in range(20):  # what else happens beside it sets off nothing
+        (tmp_path / f"noise-{i}").write_text("x")
+    write_model(later / "pub" / "late-GGUF" / "late-F32.gguf", name="late")
+    wait_for(lambda: "ms/late:0.2m-f32" in models(stack), 30)
+    assert http("POST", stack.url + "/v1/chat/completions", chat("ms/late:0.2m-f32"))[0] == 200
+    write_model(later / "pub" / "later-GGUF" / "later-F32.gguf", name="later", seed=2)
+    wait_for(lambda: "ms/later:0.2m-f32" in models(stack), 30)  # and watched within
+    log = (stack.root / "sync.log").read_text()
+    assert f"{later} does not exist (yet); watching for it" in log
+    assert log.count("synced in") <= 4  # the start, the folder, each model: not the noise

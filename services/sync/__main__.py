@@ -1,8 +1,9 @@
 """The sync process: filesystem events → bridge → catalog → engine config → engine reload.
 
 Watchdog reports changes under Ollama's manifests folder (Ollama writes a manifest last, once
-a pull is complete) and under MODELS_DIR. Events are debounced, so a burst of files gives one
-sync. A periodic full resync (BRIDGE_SYNC_INTERVAL) is only a safety net.
+a pull is complete) and under MODELS_DIR, also one created after the start (watch.py). Events
+are debounced, so a burst of files gives one sync. A periodic full resync
+(BRIDGE_SYNC_INTERVAL) is only a safety net.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import threading
 import time
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
 
+from services.sync.watch import Watcher
 from shared import logs
 from shared import settings as settings_mod
 from shared.engines import Engine, EngineError, make_engine
@@ -59,26 +60,12 @@ def sync_once(settings: Settings, engine: Engine) -> None:
              ", engine reloaded" if reloaded else ", engine not running")
 
 
-def watch(settings: Settings, changes: Changes) -> Observer:
-    """Watch the folders that exist; creating Ollama's or LM Studio's folders is not ours
-    to do. One that appears later is picked up by the periodic resync and a restart."""
-    observer = Observer()
-    for folder in (settings.ollama_models / "manifests", settings.models_dir):
-        if folder.is_dir():
-            observer.schedule(changes, str(folder), recursive=True)
-            log.info("watching %s", folder)
-        else:
-            log.warning("%s does not exist (yet); not watched", folder)
-    observer.start()
-    return observer
-
-
 def main() -> None:
     logs.setup("sync")
     settings = settings_mod.load()
     engine = make_engine(settings)
     changes = Changes()
-    observer = watch(settings, changes)
+    watcher = Watcher([settings.ollama_models / "manifests", settings.models_dir], changes)
     sync_once(settings, engine)
     next_full = time.monotonic() + (settings.bridge_sync_interval or float("inf"))
     try:
@@ -92,11 +79,12 @@ def main() -> None:
                 continue
             else:
                 next_full = time.monotonic() + settings.bridge_sync_interval
+            watcher.refresh()
             sync_once(settings, engine)
     except KeyboardInterrupt:
         pass
     finally:
-        observer.stop()
+        watcher.stop()
 
 
 if __name__ == "__main__":
