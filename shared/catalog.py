@@ -37,6 +37,7 @@ class Entry:
     parallel: int = 1
     max_concurrent: int | None = None  # answers at once; None: as many as its slots
     ttl: int = 1800
+    write_timeout: int | None = None  # seconds a client may stop reading; None: WRITE_TIMEOUT
     options: list[Option] = field(default_factory=list)  # checked llama-server flags
     cmd: str | None = None  # as written in custom_models.yaml
     binary: str | None = None  # the llama-server `cmd` runs; None: the engine's own
@@ -166,6 +167,7 @@ def _apply(entry: Entry, custom: CustomModel, settings: Settings) -> None:
     entry.path = flags.model or entry.path
     entry.ctx_size = custom.get("ctx_size", entry.ctx_size)
     entry.ttl = custom.get("ttl", entry.ttl)
+    entry.write_timeout = custom.get("write_timeout", entry.write_timeout)
     entry.parallel = custom.get("parallel", entry.parallel)
     entry.max_concurrent = custom.get("max_concurrent", entry.max_concurrent)
     entry.backend = custom.get("backend", entry.backend)
@@ -348,6 +350,7 @@ def _add_alias(catalog: Catalog, settings: Settings, custom: CustomModel) -> Non
     alias = Entry(id=aid, path=base.path, mmproj=base.mmproj, backend=base.backend,
                   ctx_size=base.ctx_size, parallel=base.parallel,
                   max_concurrent=base.max_concurrent, ttl=base.ttl,
+                  write_timeout=base.write_timeout,
                   size_bytes=base.size_bytes, base_model=base.id, info=base.info)
     if applied := _applied(alias, custom, settings, where, "alias ignored",
                             catalog.notices):

@@ -21,6 +21,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "sampler_args": (str,),
     "ctx_size": (int,),
     "ttl": (int,),
+    "write_timeout": (int,),
     "parallel": (int,),
     "max_concurrent": (int,),
     "base_model": (str,),
@@ -73,7 +74,7 @@ def _check(file: Path, name: str, key: str, value, problems: list[str]) -> None:
     if isinstance(value, bool) and bool not in types or not isinstance(value, types):
         problems.append(f"{where}: expected {_type_name(types)}, got {value!r}")
         return
-    if key in ("ctx_size", "parallel", "max_concurrent") and value < 1:
+    if key in ("ctx_size", "parallel", "max_concurrent", "write_timeout") and value < 1:
         problems.append(f"{where}: must be at least 1, got {value}")
     elif key == "ttl" and value < 0:
         problems.append(f"{where}: must be 0 or more seconds, got {value}")

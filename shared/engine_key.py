@@ -12,6 +12,10 @@ from pathlib import Path
 
 from shared.settings import Settings
 
+# the governor shows the key to the proxy in this header (Authorization is the API key's), so
+# the causes it gives an unload (ttl, pressure, signal, ...) cannot come from a client
+HEADER = "X-Model-Serve-Key"
+
 
 def key_file(settings: Settings) -> Path:
     return settings.state_dir / "engine.key"

@@ -6,6 +6,8 @@ import json
 
 import aiohttp
 
+from shared.engine_key import HEADER
+
 
 class ProxyError(RuntimeError):
     def __init__(self, status: int, message: str) -> None:
@@ -14,9 +16,14 @@ class ProxyError(RuntimeError):
 
 
 class ProxyClient:
-    def __init__(self, base: str, session: aiohttp.ClientSession, api_key: str = "") -> None:
+    def __init__(self, base: str, session: aiohttp.ClientSession, api_key: str = "",
+                 stack_key: str = "") -> None:
+        """`stack_key`: the engine key, which only the stack's own processes (the governor)
+        can read; the proxy takes an unload's reason only with it."""
         self.base, self.session = base, session
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        if stack_key:
+            self.headers[HEADER] = stack_key
 
     async def _call(self, method: str, path: str, body: dict | None = None) -> dict:
         async with self.session.request(method, self.base + path, json=body,
@@ -42,9 +49,9 @@ class ProxyClient:
 
     async def unload(self, model: str, force: bool = False, backend: str | None = None,
                      reason: str | None = None, detail: str = "", signal: str = "") -> dict:
-        """`reason`: the caller logs the unload with it (the governor); without one the proxy
-        logs it as a client's request. `detail` and `signal` (the OS signals that fired) go to
-        the metrics and the dashboard's events."""
+        """`reason`: the governor's cause, which it logs itself; the proxy takes it (and
+        `detail` and `signal`, the OS signals that fired, for the metrics and the dashboard's
+        events) only with the stack key, and logs any other unload as a client's request."""
         body = {"model": model, "force": force, **({"backend": backend} if backend else {}),
                 **({"reason": reason, "detail": detail, "signal": signal} if reason else {})}
         return await self._call("POST", "/models/unload", body)

@@ -45,6 +45,7 @@ class Settings:
     max_messages: int
     max_queue: int
     request_read_timeout: float
+    write_timeout: float
     drain_seconds: float
     api_key: str
     allowed_hosts: tuple[str, ...]
@@ -218,6 +219,7 @@ def load(environ: dict[str, str] | None = None, env_file: Path | None = None) ->
         max_messages=_int(env, "MAX_MESSAGES", 4096, 1),
         max_queue=_int(env, "MAX_QUEUE", 512, 0),
         request_read_timeout=max(1.0, _number(env, "REQUEST_READ_TIMEOUT", 30.0)),
+        write_timeout=max(1.0, _number(env, "WRITE_TIMEOUT", 30.0)),
         drain_seconds=max(0.0, _number(env, "DRAIN_SECONDS", 30.0)),
         api_key=env.get("API_KEY", "").strip(),
         allowed_hosts=_words(env, "ALLOWED_HOSTS", ""),

@@ -75,8 +75,8 @@ class Page:
 class Chromium:
     """`async with Chromium() as browser: page = await browser.open(url)`"""
 
-    def __init__(self, width: int = 1280, height: int = 860) -> None:
-        self.size = f"{width},{height}"
+    def __init__(self, width: int = 1280, height: int = 860, *args: str) -> None:
+        self.size, self.args = f"{width},{height}", args
 
     async def __aenter__(self) -> Chromium:
         # its helper processes may still write the profile as the browser ends
@@ -87,7 +87,7 @@ class Chromium:
             [find_chromium(), "--headless=new", "--no-sandbox", "--disable-gpu",
              "--no-first-run", "--no-default-browser-check", "--remote-debugging-port=0",
              f"--user-data-dir={self.profile.name}", f"--window-size={self.size}",
-             "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             *self.args, "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         port_file = Path(self.profile.name) / "DevToolsActivePort"
         for _ in range(300):
             if port_file.exists() and len(port_file.read_text().split()) >= 2:

@@ -8,6 +8,7 @@ import socket
 import threading
 from http.client import HTTPConnection
 
+import anthropic
 import openai
 import psutil
 import pytest
@@ -156,3 +157,49 @@ def test_a_declared_size_over_the_limit_is_refused_at_once(stack_factory) -> Non
     assert http("POST", stack.url + "/v1/chat/completions", chat(TINY, stream=None))[0] == 200
     status, body = http("POST", stack.url + "/v1/chat/completions", chat(5))
     assert status == 400 and "'model' must be a string" in body["error"]["message"]
+
+
+def test_oversized_headers_get_an_error_the_sdks_read(stack_factory) -> None:
+    stack = stack_factory().start()
+    huge = {"X-Trace": "x" * 100_000}
+    client = openai.OpenAI(base_url=stack.url + "/v1", api_key="none", max_retries=0,
+                           default_headers=huge)
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "hi"}])
+    assert e.value.status_code == 431 and "longer than" in e.value.message
+    claude = anthropic.Anthropic(base_url=stack.url, api_key="none", max_retries=0,
+                                 default_headers=huge)
+    with pytest.raises(anthropic.APIStatusError) as e:
+        claude.messages.create(model=TINY, max_tokens=4,
+                               messages=[{"role": "user", "content": "hi"}])
+    assert e.value.status_code == 431 and e.value.body["error"]["type"] == \
+        "invalid_request_error"
+    # a browser sends the cookies of every app on localhost to every port
+    cookies = {"Cookie": "; ".join(f"app{n}=" + "c" * 1000 for n in range(20))}
+    assert http("POST", stack.url + "/v1/chat/completions", chat(TINY), headers=cookies)[0] == 200
+    log = (stack.root / "proxy.log").read_text()
+    assert "refused a request" in log and "Traceback" not in log
+
+
+def test_a_client_that_stops_reading_frees_its_models_slot(stack_factory, config_dir) -> None:
+    (config_dir / "custom_models.yaml").write_text(
+        "models:\n  tiny:0.2m-f32:\n    write_timeout: 2\n")
+    stack = stack_factory().start()
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect(("127.0.0.1", int(stack.env["HARMONY_PROXY_PORT"])))
+    # thousands of tokens with their 100 most likely alternatives each: megabytes, more than
+    # the sockets between hold
+    body = json.dumps({"model": TINY, "prompt": "hi", "n_predict": 4000, "n_probs": 100,
+                       "ignore_eos": True, "stream": True}).encode()
+    stalled.sendall(b"POST /completion HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                    b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+    def serving() -> bool:
+        rows = http("GET", stack.url + "/running")[1]["models"]
+        return any(r["id"] == TINY and r["queue"]["active"] == 1 for r in rows)
+    wait(serving, 60)
+    # the model answers one request at a time, and the client holding it reads nothing
+    assert http("POST", stack.url + "/v1/chat/completions", chat(TINY), timeout=45)[0] == 200
+    assert "read nothing of its answer" in (stack.root / "proxy.log").read_text()
+    stalled.close()

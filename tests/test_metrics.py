@@ -176,15 +176,19 @@ def test_tokens_of_the_answers_ollama_gives(stack_factory, ollama) -> None:
 
 
 def test_unloads_by_the_governor_keep_their_cause_and_signal(stack_factory) -> None:
-    """What the governor sends /models/unload (tests/test_scheduler.py checks it sends it):
-    the cause becomes the reason; only a signal unload names signals, only as names."""
+    """What the governor sends /models/unload (tests/test_scheduler.py checks it sends it),
+    with the stack's key: the cause becomes the reason; only a signal unload names signals,
+    only as names. A client's unload is manual whatever it says."""
     stack = stack_factory().start()
-    for reason, signal in (("signal", "psi,refault"), ("pressure", "psi"), ("signal", "a b"),
-                           ("my-own", "")):
+    governor = {"X-Model-Serve-Key": (stack.state_dir / "engine.key").read_text().strip()}
+    for reason, signal, headers in (
+            ("signal", "psi,refault", governor), ("pressure", "psi", governor),
+            ("signal", "a b", governor), ("my-own", "", governor),
+            ("pressure", "", {}), ("signal", "forged", {"X-Model-Serve-Key": "guess"})):
         assert http("POST", stack.url + "/models/load", {"model": TINY})[0] == 200
         assert http("POST", stack.url + "/models/unload", {
             "model": TINY, "reason": reason, "signal": signal,
-            "detail": f"{reason} detail"})[0] == 200
+            "detail": f"{reason} detail"}, headers=headers)[0] == 200
         # gone from the engine before the next load (it lists it while its process ends)
         wait(lambda: not http("GET", stack.url + "/running")[1]["models"], 30)
     samples = scrape(stack)
@@ -194,12 +198,14 @@ def test_unloads_by_the_governor_keep_their_cause_and_signal(stack_factory) -> N
     assert value(samples, "model_serve_unloads_total", **tiny, reason="pressure",
                  signal="") == 1
     assert value(samples, "model_serve_unloads_total", **tiny, reason="signal", signal="") == 1
-    assert value(samples, "model_serve_unloads_total", **tiny, reason="manual") == 1
+    assert value(samples, "model_serve_unloads_total", **tiny, reason="manual") == 3
+    assert value(samples, "model_serve_unloads_total", signal="forged") == 0
     events = [e for e in http("GET", stack.url + "/events")[1]["events"]
               if e["kind"] == "unloaded"]
     assert [(e["reason"], e["detail"]) for e in events] == [
         ("signal", "signal detail"), ("pressure", "pressure detail"),
-        ("signal", "signal detail"), ("manual", "my-own detail")]
+        ("signal", "signal detail"), ("manual", "my-own detail"), ("manual", ""),
+        ("manual", "")]
 
 
 def test_metrics_ask_for_the_api_key(stack_factory) -> None:

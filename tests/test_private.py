@@ -3,16 +3,19 @@ the governor, and no other web page drives the proxy."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import urllib.request
 
 import psutil
+from aiohttp import web
 
 from shared.engines.base import section_name
-from tests.harness import answers, http, wait
+from tests.browser import Chromium
+from tests.harness import answers, free_port, http, wait
 from tests.streams import chat
 
-TINY = "ms/tiny:0.2m-f32"
+TINY, OTHER = "ms/tiny:0.2m-f32", "ms/other:0.2m-f32"
 EVIL = {"Origin": "https://evil.example"}
 
 
@@ -104,3 +107,90 @@ def test_the_key_needs_bearer_and_booleans_are_strict(stack_factory) -> None:
     status, body = http("POST", stack.url + "/v1/chat/completions",
                         chat(TINY, stream="yes"), headers=key)
     assert status == 400 and body["error"]["code"] == "invalid_type"
+
+
+def test_pages_on_other_addresses_are_other_sites(stack_factory) -> None:
+    """Any server on the network can serve a page on the proxy's port; only the stack's own
+    names and loopback addresses are the proxy's own pages."""
+    stack = stack_factory().start()
+    port = stack.env["HARMONY_PROXY_PORT"]
+    assert http("POST", stack.url + "/models/load", {"model": TINY})[0] == 200
+    for host in ("203.0.113.7", "192.168.1.66", "10.0.0.9", "[2001:db8::1]"):
+        page = {"Origin": f"http://{host}:{port}"}
+        status, body = http("POST", stack.url + "/models/unload",
+                            json.dumps({"model": TINY}).encode(),
+                            headers={**page, "Content-Type": "text/plain"})
+        assert status == 403 and body["error"]["code"] == "origin_not_allowed", host
+        assert http("GET", stack.url + "/running", headers=page)[0] == 403, host
+        assert http("DELETE", stack.url + "/api/delete", {"model": "x"}, headers=page)[0] == 403
+        assert http("POST", stack.url + "/v1/chat/completions", chat(TINY),
+                    headers=page)[0] == 403, host
+    assert TINY in loaded_ids(stack)
+    for own in (f"http://localhost:{port}", f"http://127.0.0.2:{port}", f"http://[::1]:{port}"):
+        assert http("GET", stack.url + "/running", headers={"Origin": own})[0] == 200, own
+    # a page on another port of this machine is another web app
+    assert http("GET", stack.url + "/running",
+                headers={"Origin": "http://127.0.0.1:8080"})[0] == 403
+    # the dashboard opened at the address it is served on (LISTEN_HOST=0.0.0.0, say)
+    lan = {"Host": f"192.168.1.5:{port}", "Origin": f"http://192.168.1.5:{port}"}
+    assert http("GET", stack.url + "/running", headers=lan)[0] == 200
+
+
+def test_cross_site_gets_load_nothing(stack_factory) -> None:
+    """`<img src=".../props?model=X">` on any page would load X, and admission would evict
+    idle models for it."""
+    stack = stack_factory().start()
+    image = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors",
+             "Sec-Fetch-Dest": "image"}
+    for path in ("/props", "/slots", "/metrics"):
+        status, body = http("GET", f"{stack.url}{path}?model={TINY}", headers=image)
+        assert status == 403 and body["error"]["code"] == "origin_not_allowed", path
+        # a browser that sends no Sec-Fetch-Site still sends the page as its Referer
+        status, _ = http("GET", f"{stack.url}{path}?model={TINY}",
+                         headers={"Referer": "https://evil.example/page.html"})
+        assert status == 403, path
+    assert loaded_ids(stack) == []
+    # reading changes nothing: the stack's own metrics, the model list, the dashboard
+    assert http("GET", stack.url + "/metrics", headers=image)[0] == 200
+    assert http("GET", stack.url + "/v1/models", headers=image)[0] == 200
+    # the dashboard's own requests, a typed-in address, a program (no browser headers)
+    for headers in ({"Sec-Fetch-Site": "same-origin", "Referer": stack.url + "/"},
+                    {"Sec-Fetch-Site": "none"}, {}):
+        assert http("GET", f"{stack.url}/props?model={TINY}", headers=headers)[0] == 200
+    assert TINY in loaded_ids(stack)
+
+
+def test_a_page_of_another_site_in_a_browser_changes_nothing(stack_factory) -> None:
+    """Real Chromium opens a page of another site (evil.test, resolved to this machine) that
+    asks the proxy for a model in an image tag and posts an unload as a form would."""
+    stack = stack_factory().start()
+    assert http("POST", stack.url + "/models/load", {"model": OTHER})[0] == 200
+    page_html = f"""<img id="img" src="{stack.url}/props?model={TINY}">
+<script>
+window.sent = fetch("{stack.url}/models/unload", {{method: "POST", mode: "no-cors",
+  headers: {{"Content-Type": "text/plain"}}, body: JSON.stringify({{model: "{OTHER}"}})}})
+  .then(() => "sent", e => "failed: " + e);
+</script>"""
+
+    async def serve_page(_: web.Request) -> web.Response:
+        return web.Response(text=page_html, content_type="text/html")
+
+    async def scenario() -> None:
+        app = web.Application()
+        app.router.add_get("/", serve_page)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            async with Chromium(1280, 860, "--host-resolver-rules=MAP evil.test 127.0.0.1") \
+                    as browser:
+                page = await browser.open(f"http://evil.test:{port}/")
+                await page.until("document.getElementById('img').complete")
+                assert await page.js("window.sent") == "sent"
+                assert await page.js("document.getElementById('img').naturalWidth") == 0
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(scenario())
+    assert loaded_ids(stack) == [OTHER]

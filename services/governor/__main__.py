@@ -66,7 +66,7 @@ def make_app(settings: Settings) -> web.Application:
             signals = pressure_signals.for_this_machine(
                 settings.psi_level, settings.paging_mib_s, settings.mac_pressure_level)
             scheduler = Scheduler(settings, ProxyClient(settings.proxy_url, proxy_s,
-                                                        settings.api_key),
+                                                        settings.api_key, engine_key(settings)),
                                   CatalogHolder(settings), make_engine(settings),
                                   Ollama(settings.ollama_base, backend_s), backend_s, signals)
             await asyncio.to_thread(scheduler.holder.refresh)

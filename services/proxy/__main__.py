@@ -7,6 +7,7 @@ import resource
 
 from aiohttp import web
 
+from services.proxy import parse_errors
 from services.proxy.app import make_app
 from shared import logs
 from shared import settings as settings_mod
@@ -16,10 +17,12 @@ def main() -> None:
     logs.setup("proxy")
     settings = settings_mod.load()
     more_files()
+    parse_errors.install()
     # keepalive_timeout also closes a connection whose request never finishes arriving
     web.run_app(make_app(settings), host=settings.listen_host, port=settings.proxy_port,
                 handler_cancellation=True, access_log=None, print=None,
-                shutdown_timeout=5, keepalive_timeout=settings.request_read_timeout)
+                shutdown_timeout=5, keepalive_timeout=settings.request_read_timeout,
+                max_line_size=parse_errors.MAX_LINE, max_field_size=parse_errors.MAX_LINE)
 
 
 def more_files() -> None:

@@ -3,7 +3,9 @@
 Any page a user opens can send requests to 127.0.0.1: a cross-site form POST needs no CORS
 preflight, and DNS rebinding makes the page's own host name resolve to this machine. So the
 proxy answers only the host names it serves, and a request that carries an `Origin` only when
-that origin is the proxy itself or one the user listed in CORS_ORIGINS.
+that origin is the proxy itself or one the user listed in CORS_ORIGINS. A request with no
+`Origin` (an image tag, a link) that would load or change something is judged by what else the
+browser says of the page behind it: `Sec-Fetch-Site`, else `Referer`.
 """
 
 from __future__ import annotations
@@ -46,20 +48,54 @@ def host_allowed(settings: Settings, name: str) -> bool:
             or name in settings.allowed_hosts)
 
 
-def _own_origin(settings: Settings, origin: str) -> bool:
-    """A page served by the proxy itself (the dashboard)."""
+def _is_loopback(name: str) -> bool:
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _own_origin(settings: Settings, origin: str, host: str) -> bool:
+    """A page the proxy itself served (the dashboard): its own address, as the request names
+    it, or one of the stack's names on its port. Any other IP address is another server:
+    a page there may send requests here, and browsers do not stop them."""
     parts = urlsplit(origin)
+    if parts.scheme in ("http", "https") and parts.netloc and \
+            parts.netloc == host.strip().lower():
+        return True
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
         return False
-    return bool(parts.hostname) and port == settings.proxy_port and \
-        host_allowed(settings, parts.hostname)
+    name = parts.hostname or ""
+    return port == settings.proxy_port and (
+        name in LOCAL_NAMES or _is_loopback(name) or name in settings.allowed_hosts
+        or name == settings.listen_host.lower())
 
 
-def origin_allowed(settings: Settings, origin: str) -> bool:
+def origin_allowed(settings: Settings, origin: str, host: str) -> bool:
     origin = origin.strip().lower().rstrip("/")
-    return origin in settings.cors_origins or _own_origin(settings, origin)
+    return origin in settings.cors_origins or _own_origin(settings, origin, host)
+
+
+def _acts(request: web.Request) -> bool:
+    """GETs only read here, except the per-model ones (`?model=`), which load their model."""
+    return request.method not in ("GET", "HEAD", "OPTIONS") or "model" in request.query
+
+
+def _page_origin(request: web.Request) -> str | None:
+    """The origin of the page behind a request that names none, when it acts on our behalf
+    and the browser says it came from another site (or, where it does not say, its Referer
+    does); None for a request from our own pages, typed in, or from a program."""
+    if not _acts(request):
+        return None
+    site = request.headers.get("Sec-Fetch-Site")
+    if site in ("same-origin", "none"):
+        return None
+    referer = urlsplit(request.headers.get("Referer", ""))
+    if referer.scheme and referer.netloc:
+        return f"{referer.scheme}://{referer.netloc}"
+    return "(a page of another site)" if site in ("cross-site", "same-site") else None
 
 
 @web.middleware
@@ -70,11 +106,9 @@ async def browser_guard(request: web.Request, handler) -> web.StreamResponse:
         return error_response(403, f"Host {name!r} is not served here; add it to ALLOWED_HOSTS "
                               "if this machine is reached under that name", "host_not_allowed")
     origin = request.headers.get("Origin")
-    cross_site = request.headers.get("Sec-Fetch-Site") == "cross-site"
-    if origin is None and cross_site and request.method not in ("GET", "HEAD"):
-        origin = "(a cross-site page)"
-    if origin is not None and not origin_allowed(settings, origin):
-        return error_response(403, f"requests from the web page at {origin} are refused; to "
+    page = origin if origin is not None else _page_origin(request)
+    if page is not None and not origin_allowed(settings, page, request.headers.get("Host", "")):
+        return error_response(403, f"requests from the web page at {page} are refused; to "
                               "let a web app use this server, add its origin to CORS_ORIGINS",
                               "origin_not_allowed")
     if origin is not None and request.method == "OPTIONS":

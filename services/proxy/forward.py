@@ -144,7 +144,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
             (problem := ollama_routes.fixed_context(asked.payload, entry, target)):
         return problem
     key = ("ollama", target) if target else ("engine", entry.id)
-    return await with_model(ctx, key, entry, entry.id if entry else target,
+    return await with_model(request, key, entry, entry.id if entry else target,
                             lambda _: _answer(request, route, asked, entry, target))
 
 

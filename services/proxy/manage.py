@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import os
 import re
@@ -18,6 +19,7 @@ from services.proxy.forward import forward, not_found
 from services.proxy.governor_client import governor_health
 from services.proxy.metrics import unload_reason
 from shared.catalog import Entry
+from shared.engine_key import HEADER
 from shared.engines import EngineError
 from shared.errors import error_response
 from shared.loading import Key
@@ -209,13 +211,16 @@ async def unload(request: web.Request) -> web.Response:
             return error_response(503, str(e), "ollama_unavailable")
         except (EngineError, aiohttp.ClientError) as e:
             return error_response(503, f"engine: {e}", "engine_error")
-    reason = unload_reason(body.get("reason"))
-    # the signals' names label a metric: only the governor's, only names
+    # the governor's unloads pass here too, with their cause; a client's are its own
+    governor = hmac.compare_digest(request.headers.get(HEADER, ""), ctx.engine.key)
+    reason = unload_reason(body.get("reason")) if governor else "manual"
+    # the signals' names label a metric: only names
     signal = _text(body.get("signal")) if reason == "signal" else ""
     signal = signal if re.fullmatch(r"[a-z0-9_,-]*", signal) else ""
-    for key in keys:  # the governor's unloads pass here too, with their cause
-        ctx.metrics.unloaded(key, mid, reason, _text(body.get("detail")), signal)
-    if not body.get("reason"):  # the governor logs its own, with the numbers
+    for key in keys:
+        ctx.metrics.unloaded(key, mid, reason, _text(body.get("detail")) if governor else "",
+                             signal)
+    if not governor:  # the governor logs its own, with the numbers
         log.info("unloaded %s from %s at a client's request%s", mid,
                  " and ".join(k[0] for k in keys), " (forced)" if use and use.in_flight else "")
     return web.json_response({"model": mid, "unloaded": True,

@@ -12,9 +12,10 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from services.proxy import metrics
-from services.proxy.context import Context
+from services.proxy.context import CTX, Context
 from services.proxy.engine_errors import NotLoaded
 from services.proxy.limits import QueueFull
+from services.proxy.stalled_readers import watched
 from shared.catalog import Entry
 from shared.errors import error_response
 from shared.loading import Key
@@ -23,8 +24,9 @@ log = logging.getLogger("model-serve.proxy")
 Answer = Callable[[float], Awaitable[web.StreamResponse]]  # seconds spent loading → answer
 
 
-async def with_model(ctx: Context, key: Key, entry: Entry | None, use_id: str,
+async def with_model(request: web.Request, key: Key, entry: Entry | None, use_id: str,
                      answer: Answer) -> web.StreamResponse:
+    ctx = request.app[CTX]
     ctx.usage.start(use_id)
     if turn := metrics.turn():  # from here on the request counts as this model's
         turn.model, turn.backend = use_id, key[0]
@@ -32,13 +34,13 @@ async def with_model(ctx: Context, key: Key, entry: Entry | None, use_id: str,
     in_flight.inc()
     try:
         try:
-            return await _attempt(ctx, key, entry, use_id, answer)
+            return await _attempt(request, key, entry, use_id, answer)
         except NotLoaded:
             log.info("%s had left the engine; loading it again", key[1])
             ctx.admission.forget(key)
             ctx.metrics.unloaded(key, use_id, "crash", "it had left the engine")
         try:
-            return await _attempt(ctx, key, entry, use_id, answer)
+            return await _attempt(request, key, entry, use_id, answer)
         except NotLoaded as e:
             return e.response
     finally:
@@ -46,20 +48,24 @@ async def with_model(ctx: Context, key: Key, entry: Entry | None, use_id: str,
         in_flight.dec()
 
 
-async def _attempt(ctx: Context, key: Key, entry: Entry | None, use_id: str,
+async def _attempt(request: web.Request, key: Key, entry: Entry | None, use_id: str,
                    answer: Answer) -> web.StreamResponse:
+    ctx = request.app[CTX]
     start = time.monotonic()
     if refused := await ctx.admission.ensure(key, entry, use_id):
         return refused
     loaded = time.monotonic()
     loading = loaded - start
+    timeout = entry.write_timeout if entry and entry.write_timeout else \
+        ctx.settings.write_timeout
     try:
         async with _turn(ctx, key, entry):
-            if turn := metrics.turn():  # TTFT's parts; a reload after NotLoaded adds up
-                turn.loading += loading
-                turn.sent = time.monotonic()
-                turn.queued += turn.sent - loaded
-            return await answer(loading)
+            with watched(request, use_id, timeout):
+                if turn := metrics.turn():  # TTFT's parts; a reload after NotLoaded adds up
+                    turn.loading += loading
+                    turn.sent = time.monotonic()
+                    turn.queued += turn.sent - loaded
+                return await answer(loading)
     except QueueFull as e:
         return _busy(ctx, key[1], entry, e)
 

@@ -115,7 +115,7 @@ async def _to_ollama(request: web.Request, payload: dict, entry: Entry | None,
     if entry and "keep_alive" not in payload and (alive := keep_alive(entry)) is not None:
         sent["keep_alive"] = alive  # the model's TTL, as on the OpenAI routes
     key = ("ollama", target)
-    resp = await with_model(ctx, key, entry, entry.id if entry else target, lambda _: relay(
+    resp = await with_model(request, key, entry, entry.id if entry else target, lambda _: relay(
         request, ctx, json.dumps(sent).encode(),
         ModelRenamer(target, name) if name != target else None))
     if keep_alive_zero(payload.get("keep_alive")):

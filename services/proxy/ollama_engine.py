@@ -135,7 +135,7 @@ async def generate(request: web.Request, entry: Entry, payload: dict,
 
         async def loaded(load: float) -> web.StreamResponse:
             return web.json_response(answer.loaded("load"))
-        return await with_model(ctx, ("engine", entry.id), entry, entry.id, loaded)
+        return await with_model(request, ("engine", entry.id), entry, entry.id, loaded)
     try:
         path, body = ("/v1/chat/completions", chat_body(payload, entry, stream)) if chat \
             else generate_body(payload, entry, stream)
@@ -151,7 +151,7 @@ async def generate(request: web.Request, entry: Entry, payload: dict,
         answer.stats = Stats(load)
         return await _post(request, entry, path, body, read)
 
-    resp = await with_model(ctx, ("engine", entry.id), entry, entry.id, call)
+    resp = await with_model(request, ("engine", entry.id), entry, entry.id, call)
     if unloading:
         await unload(ctx, entry)
     return resp
@@ -177,8 +177,7 @@ async def embed(request: web.Request, entry: Entry, payload: dict,
             return web.json_response(answer)
         return await _post(request, entry, "/v1/embeddings", body, read)
 
-    resp = await with_model(request.app[CTX], ("engine", entry.id), entry, entry.id,
-                            call)
+    resp = await with_model(request, ("engine", entry.id), entry, entry.id, call)
     if keep_alive_zero(payload.get("keep_alive")):
         await unload(request.app[CTX], entry)
     return resp
