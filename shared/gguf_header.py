@@ -50,6 +50,9 @@ class GGUFInfo:
     value_length: int
     is_projector: bool
     pooling_type: int = 0  # non-zero: an embedding model
+    # the file's own sampler order (`top_k;top_p`), which llama-server prefers to a
+    # --sampling-seq given for the model, not to --samplers
+    sampling_sequence: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -205,4 +208,5 @@ def _info(kv: dict[str, object], params: int) -> GGUFInfo:
         value_length=a("attention.value_length") or head_dim,
         is_projector=arch == "clip" or kv.get("general.type") == "mmproj",
         pooling_type=a("pooling_type"),
+        sampling_sequence=str(kv.get("general.sampling.sequence", "")),
     )

@@ -77,6 +77,8 @@ def servable(settings: Settings, engine: Engine) -> Catalog:
     if not catalog.entries and settings.demo_model:
         catalog = catalog_mod.build(settings, [settings.models_dir, _ensure_demo(settings)])
     refused = engine.refusals(catalog)
+    catalog.notices += [f"{mid}: {engine.name} serves it without {value}"
+                        for mid, values in engine.left_out(catalog).items() for value in values]
     for mid, reason in refused.items():  # left out, so clients are not offered it either
         catalog.notices.append(f"{mid}: not served by {engine.name}: {reason}")
         del catalog.entries[mid]
@@ -87,7 +89,7 @@ def servable(settings: Settings, engine: Engine) -> Catalog:
 
 def _rebuild(settings: Settings, engine: Engine) -> SyncResult:
     catalog = servable(settings, engine)
-    engine_changed = write_if_changed(engine.config_path, engine.render(catalog))
+    engine_changed = engine.write_config(catalog)
     catalog_changed = write_if_changed(settings.catalog_file, catalog.to_json())
     return SyncResult(catalog, catalog_changed, engine_changed)
 

@@ -93,11 +93,14 @@ def test_doctor_passes_a_good_setup_and_names_the_setting_to_fix(stack_factory, 
     assert "custom_models.yaml: models.tiny:0.2m-f32.pin" in bad.stdout
     assert "OK    config: 2 models served" in bad.stdout
 
-    # a file the router's preset cannot hold is counted out, with the reason
+    # a name the router's preset cannot hold is counted out, with the reason; a file whose
+    # path it cannot hold is served through a link
+    (config_dir / "custom_models.yaml").write_text(
+        "models:\n  we;ird:\n    base_model: tiny:0.2m-f32\n")
     write_model(models_dir / "pub" / "odd" / "we;ird-F32.gguf", name="weird", seed=3)
     odd = stack.cli("doctor")
-    assert "not served by llama-server router" in odd.stdout and "we;ird" in odd.stdout
-    assert "OK    config: 2 models served" in odd.stdout
+    assert "ms/we;ird: not served by llama-server router" in odd.stdout
+    assert "OK    config: 3 models served" in odd.stdout
 
 
 def test_show_reads_like_prose_and_gives_the_engines_own_arguments(stack_factory) -> None:

@@ -5,8 +5,10 @@ structure. The router tests start the real llama-server on the rendered presets.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -268,75 +270,109 @@ models:
     aliases: ["x\n[injected]\nmodel = /etc/passwd"]
   semicolon-alias:
     base_model: plain:0.2m-f32
-    aliases: ["cut;here"]
+    aliases: ["cut;here", "kept"]
   hash-alias:
     base_model: plain:0.2m-f32
     aliases: ["tag#1"]
   comma:
     base_model: plain:0.2m-f32
-    aliases: ["a,b"]
+    aliases: ["a,b", " edge "]
   newline-value:
     base_model: plain:0.2m-f32
-    sampler_args: "--chat-template-kwargs '{\"a\":\n1}' --temp 0.1"
+    sampler_args: "--chat-template-kwargs '{\"a\":\n1.50}' --temp 0.1"
   semicolon-value:
     base_model: plain:0.2m-f32
     sampler_args: "--chat-template-kwargs '{\"a\": \";\"}'"
   hashed-value:
     base_model: plain:0.2m-f32
     sampler_args: "--chat-template-kwargs '{\"tag\": \"#1\"}'"
+  samplers:
+    base_model: plain:0.2m-f32
+    sampler_args: "--samplers 'top_k;Min-P;;temp' --temp 0.2"
+  unknown-sampler:
+    base_model: plain:0.2m-f32
+    sampler_args: "--samplers 'top_k;nope' --top-k 3"
+  hashed-template:
+    base_model: plain:0.2m-f32
+    sampler_args: "--chat-template 'x#y' --top-k 4"
   two-values:
     base_model: plain:0.2m-f32
     sampler_args: "--control-vector-layer-range 1 2"
+  we;ird:
+    base_model: plain:0.2m-f32
   plain_0.2m-f32:
     base_model: plain:0.2m-f32
 """)
     return settings_for(tmp_path, root, config_dir)
 
 
+# a model the router cannot ask for by its id, or whose section would be another's
 ROUTER_REFUSES = {
-    SEMI: "contains ';', which llama-server's preset file cannot hold; rename the file",
-    HASH: "contains '#', which llama-server's preset file cannot hold; rename the file",
-    NEWLINE: r"contains '\n', which llama-server's preset file cannot hold; rename the file",
-    "ms/injector": r"contains '\n', which llama-server's preset file cannot hold; "
-                   "rename it in custom_models.yaml or use ENGINE=llama-swap",
-    "ms/semicolon-alias": "name 'cut;here' contains ';'",
-    "ms/hash-alias": "name 'tag#1' contains '#'",
-    "ms/newline-value": "--chat-template-kwargs '{\"a\":\\n1}' contains '\\n'",
-    "ms/semicolon-value": "--chat-template-kwargs '{\"a\": \";\"}' contains ';'",
-    "ms/comma": "name 'a,b' contains ',' (the router's aliases are one comma-separated value)",
-    "ms/hashed-value": "--chat-template-kwargs '{\"tag\": \"#1\"}' contains '#'",
-    "ms/two-values": "--control-vector-layer-range takes 2 values, which llama-server's "
-                     "presets cannot hold yet",
+    "ms/we;ird": "name 'ms/we;ird' contains ';', which llama-server's preset file cannot "
+                 "hold; rename it in custom_models.yaml or use ENGINE=llama-swap",
     "ms/plain_0.2m-f32": f"'ms_plain_0.2m-f32' is already {PLAIN}'s name in the router's "
                          "presets",
 }
+# a value it cannot hold in any spelling: the model is served without it
+ROUTER_LEAVES_OUT = {
+    "ms/unknown-sampler": "--samplers 'top_k;nope': it contains ';', which llama-server's "
+                          "preset file cannot hold, and llama-server knows no sampler 'nope'",
+    "ms/hashed-template": "--chat-template 'x#y': it contains '#', which llama-server's "
+                          "preset file cannot hold; change it in custom_models.yaml or use "
+                          "ENGINE=llama-swap",
+    "ms/two-values": "--control-vector-layer-range '1' '2': it takes 2 values, which "
+                     "llama-server's presets cannot hold yet",
+}
 
 
-def test_the_router_refuses_what_its_presets_cannot_hold_and_serves_the_rest(
+def test_the_router_holds_every_value_another_way_or_leaves_out_only_that_value(
         awkward, tmp_path) -> None:
     engine = Router(awkward)
     result = rebuild(awkward, engine)
+    notices = result.catalog.notices
     for mid, reason in ROUTER_REFUSES.items():
-        assert any(n.startswith(f"{mid}: not served by llama-server router: ") and reason in n
-                   for n in result.catalog.notices), (mid, result.catalog.notices)
+        assert f"{mid}: not served by llama-server router: {reason}" in "\n".join(notices)
         assert mid not in result.catalog.entries  # clients are not offered it either
-    assert all("use ENGINE=llama-swap" in n or "rename one of them" in n
-               for n in result.catalog.notices if "not served by" in n)
-    assert set(result.catalog.entries) == {PLAIN, SPACE}
+    for mid, value in ROUTER_LEAVES_OUT.items():
+        assert any(n.startswith(f"{mid}: llama-server router serves it without {value}")
+                   for n in notices), (mid, notices)
+    assert len([n for n in notices if "router" in n]) == len(ROUTER_REFUSES) + len(
+        ROUTER_LEAVES_OUT)
+    served = set(result.catalog.entries)
+    assert served == set(catalog_mod.build(awkward).entries) - set(ROUTER_REFUSES)
+    assert result.catalog.resolve("cut;here").id == "ms/semicolon-alias"  # the proxy's names
 
     text = engine.config_path.read_text()
     ini = parse_preset(text)
-    assert set(ini) == {DEFAULT, section_name(PLAIN), section_name(SPACE)}
+    assert set(ini) == {DEFAULT} | {section_name(mid) for mid in served}
     assert "injected" not in text and "passwd" not in text
     plain, space = ini[section_name(PLAIN)], ini[section_name(SPACE)]
     assert (plain["alias"], plain["temp"], plain["ot"]) == (
         f"{PLAIN},plain:latest", "0.7", "blk.*=CPU")
     assert space["model"] == result.catalog.entries[SPACE].path  # the blank kept
     assert space["lora-scaled"] == "a b.gguf:0.5"
+    # an alias it cannot hold is the proxy's alone; the rest of the model stays
+    assert ini[section_name("ms/semicolon-alias")]["alias"] == "ms/semicolon-alias,kept"
+    for mid in ("ms/injector", "ms/hash-alias", "ms/comma"):
+        assert ini[section_name(mid)]["alias"] == mid
+    # the same JSON on one line, `;` and `#` escaped; the numbers as written
+    kwargs = {mid: ini[section_name(mid)]["chat-template-kwargs"]
+              for mid in ("ms/newline-value", "ms/semicolon-value", "ms/hashed-value")}
+    assert kwargs == {"ms/newline-value": '{"a":1.50}', "ms/semicolon-value": r'{"a":"\u003b"}',
+                      "ms/hashed-value": r'{"tag":"\u00231"}'}
+    assert ini[section_name("ms/samplers")]["sampling-seq"] == "kmt"
+    assert "samplers" not in ini[section_name("ms/samplers")]
+    assert ini[section_name("ms/unknown-sampler")]["top-k"] == "3"
+    assert ini[section_name("ms/hashed-template")]["top-k"] == "4"
+    # a file whose path it cannot hold, through a link of the project's in STATE_DIR
+    for mid in (SEMI, HASH, NEWLINE):
+        link = Path(ini[section_name(mid)]["model"])
+        assert link.is_relative_to(awkward.state_dir / "model-links")
+        assert os.readlink(link) == result.catalog.entries[mid].path
 
     with real_router(engine.config_path, tmp_path, awkward) as url:
         models = router_models(url)
-        assert set(models) == {section_name(PLAIN), section_name(SPACE)}
+        assert set(models) == {section_name(mid) for mid in served}
         assert models[section_name(PLAIN)]["aliases"] == [PLAIN, "plain:latest"]
         plain_args = options_of(models[section_name(PLAIN)]["status"]["args"], awkward)
         assert plain_args["--temperature"] == ["0.7"] and plain_args["--top-k"] == ["40"]
@@ -344,28 +380,74 @@ def test_the_router_refuses_what_its_presets_cannot_hold_and_serves_the_rest(
         space_args = options_of(models[section_name(SPACE)]["status"]["args"], awkward)
         assert space_args["--model"] == [result.catalog.entries[SPACE].path]
         assert space_args["--lora-scaled"] == ["a b.gguf:0.5"]
+        hashed = options_of(models[section_name("ms/hashed-value")]["status"]["args"], awkward)
+        assert json.loads(hashed["--chat-template-kwargs"][0]) == {"tag": "#1"}
+        seq = options_of(models[section_name("ms/samplers")]["status"]["args"], awkward)
+        assert seq["--sampling-seq"] == ["kmt"]
 
 
-def test_llama_swap_quotes_what_it_can_and_refuses_line_breaks_and_macros(awkward) -> None:
+def test_the_links_follow_the_catalog_and_touch_nothing_else(awkward, tmp_path) -> None:
+    engine = Router(awkward)
+    rebuild(awkward, engine)
+    links = awkward.state_dir / "model-links"
+    assert len(list(links.iterdir())) == 3
+    # the first shard's link has its other shards beside it, as llama-server looks for them
+    split = awkward.models_dir / "pub" / "split#" / "big-00001-of-00002.gguf"
+    write_model(split, name="big")
+    write_model(split.with_name("big-00002-of-00002.gguf"), name="big", seed=2)
+    rebuild(awkward, engine)
+    first = Path(parse_preset(engine.config_path.read_text())[
+        section_name("ms/big:0.2m-f32")]["model"])
+    assert sorted(p.name for p in first.parent.iterdir()) == [
+        "big-00001-of-00002.gguf", "big-00002-of-00002.gguf"]
+    assert os.readlink(first.with_name("big-00002-of-00002.gguf")) == str(
+        split.with_name("big-00002-of-00002.gguf"))
+    # a file gone: its link goes, the file a link pointed at never does
+    (awkward.models_dir / "pub" / "hash" / "ha#sh-F32.gguf").unlink()
+    shutil.rmtree(split.parent)
+    rebuild(awkward, engine)
+    assert len(list(links.iterdir())) == 2
+    assert (awkward.models_dir / "pub" / "semi" / "se;mi-F32.gguf").is_file()
+
+
+def test_llama_swap_quotes_what_it_can_and_leaves_out_what_its_cmd_would_change(
+        awkward) -> None:
     catalog = catalog_mod.build(awkward)
     engine = LlamaSwap(awkward)
-    refused = engine.refusals(catalog)
-    assert set(refused) == {NEWLINE, "ms/injector", "ms/newline-value"}
-    assert r"contains '\n', which llama-swap's config cannot hold; rename the file" \
-        in refused[NEWLINE]
+    assert engine.refusals(catalog) == {}
+    assert engine.left_out(catalog) == {}
     models = yaml.safe_load(engine.render(catalog))["models"]
-    assert set(models) == set(catalog.entries) - set(refused)
-    for mid in (SEMI, HASH, SPACE):
+    assert set(models) == set(catalog.entries)
+    for mid in (SEMI, HASH, SPACE, NEWLINE):
         argv = shlex.split(models[mid]["cmd"])
         assert argv[argv.index("--model") + 1] == catalog.entries[mid].path
+    assert models["ms/injector"]["aliases"] == ["x\n[injected]\nmodel = /etc/passwd"]
+    assert models["ms/comma"]["aliases"] == ["a,b", " edge "]
     argv = shlex.split(models["ms/two-values"]["cmd"])
     assert argv[argv.index("--control-vector-layer-range") + 1:][:2] == ["1", "2"]
     argv = shlex.split(models["ms/hashed-value"]["cmd"])
     assert argv[argv.index("--chat-template-kwargs") + 1] == '{"tag": "#1"}'
+    argv = shlex.split(models["ms/newline-value"]["cmd"])  # a line break it can hold
+    assert argv[argv.index("--chat-template-kwargs") + 1] == '{"a":\n1.50}'
+    argv = shlex.split(models["ms/samplers"]["cmd"])
+    assert argv[argv.index("--samplers") + 1] == "top_k;Min-P;;temp"
 
-    macro = Catalog(entries={PLAIN: catalog.entries[PLAIN]})
-    macro.entries[PLAIN].aliases = ["${env.HOME}"]
-    assert "'${'" in engine.refusals(macro)[PLAIN]
+    odd = Catalog(entries={PLAIN: catalog.entries[PLAIN]})
+    odd.entries[PLAIN].aliases = ["${env.HOME}", "kept"]
+    template, grammar = "a\n  # b", "a \\\nb"
+    odd.entries[PLAIN].options = [["--chat-template", template], ["--temp", "0.3"],
+                                  ["--grammar", grammar]]
+    assert engine.refusals(odd) == {}
+    assert engine.left_out(odd) == {PLAIN: [
+        f"--chat-template {template!r}: it contains a line that starts with '#', which "
+        "llama-swap's config cannot hold; change it in custom_models.yaml",
+        f"--grammar {grammar!r}: it contains a line that ends with '\\', which llama-swap's "
+        "config cannot hold; change it in custom_models.yaml"]}
+    model = yaml.safe_load(engine.render(odd))["models"][PLAIN]
+    assert model["aliases"] == ["kept"]  # the proxy alone resolves the other
+    argv = shlex.split(model["cmd"])
+    assert argv[argv.index("--temp") + 1] == "0.3"
+    assert "--chat-template" not in argv and "--grammar" not in argv
 
 
 def test_catalog_json_keeps_the_options_and_reads_old_files(awkward) -> None:

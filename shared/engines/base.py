@@ -12,6 +12,7 @@ import aiohttp
 
 from shared.catalog import Catalog, Entry
 from shared.engine_key import engine_key
+from shared.files import write_if_changed
 from shared.llama_server import find_llama_server
 from shared.model_flags import Option
 from shared.model_kinds import EMBEDDING, FLAGS, RERANK, kind
@@ -45,20 +46,9 @@ def model_options(entry: Entry) -> list[Option]:
     return options + entry.options
 
 
-def written(entry: Entry) -> list[tuple[str, str]]:
-    """(what, text) of every piece of the entry an engine writes into its config."""
-    out = [("file", path) for path in (entry.path, entry.mmproj) if path]
-    out += [("name", name) for name in entry.names]
-    return out + [(option[0], value) for option in model_options(entry) for value in option[1:]]
-
-
-def control_chars(text: str) -> list[str]:
-    return sorted({c for c in text if ord(c) < 32 or ord(c) == 127})
-
-
-def change_hint(what: str) -> str:
-    return {"file": "rename the file", "name": "rename it in custom_models.yaml"}.get(
-        what, "change it in custom_models.yaml")
+def shown(option: Option) -> str:
+    """An option for a notice: its values quoted, a line break as `\\n`."""
+    return " ".join([option[0], *map(repr, option[1:])])
 
 
 def section_name(model_id: str) -> str:
@@ -94,9 +84,18 @@ class Engine(ABC):
     def refusals(self, catalog: Catalog) -> dict[str, str]:
         """Entry id → why this engine cannot serve it, and what to change."""
 
+    @abstractmethod
+    def left_out(self, catalog: Catalog) -> dict[str, list[str]]:
+        """Entry id → each value of its settings this engine's config cannot hold, and why;
+        the engine serves the entry without them (refused entries are not in it)."""
+
     def accepted(self, catalog: Catalog) -> list[Entry]:
         refused = self.refusals(catalog)
         return [entry for entry in served(catalog) if entry.id not in refused]
+
+    def write_config(self, catalog: Catalog) -> bool:
+        """Writes the config for the catalog; whether the file changed."""
+        return write_if_changed(self.config_path, self.render(catalog))
 
     @abstractmethod
     def command(self) -> list[str]: ...
