@@ -19,7 +19,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.files import write_atomic
+from shared.files import write_if_possible
 from shared.llama_server import find_llama_server
 from shared.settings import Settings
 
@@ -109,7 +109,7 @@ def read(binary: str, state_dir: Path) -> Options:
     if "--port" not in table or "--model" not in table:
         raise OptionsError(f"{binary} --help lists no --model and --port: not a llama-server")
     cache[path] = {"stamp": stamp, "options": table}
-    write_atomic(cache_file, json.dumps(cache, indent=1, sort_keys=True))
+    write_if_possible(cache_file, json.dumps(cache, indent=1, sort_keys=True))
     return Options(binary, table)
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
+
+log = logging.getLogger("model-serve")
+_failing: set[Path] = set()  # files whose last write failed: said once, until one succeeds
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -28,3 +32,18 @@ def write_if_changed(path: Path, text: str) -> bool:
         pass
     write_atomic(path, text)
     return True
+
+
+def write_if_possible(path: Path, text: str) -> bool:
+    """write_if_changed for a file the stack can do without for a while (a cache, a record
+    it rebuilds): when it cannot be written (a full disk) the old one stays, a warning says
+    so once, and no service stops for it. True when written."""
+    try:
+        changed = write_if_changed(path, text)
+    except OSError as e:
+        if path not in _failing:
+            log.warning("cannot write %s (%s): the old one is kept", path, e.strerror or e)
+        _failing.add(path)
+        return False
+    _failing.discard(path)
+    return changed

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.catalog import Entry
-from shared.files import write_atomic
+from shared.files import write_if_possible
 from shared.os_memory import SystemMemory
 
 MIB = 1024**2
@@ -75,7 +75,7 @@ class Footprints:
         return True
 
     def save(self) -> None:
-        write_atomic(self.file, json.dumps(self.data, indent=1))
+        write_if_possible(self.file, json.dumps(self.data, indent=1))
 
     def estimate(self, key: str, entry: Entry, backend: str) -> int:
         return self.learned(key, shape(entry, backend)) or first_estimate(entry)

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from shared.files import write_atomic
+from shared.files import write_if_possible
 from shared.gguf_header import GGUFInfo, read_header
 
 # Bump when GGUFInfo gains a field or is read differently, so older cached headers are
@@ -43,5 +43,5 @@ class MetadataCache:
 
     def save(self) -> None:
         if self.file and self.dirty:
-            write_atomic(self.file, json.dumps({"version": VERSION, "entries": self.entries}))
+            write_if_possible(self.file, json.dumps({"version": VERSION, "entries": self.entries}))
             self.dirty = False

@@ -12,7 +12,7 @@ import json
 from collections.abc import Container
 from pathlib import Path
 
-from shared.files import write_if_changed
+from shared.files import write_if_possible
 
 
 def _load(file: Path) -> dict[str, str]:
@@ -53,5 +53,5 @@ def stable_ids(record_file: Path, wanted: list[tuple[str, str]], present: set[st
             mid = _free_id(name, file, record)
             record[mid], by_file[file] = file, mid
         ids.append(by_file[file])
-    write_if_changed(record_file, json.dumps(record, indent=1, sort_keys=True))
+    write_if_possible(record_file, json.dumps(record, indent=1, sort_keys=True))
     return ids

@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from lm_studio_ollama_bridge.links import LinkRecord
 from services.cli.stack import get_health, ours, port_holder, running_stack
 from shared import harmony_encoding
 from shared import settings as settings_mod
+from shared.disk import biggest, full, mount_point, size, state_dir_problem
 from shared.engines import make_engine
 from shared.llama_server import find_llama_server
 from shared.memory import first_estimate
@@ -97,15 +97,27 @@ def check_folders(settings: Settings) -> list[Finding]:
                            "the demo model will be served",
                            "put GGUF files there (LM Studio does), `model pull` one, or set "
                            "MODELS_DIR"))
-    try:
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=settings.state_dir):
-            pass
-        out.append(Finding("ok", f"STATE_DIR {settings.state_dir} is writable"))
-    except OSError as e:
-        out.append(Finding("fail", f"STATE_DIR {settings.state_dir} is not writable: {e}",
-                           "set STATE_DIR to a folder you can write"))
+    out.append(check_state_dir(settings))
     return out
+
+
+def check_state_dir(settings: Settings) -> Finding:
+    folder = settings.state_dir
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return Finding("fail", f"STATE_DIR {folder} cannot be made: {e}",
+                       "set STATE_DIR to a folder you can write")
+    problem = state_dir_problem(settings)
+    if problem is None:
+        return Finding("ok", f"STATE_DIR {folder} is writable")
+    if not full(folder):
+        return Finding("fail", problem, "set STATE_DIR to a folder you can write")
+    largest = ", ".join(f"{name} {size(n)}" for name, n in biggest(folder))
+    return Finding("fail", f"{problem}. In STATE_DIR the most room is taken by: {largest}",
+                   f"free room on {mount_point(folder)} (old logs in {folder / 'logs'} may "
+                   "go), or set STATE_DIR to a folder on another disk; the stack serves on "
+                   "meanwhile and is well again by itself once there is room")
 
 
 def check_links(settings: Settings) -> Finding:

@@ -4,7 +4,9 @@
 `model start` runs that in the background and waits until the stack's own proxy answers.
 STATE_DIR/instance.json records supervisord's pid, start time and the stack's instance id,
 so `stop` signals only the supervisord this command started and `start`/`status` never take
-another stack's /health for this one's.
+another stack's /health for this one's. Should that supervisord be gone, the processes it
+left are found by the instance id (services/runner/members.py): `stop` stops them, `status`
+names them, `start` and `supervise` replace them.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ import click
 import psutil
 
 from services.cli.common import load_settings, tail
-from services.runner import client, config
-from services.runner.listener import exits_file
+from services.runner import client, config, members
+from services.runner.listener import RETRY_FATAL, exits_file
 from shared.engine_key import new_key
 from shared.files import write_atomic, write_if_changed
 from shared.settings import INSTANCE_ENV, Settings
@@ -57,6 +59,27 @@ def running_stack(settings: Settings) -> psutil.Process | None:
     except (TypeError, KeyError, psutil.Error):
         pass
     return None
+
+
+def leftovers(settings: Settings) -> list[psutil.Process]:
+    """What the recorded stack left running when its supervisord is gone (nothing while it
+    runs)."""
+    rec = recorded(settings)
+    if not rec or not rec.get("instance") or running_stack(settings):
+        return []
+    return members.find(rec["instance"])
+
+
+def _stop_leftovers(settings: Settings, procs: list[psutil.Process]) -> None:
+    members.stop(procs, max(config.stop_wait(settings, members.name(p)) for p in procs))
+
+
+def _replace_leftovers(settings: Settings) -> None:
+    """Before a start: what the last stack left running holds the ports the new one needs."""
+    if left := leftovers(settings):
+        click.echo(f"stopping what the last stack left running when its supervisord died: "
+                   f"{members.describe(left)}")
+        _stop_leftovers(settings, left)
 
 
 def get_health(settings: Settings, timeout: float = 3) -> tuple[int, dict] | None:
@@ -111,6 +134,7 @@ def taken_ports(settings: Settings) -> list[str]:
 def supervise() -> None:
     """Run the stack in the foreground under supervisord (the installed service runs this)."""
     settings = load_settings()
+    _replace_leftovers(settings)
     config.logs_dir(settings).mkdir(parents=True, exist_ok=True)
     write_if_changed(config.conf_path(settings), config.render(settings))
     bindir = Path(sys.executable).parent
@@ -120,8 +144,8 @@ def supervise() -> None:
         "instance": instance, "pid": os.getpid(), "started": psutil.Process().create_time()}))
     env = {**os.environ, INSTANCE_ENV: instance, "PYTHONUNBUFFERED": "1",
            "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    exe = str(bindir / "supervisord")
-    os.execve(exe, [exe, "-c", str(config.conf_path(settings))], env)
+    os.execve(sys.executable, [sys.executable, "-m", "services.runner.supervisord", "-c",
+                               str(config.conf_path(settings))], env)
 
 
 def _fail_start(settings: Settings, proc: subprocess.Popen, why: str) -> None:
@@ -142,6 +166,7 @@ def start(wait: int, quiet: bool) -> None:
             click.echo(f"already running (see `model status`; logs: "
                        f"{config.logs_dir(settings)})")
         return
+    _replace_leftovers(settings)
     if taken := taken_ports(settings):
         raise click.ClickException("cannot start: " + "; ".join(taken) +
                                    " (stop it, or set the port in .env)")
@@ -189,16 +214,21 @@ def _shutdown(settings: Settings, proc: psutil.Process) -> None:
 
 @click.command()
 def stop() -> None:
-    """Stop exactly the stack that `model start` (or `make up`, or the service) started."""
+    """Stop exactly the stack that `model start` (or `make up`, or the service) started,
+    also what is left of it when its supervisord is gone."""
     settings = load_settings()
     proc = running_stack(settings)
-    if proc is None:
-        instance_file(settings).unlink(missing_ok=True)
-        click.echo("not running")
-        return
-    _shutdown(settings, proc)
+    if proc is not None:
+        _shutdown(settings, proc)
+    left = leftovers(settings)  # after a shutdown: what outlived it, if anything
+    if left:
+        _stop_leftovers(settings, left)
     instance_file(settings).unlink(missing_ok=True)
-    click.echo("stopped")
+    if proc is None and left:
+        click.echo(f"stopped what was left of the stack (its supervisord was gone): "
+                   f"{members.describe(left)}")
+    else:
+        click.echo("stopped" if proc else "not running")
 
 
 @click.command()
@@ -210,7 +240,10 @@ def restart(name: str | None) -> None:
     if name and name not in names:
         raise click.UsageError(f"no process {name!r}; the processes: {', '.join(names)}")
     if not running_stack(settings):
-        raise click.ClickException("not running; start it with `model start`")
+        raise click.ClickException(
+            ("its supervisord is gone; `model start` starts the stack again, in place of "
+             "what it left running") if leftovers(settings) else
+            "not running; start it with `model start`")
     server = client.connect(settings).supervisor
     for n in [name] if name else names:
         try:
@@ -257,7 +290,7 @@ def _process_lines(settings: Settings) -> bool:
             line += (f"; crashed {len(crashes)} time(s) in the last hour, last at "
                      f"{time.strftime('%H:%M:%S', time.localtime(crashes[-1]['at']))}")
         if state == "FATAL":
-            line += "; gave up restarting it (it kept failing at start)"
+            line += f"; it kept failing at start (tried again every {RETRY_FATAL} s)"
         click.echo(line)
         all_running = all_running and state == "RUNNING"  # STARTING: not well yet
         if state not in ("RUNNING", "STARTING"):
@@ -278,6 +311,10 @@ def status() -> None:
         click.echo(f"stack: running (supervisord pid {proc.pid}, up "
                    f"{_uptime(time.time() - proc.create_time())})")
         ok = _process_lines(settings)
+    elif left := leftovers(settings):
+        click.echo(f"stack: crashed (its supervisord is gone); still running without it: "
+                   f"{members.describe(left)}. `model stop` stops them; `model start` starts "
+                   "the stack again")
     elif recorded(settings):
         click.echo("stack: crashed (its supervisord is gone); the last lines of its log:")
         click.echo(tail(config.logs_dir(settings) / "supervisord.log", 5))
@@ -295,6 +332,8 @@ def status() -> None:
     engine, governor, ollama = (body.get(k) or {} for k in ("engine", "governor", "ollama"))
     click.echo(f"proxy: {settings.proxy_url} ({body.get('status')}), "
                f"{body.get('models', 0)} models")
+    for warning in body.get("warnings") or []:
+        click.echo(f"warning: {warning}")
     click.echo(f"engine: {engine.get('name')} at {engine.get('url')}: "
                f"{'up' if engine.get('ok') else 'DOWN'}; loaded: "
                f"{', '.join(engine.get('loaded', [])) or 'none'}")
@@ -303,5 +342,6 @@ def status() -> None:
     click.echo(f"ollama: {ollama.get('url')}: " + ("up" if ollama.get("ok") else
                                                    "not reachable (models it answers fail)"))
     # Ollama is optional; everything else must be well for a zero exit
-    if code != 200 or not ok or not engine.get("ok") or governor.get("status") != "ok":
+    if code != 200 or not ok or not engine.get("ok") or governor.get("status") != "ok" or \
+            body.get("warnings"):
         raise SystemExit(1)

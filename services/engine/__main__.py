@@ -26,7 +26,7 @@ from services.engine.output import OutputRouter
 from shared import logs
 from shared import settings as settings_mod
 from shared.engines import make_engine
-from shared.files import write_atomic
+from shared.files import write_if_possible
 from shared.settings import Settings
 from shared.sync import rebuild
 
@@ -69,7 +69,13 @@ def main() -> None:
     logs.setup("engine")
     settings = settings_mod.load()
     engine = make_engine(settings)
-    rebuild(settings, engine)  # its notices are the sync service's to log
+    try:
+        rebuild(settings, engine)  # its notices are the sync service's to log
+    except OSError as e:
+        if not engine.config_path.is_file():
+            sys.exit(f"engine: cannot write its config {engine.config_path}: {e}")
+        # a full disk: serve what the last config says rather than nothing
+        log.warning("cannot update the engine config (%s): starting with the last one", e)
     try:
         argv = engine.command()
     except FileNotFoundError as e:
@@ -80,7 +86,8 @@ def main() -> None:
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, errors="replace",
                              preexec_fn=functools.partial(_die_with_parent, engine.death_signal))
-    write_atomic(_record(settings), json.dumps(
+    # on a full disk it goes unrecorded: Linux's death signal still stops it with us
+    write_if_possible(_record(settings), json.dumps(
         {"pid": child.pid, "started": psutil.Process(child.pid).create_time()}))
     stopping = []
 

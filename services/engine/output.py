@@ -1,7 +1,8 @@
 """The engine's output, sorted for people: each model's llama-server lines go to a log file
 of its own (STATE_DIR/logs/models/<name>.log), the router's own lines to logs/router.log, and
 the engine service's log gets one line per model start and stop, a pointer to the model's log
-when one fails, and the router's warnings and errors."""
+when one fails, and the router's warnings and errors. A full disk drops lines (shared/logs.py),
+never the engine."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import TextIO
 
-from shared.logs import TIME_FORMAT
+from shared.logs import TIME_FORMAT, LogFile
 
 log = logging.getLogger("model-serve.engine")
 MAX_BYTES = 10 * 1024**2  # a log this big is moved to <name>.log.1 and started again
@@ -22,37 +22,26 @@ _EXIT = re.compile(r"instance name=(\S+) exited with status (-?\d+)")
 _LEVEL = re.compile(r"^\d+\.\d+\.\d+\.\d+ ([IWED]) +(.*)$")
 
 
-class RotatingFile:
+class StampedLog(LogFile):
+    """A log of the engine's output: each line after the time, as the services log."""
+
     def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.file: TextIO = open(path, "a", buffering=1)  # noqa: SIM115 - lives with us
+        super().__init__(path, MAX_BYTES)
 
     def write(self, text: str) -> None:
-        stamp = time.strftime(TIME_FORMAT)
-        self.file.write(f"{stamp} {text}\n")
-        if self.file.tell() > MAX_BYTES:
-            self.file.close()
-            self.path.replace(self.path.with_name(self.path.name + ".1"))
-            self.file = open(self.path, "a", buffering=1)  # noqa: SIM115
-
-    def tail(self, lines: int = 5) -> list[str]:
-        try:
-            return self.path.read_text(errors="replace").splitlines()[-lines:]
-        except OSError:
-            return []
+        super().write(f"{time.strftime(TIME_FORMAT)} {text}")
 
 
 class OutputRouter:
     def __init__(self, logs_dir: Path) -> None:
         self.models_dir = logs_dir / "models"
-        self.router = RotatingFile(logs_dir / "router.log")
+        self.router = StampedLog(logs_dir / "router.log")
         self.ports: dict[str, str] = {}  # port → model (the router's name for it)
-        self.files: dict[str, RotatingFile] = {}
+        self.files: dict[str, StampedLog] = {}
 
-    def model_log(self, name: str) -> RotatingFile:
+    def model_log(self, name: str) -> StampedLog:
         if name not in self.files:
-            self.files[name] = RotatingFile(self.models_dir / f"{name}.log")
+            self.files[name] = StampedLog(self.models_dir / f"{name}.log")
         return self.files[name]
 
     def feed(self, line: str) -> None:

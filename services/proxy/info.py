@@ -11,6 +11,7 @@ from aiohttp import web
 
 from services.proxy.context import CTX, Context
 from services.proxy.governor_client import governor_health
+from shared.disk import state_dir_problem
 from shared.ollama import OllamaError, OllamaUnavailable
 from shared.settings import INSTANCE_ENV
 
@@ -76,16 +77,19 @@ async def governor_state(ctx: Context) -> dict:
 
 async def health(request: web.Request) -> web.Response:
     """200 while the proxy can serve (the engine answers); `status` says "degraded" when the
-    governor is down or cannot decide, which serving survives."""
+    governor is down or cannot decide, or when `warnings` name what serving survives (a full
+    STATE_DIR)."""
     ctx = request.app[CTX]
-    states, ollama, governor = await asyncio.gather(engine_states(ctx), ollama_states(ctx),
-                                                    governor_state(ctx))
+    states, ollama, governor, disk = await asyncio.gather(
+        engine_states(ctx), ollama_states(ctx), governor_state(ctx),
+        asyncio.to_thread(state_dir_problem, ctx.settings))
     engine = {"name": ctx.engine.name, "url": ctx.engine.url, "ok": states is not None}
     if states is not None:
         engine["loaded"] = sorted(states)
     ok = states is not None
-    body = {"status": "ok" if ok and governor["ok"] else "degraded", "proxy": "ok",
-            "engine": engine, "governor": governor,
+    warnings = [disk] if disk else []
+    body = {"status": "ok" if ok and governor["ok"] and not warnings else "degraded",
+            "proxy": "ok", "engine": engine, "governor": governor, "warnings": warnings,
             "ollama": {"url": ctx.settings.ollama_base, "ok": ollama is not None},
             "models": len(ctx.holder.catalog.entries),
             # which stack answers: `model start` and `model status` trust only their own

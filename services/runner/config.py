@@ -19,10 +19,12 @@ PRIORITY = {"engine": 10, "proxy": 20, "governor": 30, "sync": 40}
 # DRAIN_SECONDS, then a few to end the rest), the engine stops its models
 STOP_WAIT = {"engine": 30}
 START_SECONDS = 3  # a process that exits sooner counts as a failed start (then: backoff)
-START_RETRIES = 4  # failed starts in a row before supervisord gives up on a process
+# failed starts in a row before supervisord gives up on a process (FATAL; the exits
+# listener starts it again after a while: services/runner/listener.py)
+START_RETRIES = 4
 
 
-def _stop_wait(settings: Settings, name: str) -> int:
+def stop_wait(settings: Settings, name: str) -> int:
     if name == "proxy":  # room for DRAIN_SECONDS changed in .env after `model start`
         return int(max(settings.drain_seconds, 300)) + 15
     return STOP_WAIT.get(name, 15)
@@ -88,7 +90,7 @@ def render(settings: Settings) -> str:
             f"startsecs={START_SECONDS}",
             f"startretries={START_RETRIES}",
             "stopsignal=TERM",
-            f"stopwaitsecs={_stop_wait(settings, name)}",
+            f"stopwaitsecs={stop_wait(settings, name)}",
             "stopasgroup=true",  # the engine's models stop with it
             "killasgroup=true",
             "redirect_stderr=true",
@@ -101,7 +103,7 @@ def render(settings: Settings) -> str:
         "[eventlistener:exits]",
         "command=python -m services.runner.listener",
         f"directory={ROOT}",
-        "events=PROCESS_STATE_EXITED,PROCESS_STATE_FATAL",
+        "events=PROCESS_STATE_EXITED,PROCESS_STATE_FATAL,TICK_5",
         "autorestart=true",
         f"stderr_logfile={log_file(settings, 'exits-listener')}",
         "",

@@ -22,6 +22,7 @@ from shared.settings import Settings
 from shared.sync import held_before_reload, reload_engine, sync_all
 
 log = logging.getLogger("model-serve.sync")
+RETRY_SECONDS = 5  # a sync that could not write STATE_DIR (a full disk) is tried again
 
 
 class Changes(FileSystemEventHandler):
@@ -38,10 +39,17 @@ class Changes(FileSystemEventHandler):
         self.pending.set()
 
 
-def sync_once(settings: Settings, engine: Engine) -> None:
+def sync_once(settings: Settings, engine: Engine, retrying: bool = False) -> bool:
+    """False when it could not be done (STATE_DIR cannot be written): the caller tries
+    again, so a change seen while the disk was full is synced once it is not."""
     started = time.monotonic()
     held = held_before_reload(settings, engine)
-    report, result = sync_all(settings, engine)
+    try:
+        report, result = sync_all(settings, engine)
+    except OSError as e:
+        if not retrying:
+            log.error("sync failed (%s): trying again every %d s", e, RETRY_SECONDS)
+        return False
     for line in report.lines() if report else []:
         log.info("bridge: %s", line)
     for notice in result.catalog.notices:
@@ -50,7 +58,7 @@ def sync_once(settings: Settings, engine: Engine) -> None:
         reloaded = reload_engine(result, engine)
     except EngineError as e:
         log.error("engine config updated, but %s", e)
-        return
+        return True
     if result.engine_changed and held:
         log.warning("%s unloaded every loaded model on its config change: %s", engine.name,
                     ", ".join(held))
@@ -58,6 +66,7 @@ def sync_once(settings: Settings, engine: Engine) -> None:
              len(result.catalog.entries),
              "" if not result.engine_changed else
              ", engine reloaded" if reloaded else ", engine not running")
+    return True
 
 
 def main() -> None:
@@ -66,21 +75,21 @@ def main() -> None:
     engine = make_engine(settings)
     changes = Changes()
     watcher = Watcher([settings.ollama_models / "manifests", settings.models_dir], changes)
-    sync_once(settings, engine)
+    failed = not sync_once(settings, engine)
     next_full = time.monotonic() + (settings.bridge_sync_interval or float("inf"))
     try:
         while True:
             timeout = max(0.0, next_full - time.monotonic())
-            if changes.pending.wait(timeout=min(timeout, 3600)):
+            if changes.pending.wait(timeout=min(timeout, RETRY_SECONDS if failed else 3600)):
                 while time.monotonic() - changes.last < settings.sync_debounce:
                     time.sleep(settings.sync_debounce / 3)
                 changes.pending.clear()
-            elif time.monotonic() < next_full:
-                continue
-            else:
+            elif not failed:  # else the sync that failed is tried again
+                if time.monotonic() < next_full:
+                    continue
                 next_full = time.monotonic() + settings.bridge_sync_interval
             watcher.refresh()
-            sync_once(settings, engine)
+            failed = not sync_once(settings, engine, retrying=failed)
     except KeyboardInterrupt:
         pass
     finally:
