@@ -121,6 +121,7 @@ def test_a_full_state_dir_degrades_heals_and_stops_cleanly(full_disk_stack) -> N
     assert "its supervisord is gone" in stack.cli("restart", "engine").stderr
     stopped = stack.cli("stop")
     assert stopped.stdout.startswith("stopped what was left of the stack"), stopped.stdout
+    assert f"proxy (pid {before['proxy']})" in stopped.stdout
     assert not [p for p in ours if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert stranger.poll() is None  # another stack's process is not this one's to stop
     stranger.kill()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from http.client import HTTPConnection
 
 import anthropic
@@ -161,12 +162,12 @@ def test_a_declared_size_over_the_limit_is_refused_at_once(stack_factory) -> Non
 
 def test_oversized_headers_get_an_error_the_sdks_read(stack_factory) -> None:
     stack = stack_factory().start()
-    huge = {"X-Trace": "x" * 100_000}
+    huge = {"X-Trace": "secret-123" + "x" * 100_000}
     client = openai.OpenAI(base_url=stack.url + "/v1", api_key="none", max_retries=0,
                            default_headers=huge)
     with pytest.raises(openai.APIStatusError) as e:
         client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "hi"}])
-    assert e.value.status_code == 431 and "longer than" in e.value.message
+    assert e.value.status_code == 431 and "over 65536 bytes" in e.value.message
     claude = anthropic.Anthropic(base_url=stack.url, api_key="none", max_retries=0,
                                  default_headers=huge)
     with pytest.raises(anthropic.APIStatusError) as e:
@@ -177,29 +178,48 @@ def test_oversized_headers_get_an_error_the_sdks_read(stack_factory) -> None:
     # a browser sends the cookies of every app on localhost to every port
     cookies = {"Cookie": "; ".join(f"app{n}=" + "c" * 1000 for n in range(20))}
     assert http("POST", stack.url + "/v1/chat/completions", chat(TINY), headers=cookies)[0] == 200
+    many = "".join(f"X-H{n}: {n}\r\n" for n in range(200)).encode()
+    sock = socket.create_connection(("127.0.0.1", int(stack.env["HARMONY_PROXY_PORT"])))
+    sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n" + many + b"\r\n")
+    sock.settimeout(30)
+    answer = sock.recv(65536).decode()
+    assert " 431 " in answer.splitlines()[0] and "more than 128 headers" in answer
     log = (stack.root / "proxy.log").read_text()
-    assert "refused a request" in log and "Traceback" not in log
+    # one line each, and what the header held (a cookie, a key) stays out of the log
+    assert log.count("refused a request") == 3 and "Traceback" not in log
+    assert "secret-123" not in log
 
 
-def test_a_client_that_stops_reading_frees_its_models_slot(stack_factory, config_dir) -> None:
+def test_a_client_that_stops_reading_frees_its_models_slot(stack_factory, models_dir,
+                                                           config_dir) -> None:
+    write_model(models_dir / "pub" / "slow" / "slow-F32.gguf", name="slow", n_embd=512,
+                n_layer=8)
     (config_dir / "custom_models.yaml").write_text(
-        "models:\n  tiny:0.2m-f32:\n    write_timeout: 2\n")
+        "models:\n  slow:33.8m-f32:\n    write_timeout: 2\n")
     stack = stack_factory().start()
     stalled = socket.socket()
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stalled.connect(("127.0.0.1", int(stack.env["HARMONY_PROXY_PORT"])))
-    # thousands of tokens with their 100 most likely alternatives each: megabytes, more than
-    # the sockets between hold
-    body = json.dumps({"model": TINY, "prompt": "hi", "n_predict": 4000, "n_probs": 100,
-                       "ignore_eos": True, "stream": True}).encode()
-    stalled.sendall(b"POST /completion HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+    # a stream at the model's own pace to a client with a small receive buffer: far less
+    # than would fill every socket between, and the client takes none of it
+    body = json.dumps(chat(SLOW, stream=True) | {"max_tokens": 6000,
+                                                  "ignore_eos": True}).encode()
+    stalled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
                     b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
 
     def serving() -> bool:
         rows = http("GET", stack.url + "/running")[1]["models"]
-        return any(r["id"] == TINY and r["queue"]["active"] == 1 for r in rows)
+        return any(r["id"] == SLOW and r["queue"]["active"] == 1 for r in rows)
     wait(serving, 60)
-    # the model answers one request at a time, and the client holding it reads nothing
-    assert http("POST", stack.url + "/v1/chat/completions", chat(TINY), timeout=45)[0] == 200
-    assert "read nothing of its answer" in (stack.root / "proxy.log").read_text()
+    # the model answers one request at a time, and the client holding it takes nothing
+    started = time.monotonic()
+    assert http("POST", stack.url + "/v1/chat/completions", chat(SLOW), timeout=60)[0] == 200
+    print(f"answered after {time.monotonic() - started:.1f} s")
+    assert "took nothing of its answer" in (stack.root / "proxy.log").read_text()
+    # the stalled answer was cut, not finished: what the client finds when it reads at last
+    stalled.settimeout(30)
+    got = b""
+    while chunk := stalled.recv(65536):
+        got += chunk
+    assert got.startswith(b"HTTP/1.1 200") and b"[DONE]" not in got
     stalled.close()

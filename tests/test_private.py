@@ -77,10 +77,14 @@ def test_other_web_pages_cannot_drive_the_proxy(stack_factory) -> None:
 def test_configured_origins_and_hosts_are_let_in(stack_factory) -> None:
     app = "http://localhost:3000"
     stack = stack_factory(CORS_ORIGINS=app, ALLOWED_HOSTS="mybox.lan").start()
+    # what the openai SDK sends from a browser page
+    asked = "authorization, content-type, x-stainless-lang, x-stainless-retry-count"
     preflight = {"Origin": app, "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "authorization, content-type"}
-    status, _ = http("OPTIONS", stack.url + "/v1/chat/completions", headers=preflight)
-    assert status == 204
+                 "Access-Control-Request-Headers": asked}
+    req = urllib.request.Request(stack.url + "/v1/chat/completions", method="OPTIONS",
+                                 headers=preflight)
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.status == 204 and r.headers["Access-Control-Allow-Headers"] == asked
     req = urllib.request.Request(
         stack.url + "/v1/chat/completions", data=json.dumps(chat(TINY, stream=True)).encode(),
         headers={"Origin": app, "Content-Type": "application/json"})

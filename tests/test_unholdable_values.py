@@ -3,13 +3,12 @@
 real stack. The router's presets get another spelling of the value, or a link to the file;
 what no spelling can hold is left out alone and named in the sync's notices.
 
-The llama-swap case runs the real llama-swap: the one on PATH, or REAL_LLAMA_SWAP."""
+The llama-swap case runs the real llama-swap (tests/real_engines.py finds it)."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import pytest
 from shared.engines.base import section_name
 from shared.tiny_gguf import write_model
 from tests.harness import http
+from tests.real_engines import llama_swap_bin_dir
 from tests.streams import chat
 
 TINY = "ms/tiny:0.2m-f32"
@@ -33,24 +33,13 @@ models:
 """
 
 
-def real_llama_swap(tmp_path: Path) -> Path:
-    """A PATH folder whose `llama-swap` is the real one."""
-    real = os.environ.get("REAL_LLAMA_SWAP") or shutil.which("llama-swap")
-    if not real:
-        pytest.skip("no real llama-swap: put it on PATH or set REAL_LLAMA_SWAP")
-    folder = tmp_path / "real-swap-bin"
-    folder.mkdir()
-    (folder / "llama-swap").symlink_to(real)
-    return folder
-
-
 @pytest.fixture(params=["router", "llama-swap"])
 def stack(request, stack_factory, models_dir: Path, config_dir: Path, tmp_path: Path):
     write_model(models_dir / "pub" / "odd#;dir" / "se;mi#ha-F32.gguf", name="odd", seed=4)
     (config_dir / "custom_models.yaml").write_text(CONFIG)
     if request.param == "router":
         return stack_factory().start()
-    path = f"{real_llama_swap(tmp_path)}{os.pathsep}{os.environ['PATH']}"
+    path = f"{llama_swap_bin_dir(tmp_path)}{os.pathsep}{os.environ['PATH']}"
     return stack_factory(ENGINE="llama-swap", PATH=path).start()
 
 

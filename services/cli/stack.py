@@ -221,12 +221,12 @@ def stop() -> None:
     if proc is not None:
         _shutdown(settings, proc)
     left = leftovers(settings)  # after a shutdown: what outlived it, if anything
+    named = members.describe(left)  # while they still run: their names are read from them
     if left:
         _stop_leftovers(settings, left)
     instance_file(settings).unlink(missing_ok=True)
     if proc is None and left:
-        click.echo(f"stopped what was left of the stack (its supervisord was gone): "
-                   f"{members.describe(left)}")
+        click.echo(f"stopped what was left of the stack (its supervisord was gone): {named}")
     else:
         click.echo("stopped" if proc else "not running")
 

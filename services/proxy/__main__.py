@@ -22,7 +22,8 @@ def main() -> None:
     web.run_app(make_app(settings), host=settings.listen_host, port=settings.proxy_port,
                 handler_cancellation=True, access_log=None, print=None,
                 shutdown_timeout=5, keepalive_timeout=settings.request_read_timeout,
-                max_line_size=parse_errors.MAX_LINE, max_field_size=parse_errors.MAX_LINE)
+                max_line_size=parse_errors.MAX_LINE, max_field_size=parse_errors.MAX_LINE,
+                max_headers=parse_errors.MAX_HEADERS)
 
 
 def more_files() -> None:

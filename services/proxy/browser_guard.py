@@ -112,11 +112,15 @@ async def browser_guard(request: web.Request, handler) -> web.StreamResponse:
                               "let a web app use this server, add its origin to CORS_ORIGINS",
                               "origin_not_allowed")
     if origin is not None and request.method == "OPTIONS":
+        # an allowed page may send what its SDK sends (openai's X-Stainless-*, anthropic's
+        # anthropic-dangerous-direct-browser-access): the headers it asks for are granted
+        asked = request.headers.get("Access-Control-Request-Headers", "")
         return web.Response(status=204, headers={
             "Access-Control-Allow-Origin": origin,
             "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
-            "Access-Control-Allow-Headers": _ALLOW_HEADERS,
-            "Access-Control-Max-Age": "600", "Vary": "Origin"})
+            "Access-Control-Allow-Headers": asked or _ALLOW_HEADERS,
+            "Access-Control-Max-Age": "600",
+            "Vary": "Origin, Access-Control-Request-Headers"})
     if origin is not None:
         request[_ORIGIN] = origin
     return await handler(request)

@@ -86,9 +86,12 @@ def turn() -> Turn | None:
 
 
 def answer_end(data: bytes) -> None:
-    """The end of the current request's answer, as sent: where its usage and timings are."""
+    """The end of the current request's answer, as sent: where its usage and timings are.
+    The answer is whole: a client that leaves from now on (a stream's often closes on its
+    last event) has had all of it."""
     if t := TURN.get():
         t.ending(data)
+        t.complete = True
 
 
 def _number(pattern: re.Pattern[bytes], data: bytes) -> float | None:

@@ -83,12 +83,12 @@ async def relay(request: web.Request, ctx: Context, data,
             if "Content-Type" in up.headers:
                 resp.headers["Content-Type"] = up.headers["Content-Type"]
             await resp.prepare(request)
-            previous, last = b"", b""
+            last = b""
             try:
                 async for chunk in up.content.iter_any():
-                    previous, last = last, chunk  # Ollama's last line holds eval_count
+                    last = (last + chunk)[-metrics.END_BYTES:]  # the last line: eval_count
                     await resp.write(renamer.feed(chunk) if renamer else chunk)
-                metrics.answer_end(previous + last)
+                metrics.answer_end(last)
                 if renamer:
                     await resp.write(renamer.flush())
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:

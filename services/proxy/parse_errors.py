@@ -16,6 +16,8 @@ log = logging.getLogger("model-serve.proxy")
 # a header line (a long cookie, a token) may be this long: aiohttp's own limit is 8 KiB, and
 # browsers send localhost's cookies of every local app to every port
 MAX_LINE = 64 * 1024
+MAX_HEADERS = 128  # aiohttp's own limit
+_TOO_MANY = "Too many headers received"  # aiohttp's words, its one sign of that limit
 
 
 def _handle_error(self: web_protocol.RequestHandler, request: web.BaseRequest,
@@ -23,14 +25,17 @@ def _handle_error(self: web_protocol.RequestHandler, request: web.BaseRequest,
                   message: str | None = None) -> web.StreamResponse:
     if not isinstance(exc, HttpProcessingError):  # a failing handler: aiohttp's own answer
         return _aiohttp_handle_error(self, request, status, exc, message)
-    code = "bad_request"
-    if isinstance(exc, LineTooLong):
+    code, reason = "bad_request", exc.message.splitlines()[0][:120] if exc.message else ""
+    if isinstance(exc, LineTooLong) or reason == _TOO_MANY:
         status, code = 431, "request_header_too_large"
-        text = (f"a request line or header is longer than {MAX_LINE} bytes; send large values "
-                "in the body")
+        reason = (f"a request line or header over {MAX_LINE} bytes" if reason != _TOO_MANY
+                  else f"more than {MAX_HEADERS} headers")
+        text = f"{reason}; send large values in the body"
     else:
-        text = f"malformed HTTP request: {exc.message}"
-    log.warning("refused a request from %s (%d): %s", request.remote, status, exc.message)
+        text = f"malformed HTTP request: {reason}"
+    # the reason only: aiohttp's message quotes the request's bytes (a cookie, a key)
+    log.warning("refused a request from %s (%d): %s", request.remote, status,
+                reason if status == 431 else type(exc).__name__)
     if request.writer.output_size > 0:  # nothing more can be said on this connection
         raise ConnectionError("the answer had begun")
     body = {"type": "error", "error": {"message": text, "type": "invalid_request_error",

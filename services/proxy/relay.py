@@ -169,21 +169,22 @@ async def relay(request: web.Request, up: aiohttp.ClientResponse,
     await resp.prepare(request)
     end = route.stream_end
     done, tail, detail = False, b"", ""
-    # for the metrics: the first chunk's time, and the last two chunks, where the usage and
-    # timings of the answer's last event are (no event is parsed on the way)
-    first, previous, last = None, b"", b""
+    # for the metrics: the first chunk's time, and the answer's last bytes, where the usage
+    # and timings of its last events are (no event is parsed on the way); however the
+    # backend's writes were cut into chunks
+    first, last = None, b""
     turn = metrics.turn()
 
     def counted() -> None:
         if turn and first is not None:
             turn.first_byte, turn.complete = first, done
-            turn.ending(previous + last)
+            turn.ending(last)
 
     try:
         async for chunk in up.content.iter_any():
             if first is None:
                 first = time.monotonic()
-            previous, last = last, chunk
+            last = (last + chunk)[-metrics.END_BYTES:]
             if not done:
                 done = end in tail + chunk
                 tail = chunk[-len(end):]
