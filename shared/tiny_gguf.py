@@ -17,15 +17,24 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 N_VOCAB = 259
+PRINTABLE = (9, 10, 13, *range(0x20, 0x7F))
 
 
-def _vocab(n_vocab: int) -> tuple[list[bytes], list[int]]:
+def _vocab(n_vocab: int, ascii_only: bool) -> tuple[list[bytes], list[int]]:
     """The byte vocabulary, padded with never-produced words up to `n_vocab` (a real model's
-    vocabulary size shapes its output buffer)."""
-    tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in range(256)]
-    types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.BYTE] * 256
-    tokens += [f"<w{i}>".encode() for i in range(n_vocab - N_VOCAB)]
-    types += [TokenType.USER_DEFINED] * (n_vocab - N_VOCAB)
+    vocabulary size shapes its output buffer). `ascii_only`: printable ASCII bytes alone, so
+    that whatever the model writes is valid UTF-8 (Ollama drops an answer that is not), and
+    SPM's space marker, which spells the spaces of a prompt."""
+    byte_values = PRINTABLE if ascii_only else range(256)
+    tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in byte_values]
+    types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL]
+    types += [TokenType.BYTE] * len(byte_values)
+    if ascii_only:
+        tokens.append("\u2581".encode())
+        types.append(TokenType.NORMAL)
+    pad = n_vocab - len(tokens)
+    tokens += [f"<w{i}>".encode() for i in range(pad)]
+    types += [TokenType.USER_DEFINED] * pad
     return tokens, [int(t) for t in types]
 
 
@@ -47,6 +56,7 @@ def write_model(
     target_bytes: int | None = None,
     seed: int = 0,
     pooling_type: int = 0,
+    ascii_only: bool = False,
 ) -> Path:
     """Write a model; with `target_bytes` the layer count grows until the file is that big."""
     n_ff = n_ff or 4 * n_embd
@@ -73,7 +83,7 @@ def write_model(
     w.add_file_type(LlamaFileType.ALL_F32)
     if pooling_type:
         w.add_pooling_type(PoolingType(pooling_type))
-    tokens, types = _vocab(n_vocab)
+    tokens, types = _vocab(n_vocab, ascii_only)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores([0.0] * n_vocab)

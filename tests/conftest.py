@@ -5,7 +5,13 @@ from pathlib import Path
 import pytest
 
 from shared.tiny_gguf import write_model
+from tests import real_engines
 from tests.harness import Stack, make_stack, start_ollama
+from tests.real_ollama import RealOllama
+
+
+def pytest_report_header() -> list[str]:
+    return [real_engines.which()]
 
 
 @pytest.fixture
@@ -45,3 +51,12 @@ def ollama(tmp_path: Path):
     yield url, store
     proc.terminate()
     proc.wait()
+
+
+@pytest.fixture(scope="module")
+def real_ollama(tmp_path_factory):
+    """The real Ollama, one per test module, with a store of its own (the test skips where
+    there is none)."""
+    ollama = RealOllama.start(tmp_path_factory.mktemp("real-ollama"))
+    yield ollama
+    ollama.stop()
