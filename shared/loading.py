@@ -10,7 +10,7 @@ from aiohttp import web
 from shared.catalog import Entry
 from shared.engines import Engine, EngineError
 from shared.errors import error_response
-from shared.ollama import Ollama, OllamaError, OllamaUnavailable, keep_alive
+from shared.ollama import Ollama, OllamaError, OllamaUnavailable
 
 Key = tuple[str, str]  # (backend, name): ("engine", catalog id) or ("ollama", Ollama's name)
 
@@ -43,9 +43,7 @@ async def load(key: Key, entry: Entry | None, engine: Engine, ollama: Ollama,
     backend, name = key
     try:
         if backend == "ollama":
-            # Ollama loads a model on an empty generate request
-            await ollama.call("POST", "/api/generate", {"model": name,
-                                                        "keep_alive": keep_alive(entry)})
+            await ollama.load(name, entry)
         elif entry is None:
             raise LoadError(404, f"model {name!r} is not in the catalog", "model_not_found")
         else:

@@ -63,6 +63,15 @@ class Ollama:
     async def ps(self) -> list[dict]:
         return (await self.call("GET", "/api/ps")).get("models") or []
 
+    async def load(self, name: str, entry: Entry | None) -> None:
+        """An /api/embed without input: Ollama answers it by loading the model, chat and
+        embedding models alike (an empty /api/generate is refused for an embedding model),
+        at the context the model's requests will ask for."""
+        body: dict = {"model": name, "options": context(entry)}
+        if (alive := keep_alive(entry)) is not None:
+            body["keep_alive"] = alive
+        await self.call("POST", "/api/embed", body)
+
     async def unload(self, name: str) -> None:
         await self.call("POST", "/api/generate", {"model": name, "keep_alive": 0})
 
@@ -72,6 +81,13 @@ def keep_alive(entry: Entry | None) -> str | int | None:
     if entry is None:
         return None
     return f"{entry.ttl}s" if entry.ttl else -1
+
+
+def context(entry: Entry | None) -> dict:
+    """The options that fix a model's context, which its load and every request for it
+    carry: a request at another context makes Ollama start a second runner for it, outside
+    admission. Ollama's own models run at Ollama's default."""
+    return {"num_ctx": entry.ctx_size} if entry else {}
 
 
 def _message(text: str) -> str:

@@ -23,7 +23,7 @@ from services.proxy.ollama_routes import fixed_context
 from services.proxy.ollama_show import file_facts, header_kv, ps_row, show, tag
 from services.proxy.relay import ModelRenamer
 from shared.catalog import Entry
-from shared.ollama import OllamaError, OllamaUnavailable, keep_alive
+from shared.ollama import OllamaError, OllamaUnavailable, context, keep_alive
 
 log = logging.getLogger("model-serve.proxy")
 # What /api/version says while Ollama is not there to ask: a version its clients accept.
@@ -107,11 +107,13 @@ async def _to_ollama(request: web.Request, payload: dict, entry: Entry | None,
     """A model Ollama serves: loaded through admission like on the OpenAI routes, then the
     request as sent, under Ollama's name for the model."""
     ctx = request.app[CTX]
-    options = payload.get("options")
+    options = payload.get("options") or {}
     if problem := fixed_context(options if isinstance(options, dict) else {}, entry, target):
         return problem
     name = payload["model"]
     sent = {**payload, "model": target}
+    if isinstance(options, dict):  # at the context it was loaded with, or Ollama loads it again
+        sent["options"] = {**context(entry), **options}
     if entry and "keep_alive" not in payload and (alive := keep_alive(entry)) is not None:
         sent["keep_alive"] = alive  # the model's TTL, as on the OpenAI routes
     key = ("ollama", target)

@@ -9,7 +9,7 @@ import secrets
 
 from services.proxy.openai_shapes import Completion
 from shared.catalog import Entry
-from shared.ollama import keep_alive
+from shared.ollama import context, keep_alive
 
 # OpenAI-request field → Ollama option.
 _OPTIONS = {
@@ -31,10 +31,8 @@ UNSUPPORTED = ("top_n_sigma", "xtc_probability", "xtc_threshold", "dry_multiplie
 
 
 def preset_options(entry: Entry | None) -> dict:
-    if entry is None:
-        return {}
-    options: dict = {"num_ctx": entry.ctx_size}
-    words = entry.args
+    options = context(entry)
+    words = entry.args if entry else []
     for flag, value in zip(words, words[1:], strict=False):
         if flag in _PRESET_FLAGS:
             try:
@@ -178,7 +176,8 @@ class ChatStream:
 
 
 def embed_request(payload: dict, ollama_name: str, entry: Entry | None) -> dict:
-    body: dict = {"model": ollama_name, "input": payload.get("input", "")}
+    body: dict = {"model": ollama_name, "input": payload.get("input", ""),
+                  "options": context(entry)}
     if (alive := keep_alive(entry)) is not None:
         body["keep_alive"] = alive
     if payload.get("dimensions"):
