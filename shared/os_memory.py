@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import os
 import re
 import struct
 import sys
@@ -181,19 +182,32 @@ def memory_by_port(ports: dict[str, int]) -> dict[str, ProcessMemory]:
     return out
 
 
-def memory_by_mapped_file(files: dict[str, str], name_part: str = "ollama") -> \
-        dict[str, ProcessMemory]:
-    """The memory of the process (named like `name_part`: Ollama's runners) that maps each
-    file; a process we may not inspect is skipped."""
+def _model_file(cmdline: list[str]) -> str | None:
+    """The model file a runner's command line names (`--model <file>` or `-m <file>`)."""
+    for flag, value in zip(cmdline, cmdline[1:], strict=False):
+        if flag in ("--model", "-m"):
+            return os.path.realpath(value)
+    return None
+
+
+def _is_ollama_server(info: dict) -> bool:
+    cmd = info.get("cmdline") or []
+    return "ollama" in (info.get("name") or "").lower() and cmd[1:2] == ["serve"]
+
+
+def memory_of_ollama_runners(files: dict[str, str]) -> dict[str, ProcessMemory]:
+    """The memory of the runner serving each (real) file: a process under `ollama serve`
+    (0.33 runs each model as a llama-server child of it, older versions as `ollama runner`)
+    whose command line names the file. Only Ollama's own processes count: the engine's
+    llama-server may serve the same blob. A process we may not inspect is skipped."""
     wanted = {path: key for key, path in files.items()}
     out: dict[str, ProcessMemory] = {}
-    for proc in psutil.process_iter(["name"]):
-        if name_part not in (proc.info.get("name") or "").lower():
+    for server in psutil.process_iter(["name", "cmdline"]):
+        if not _is_ollama_server(server.info):
             continue
-        try:
-            mapped = {m.path for m in proc.memory_maps(grouped=True)}
-            for path in mapped & wanted.keys():
-                out[wanted[path]] = process_memory(proc.pid)
-        except (OSError, psutil.Error):
-            continue
+        with contextlib.suppress(OSError, psutil.Error):
+            for runner in server.children(recursive=True):
+                with contextlib.suppress(OSError, psutil.Error):
+                    if (path := _model_file(runner.cmdline())) in wanted:
+                        out[wanted[path]] = process_memory(runner.pid)
     return out

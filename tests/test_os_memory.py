@@ -8,15 +8,12 @@ Files"); those values are not recorded on a Mac by this project.
 """
 
 import os
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from shared import os_memory
-from shared import settings as settings_mod
-from shared.llama_server import find_llama_server
 from shared.os_memory import (
     ProcessMemory,
     SystemMemory,
@@ -26,8 +23,6 @@ from shared.os_memory import (
     mac_vm_stats,
 )
 from shared.pressure_signals import LinuxSignals, MacSignals, parse_psi, parse_vmstat
-from shared.tiny_gguf import write_model
-from tests.harness import free_port, http
 
 GIB, MIB = 1024**3, 1024**2
 
@@ -204,33 +199,3 @@ def test_mac_signals_fire_on_the_kernels_warning_and_on_swap_growth() -> None:
     mac.swapouts = (64 * MIB) // PAGE
     got = signals.sample()
     assert firing(got) == {"swap-out"} and "the kernel says normal" in got[0].describe()
-
-
-def test_ollamas_runner_is_found_by_the_model_file_it_maps(tmp_path) -> None:
-    """Ollama runs each model in a runner process of its own binary that maps the blob; one
-    is found by that mapping and measured like model-serve's own processes (here a real
-    llama-server started under the name `ollama`)."""
-    blob = write_model(tmp_path / "blobs" / "sha256-0123", n_embd=512, n_layer=8)
-    runner = tmp_path / "ollama"
-    runner.symlink_to(find_llama_server(settings_mod.load({}, env_file=tmp_path / "none")))
-    port = free_port()
-    proc = subprocess.Popen([str(runner), "-m", str(blob), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if http("GET", f"http://127.0.0.1:{port}/health", timeout=1)[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the runner did not start"
-            time.sleep(0.1)
-        found = os_memory.memory_by_mapped_file({"tiny:1b": str(blob), "gone:1b": "/nope"})
-        assert set(found) == {"tiny:1b"}
-        size = blob.stat().st_size
-        assert size * 0.95 < found["tiny:1b"].reclaimable < found["tiny:1b"].total
-        assert os_memory.memory_by_mapped_file({"tiny:1b": str(blob)}, "nomatch") == {}
-    finally:
-        proc.terminate()
-        proc.wait(10)

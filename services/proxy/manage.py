@@ -25,7 +25,7 @@ from shared.errors import error_response
 from shared.loading import Key
 from shared.memory import Footprints, account
 from shared.ollama import OllamaError, OllamaUnavailable
-from shared.os_memory import memory_by_mapped_file, memory_by_port, system_memory
+from shared.os_memory import memory_by_port, memory_of_ollama_runners, system_memory
 
 log = logging.getLogger("model-serve.proxy")
 
@@ -44,7 +44,7 @@ def _ollama_entry(ctx: Context, name: str) -> Entry | None:
 
 
 def _measure(ports: dict[str, int], blobs: dict[str, str]):
-    return memory_by_port(ports), memory_by_mapped_file(blobs) if blobs else {}
+    return memory_by_port(ports), memory_of_ollama_runners(blobs) if blobs else {}
 
 
 async def running_models(ctx: Context) -> tuple[list[dict], bool]:
