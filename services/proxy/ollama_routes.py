@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 from aiohttp import web
@@ -80,6 +81,11 @@ async def chat(request: web.Request, ollama: Ollama, payload: dict, ollama_name:
             item = await ollama.call("POST", "/api/chat", body)
         except (OllamaUnavailable, OllamaError) as e:
             return _failure(e)
+        if item.get("done") is not True:  # e.g. text that was no valid UTF-8, dropped
+            return error_response(502, f"ollama: the answer to {model} ended before it was "
+                                  f"done (done: {json.dumps(item.get('done'))}, done_reason: "
+                                  f"{json.dumps(item.get('done_reason'))}); Ollama's log may "
+                                  "say why", "ollama_error")
         resp = web.json_response(ollama_chat.chat_response(item, model), headers=headers)
         metrics.answer_end(resp.body)
         return resp
