@@ -57,12 +57,13 @@ def not_found(ctx: Context, name: str) -> web.Response:
 
 
 async def _named(request: web.Request) -> tuple[dict, Entry | None] | web.Response:
-    """The JSON body with a `model` (older clients say `name`), and the catalog's entry for
-    it (None: perhaps one of Ollama's own)."""
+    """The JSON body with a `model`, and the catalog's entry for it (None: perhaps one of
+    Ollama's own). Older clients say `name`; Ollama's Go CLI sends both, `model` empty."""
     _, payload, problem = await request_body.read(request)
     if problem:
         return problem
-    payload.setdefault("model", payload.get("name"))
+    if payload.get("model") in (None, ""):
+        payload["model"] = payload.get("name")
     if not isinstance(payload["model"], str) or not payload["model"]:
         return error(400, "model is required")
     return payload, await request.app[CTX].holder.resolve(payload["model"])
@@ -159,20 +160,18 @@ async def _ollama_list(ctx: Context, which: str) -> list[dict]:
 
 
 async def tags(request: web.Request) -> web.Response:
-    """Every model: the engine's by id and by the Ollama name each was pulled as, and
-    Ollama's own."""
+    """Every model once: Ollama's rows as Ollama gives them (a file linked from Ollama is
+    listed there, under the name it was pulled as), and a row for each other catalog entry,
+    by id; while Ollama is down, a linked one's row is under its Ollama name, which still
+    answers."""
     ctx = request.app[CTX]
     await asyncio.to_thread(ctx.holder.refresh)  # a sync that just finished shows at once
-    entries = list(ctx.holder.catalog.entries.values())
-    facts, ollama = await asyncio.gather(asyncio.to_thread(file_facts, entries),
-                                         _ollama_list(ctx, "tags"))
-    rows = {e.id: tag(e, e.id, facts[e.id]) for e in entries}
-    for model in ollama:
-        rows.setdefault(model.get("name", ""), model)
-    for e in entries:  # the Ollama names also while Ollama is down: they still answer
-        if e.ollama:
-            rows.setdefault(e.ollama, tag(e, e.ollama, facts[e.id]))
-    return web.json_response({"models": list(rows.values())})
+    ollama = await _ollama_list(ctx, "tags")
+    listed = {m.get("name") for m in ollama} - {None}
+    entries = [e for e in ctx.holder.catalog.entries.values() if e.ollama not in listed]
+    facts = await asyncio.to_thread(file_facts, entries)
+    return web.json_response({"models": ollama + [tag(e, e.ollama or e.id, facts[e.id])
+                                                  for e in entries]})
 
 
 async def ps(request: web.Request) -> web.Response:

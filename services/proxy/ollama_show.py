@@ -60,9 +60,13 @@ def file_facts(entries: list[Entry]) -> dict[str, tuple[float, str]]:
 
 
 def tag(entry: Entry, name: str, facts: tuple[float, str]) -> dict:
+    """An /api/tags row; its details also give the trained context and the width, as
+    Ollama's (0.33) do."""
     mtime, digest = facts
+    sizes = {"context_length": entry.info.get("context_length", 0),
+             "embedding_length": entry.info.get("embedding_length", 0)}
     return {"name": name, "model": name, "modified_at": iso(mtime), "size": entry.size_bytes,
-            "digest": digest, "details": details(entry)}
+            "digest": digest, "details": {**details(entry), **sizes}}
 
 
 def ps_row(entry: Entry, row: dict, facts: tuple[float, str]) -> dict:
@@ -70,8 +74,8 @@ def ps_row(entry: Entry, row: dict, facts: tuple[float, str]) -> dict:
     memory = row.get("memory") or {}
     size = memory.get("measured") or memory.get("estimated") or entry.size_bytes
     expires = iso(row["expires_at"]) if row.get("expires_at") else FOREVER.isoformat()
-    return {**tag(entry, entry.id, facts), "size": size, "size_vram": 0,
-            "expires_at": expires, "context_length": entry.ctx_size}
+    return {**tag(entry, entry.id, facts), "details": details(entry), "size": size,
+            "size_vram": 0, "expires_at": expires, "context_length": entry.ctx_size}
 
 
 @functools.lru_cache(maxsize=32)
