@@ -1,10 +1,14 @@
-"""Ollama's native API on the proxy's port, as Ollama's own Python client sees it: the
-engine's models (real llama-server) translated, Ollama's own (the stand-in) passed on."""
+"""Ollama's native API on the proxy's port, as Ollama's own clients see it (its Python
+client, its Go CLI): the engine's models (real llama-server) translated, Ollama's own passed
+on to the real Ollama (tests/real_ollama.py; skipped where there is none)."""
 
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 
 import ollama
@@ -13,28 +17,48 @@ import pytest
 from services.proxy.ollama_convert import Answer, Stats, Stream, chat_body
 from shared.catalog import Entry
 from shared.tiny_gguf import write_model
-from tests.harness import free_port, http, start_ollama, wait
-from tests.ollama_store import add_model
+from tests.harness import free_port, http, wait
+from tests.real_ollama import RealOllama
 from tests.test_direct_path import model_process
 
 TINY = "ms/tiny:0.2m-f32"
-OWN = "mlx-safetensors:1b"  # Ollama's own: not GGUF, so the engine never serves it
-NOT_A_MODEL = b'{"__metadata__": {}}' + b"\0" * 64
+OWN = "own-mxfp4:1b"  # linked from Ollama's store, and answered by Ollama (ROUTE_TO_OLLAMA)
+LINKED = "linked:1b"  # linked from Ollama's store, and answered by the engine
+EMBED = "own-embed:1b"  # Ollama's embedding model
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def made(real_ollama: RealOllama) -> RealOllama:
+    real_ollama.create(OWN, seed=5)
+    real_ollama.create(LINKED, seed=6)
+    real_ollama.create(EMBED, seed=7, pooling_type=1)
+    return real_ollama
 
 
 @pytest.fixture
-def stack(stack_factory, ollama):
-    url, store = ollama
-    add_model(store, OWN, data=NOT_A_MODEL)
-    return stack_factory(OLLAMA_BASE=url, OLLAMA_MODELS=str(store)).start()
+def real(made: RealOllama) -> RealOllama:
+    """The module's Ollama with nothing loaded."""
+    made.unload_all()
+    return made
+
+
+def linked_stack(stack_factory, real: RealOllama, **env: str):
+    """A stack whose sync has linked Ollama's models into the catalog."""
+    stack = stack_factory(OLLAMA_BASE=real.url, OLLAMA_MODELS=str(real.store), **env).start(
+        "engine", "proxy", "sync")
+    wait(lambda: any(LINKED in m.get("aliases", []) for m in http(
+        "GET", stack.url + "/v1/models")[1]["data"]), 30)
+    return stack
+
+
+@pytest.fixture
+def stack(stack_factory, real):
+    return linked_stack(stack_factory, real)
 
 
 def client(stack) -> ollama.Client:
     return ollama.Client(host=stack.url)
-
-
-def seen_by_ollama(url: str) -> list[dict]:
-    return http("GET", url + "/_standin/requests")[1]
 
 
 def ndjson(url: str, path: str, body: dict) -> tuple[str, list[dict]]:
@@ -78,10 +102,10 @@ def test_generate_templated_and_raw(stack) -> None:
     assert parts[-1].done and not any(p.done for p in parts[:-1])
 
 
-def test_list_show_ps_version_and_the_probe(stack) -> None:
+def test_list_show_ps_version_and_the_probe(stack, real) -> None:
     c = client(stack)
     listed = {m.model: m for m in c.list().models}
-    assert {TINY, "ms/other:0.2m-f32", OWN} <= set(listed)
+    assert {TINY, "ms/other:0.2m-f32", OWN, LINKED} <= set(listed)
     tiny = listed[TINY]
     assert tiny.size > 0 and len(tiny.digest) == 64 and tiny.modified_at
     assert (tiny.details.format, tiny.details.family, tiny.details.quantization_level) == (
@@ -95,7 +119,8 @@ def test_list_show_ps_version_and_the_probe(stack) -> None:
     assert shown.modelinfo["llama.context_length"] == 4096
     assert shown.modelinfo["general.parameter_count"] == 164544
     assert "num_ctx 4096" in shown.parameters
-    assert c.show(OWN).template == "{{ .Prompt }}"  # Ollama's own answer
+    theirs = http("POST", real.url + "/api/show", {"model": OWN})[1]
+    assert http("POST", stack.url + "/api/show", {"model": OWN})[1] == theirs  # passed on
 
     assert c.ps().models == []
     c.generate(TINY, prompt="")  # a load, as Ollama's clients preload
@@ -103,11 +128,12 @@ def test_list_show_ps_version_and_the_probe(stack) -> None:
     assert set(running) == {TINY}
     assert running[TINY].size > 0 and running[TINY].context_length == 4096
     assert running[TINY].expires_at and running[TINY].details.family == "llama"
-    c.chat(OWN, messages=[{"role": "user", "content": "hi"}])  # Ollama loads its own
+    c.chat(OWN, messages=HI, options={"num_predict": 2})  # Ollama loads its own
     assert {m.model for m in c.ps().models} == {TINY, OWN}
 
     status, body = http("GET", stack.url + "/api/version")
-    assert status == 200 and body["version"] == "0.14.0" and body["model_serve"]
+    theirs = http("GET", real.url + "/api/version")[1]["version"]
+    assert status == 200 and body["version"] == theirs and body["model_serve"]
     status, text = http("GET", stack.url + "/")
     assert status == 200 and text == "Ollama is running"
     req = urllib.request.Request(stack.url + "/", method="HEAD")
@@ -115,20 +141,23 @@ def test_list_show_ps_version_and_the_probe(stack) -> None:
         assert r.status == 200
 
 
-def test_ollamas_own_models_are_passed_on(stack, ollama) -> None:
-    url, _ = ollama
-    c = client(stack)
-    answer = c.chat(OWN, messages=[{"role": "user", "content": "hi"}], stream=False,
-                    options={"temperature": 0.5})
-    assert answer.message.content == f"Hello from {OWN}" and answer.model == OWN
-    sent = seen_by_ollama(url)[-1]
-    assert sent["path"] == "/api/chat" and sent["options"] == {"temperature": 0.5}
-    parts = list(c.chat(OWN, messages=[{"role": "user", "content": "hi"}], stream=True))
-    assert "".join(p.message.content for p in parts).strip() == f"Hello from {OWN}"
-    assert parts[-1].done and parts[-1].eval_count
-    assert c.generate(OWN, prompt="hi").done
-    embedded = c.embed(OWN, input=["a", "b"])
-    assert len(embedded.embeddings) == 2 and seen_by_ollama(url)[-1]["path"] == "/api/embed"
+def test_ollamas_own_models_are_passed_on(stack, real) -> None:
+    """What Ollama answers the stack's client is what it answers its own (same options)."""
+    c, theirs = client(stack), ollama.Client(host=real.url)
+    options = {"temperature": 0.5, "seed": 3, "num_predict": 8}
+    answer = c.chat(OWN, messages=HI, stream=False, options=options)
+    assert answer.model == OWN and answer.done
+    direct = theirs.chat(OWN, messages=HI, stream=False, options={**options, "num_ctx": 4096})
+    assert answer.message.content == direct.message.content
+    parts = list(c.chat(OWN, messages=HI, stream=True, options=options))
+    assert "".join(p.message.content for p in parts) == direct.message.content
+    assert parts[-1].done and parts[-1].eval_count == direct.eval_count
+    assert c.generate(OWN, prompt="hi", options=options).done
+    embedded = c.embed(EMBED, input=["a", "b"])
+    assert len(embedded.embeddings) == 2 and len(embedded.embeddings[0]) == 64
+    with pytest.raises(ollama.ResponseError) as e:  # Ollama's own refusal, as it gave it
+        c.embed(OWN, input="a")
+    assert e.value.status_code == 501 and "embeddings" in e.value.error
 
 
 def test_keep_alive_zero_unloads_after_the_answer(stack) -> None:
@@ -180,10 +209,9 @@ def test_a_tool_conversation_and_images_reach_the_engine(stack) -> None:
     assert e.value.status_code >= 400 and "image" in e.value.error.lower()
 
 
-def test_embeddings_of_an_engine_model(stack_factory, models_dir, ollama) -> None:
+def test_embeddings_of_an_engine_model(stack_factory, models_dir) -> None:
     write_model(models_dir / "pub" / "emb" / "emb-F32.gguf", name="emb", pooling_type=1)
-    url, store = ollama
-    stack = stack_factory(OLLAMA_BASE=url, OLLAMA_MODELS=str(store)).start()
+    stack = stack_factory().start()
     c = client(stack)
     model = next(m.model for m in c.list().models if m.model.startswith("ms/emb"))
     assert c.show(model).capabilities == ["embedding"]
@@ -215,17 +243,23 @@ def test_errors_are_in_ollamas_shape(stack) -> None:
     assert got == 405 and isinstance(answer["error"], str)
 
 
-def test_model_management_goes_to_ollama(stack) -> None:
+def test_model_management_goes_to_ollama(stack, real) -> None:
     c = client(stack)
-    progress = list(c.pull("fresh:1b", stream=True))
-    assert progress[-1].status == "success"
-    assert "fresh:1b" in {m.model for m in c.list().models}
-    assert c.chat("fresh:1b", messages=[{"role": "user", "content": "hi"}]).done
-    c.delete("fresh:1b")
-    assert "fresh:1b" not in {m.model for m in c.list().models}
+    assert c.copy(OWN, "copied:1b").status == "success"
+    assert c.create("made-mxfp4:1b", from_=OWN, parameters={"temperature": 0.1}).status == \
+        "success"
+    for name in ("copied:1b", "made-mxfp4:1b"):
+        assert name in {m.model for m in c.list().models}
+        assert c.chat(name, messages=HI, options={"num_predict": 2}, keep_alive=0).done
+        c.delete(name)
+        wait(lambda n=name: n not in {m.model for m in c.list().models})  # the sync's work
+    assert "copied:1b" not in real.cli("list").stdout
     with pytest.raises(ollama.ResponseError) as e:
-        c.delete("fresh:1b")
+        c.delete("copied:1b")
     assert e.value.status_code == 404
+    with pytest.raises(ollama.ResponseError) as e:  # Ollama cannot reach its registry here
+        c.pull("missing-model:1b")
+    assert "pull model manifest" in e.value.error
 
 
 def test_without_ollama_the_engine_models_still_answer(stack_factory, models_dir) -> None:
@@ -298,27 +332,29 @@ def test_requests_become_the_engines_fields() -> None:
         "type": "json_object"}
 
 
-def test_pulls_through_the_proxy_are_served_by_the_right_backend(stack_factory, ollama) -> None:
-    url, store = ollama
-    stack = stack_factory(OLLAMA_BASE=url, OLLAMA_MODELS=str(store)).start(
-        "engine", "proxy", "sync")
+def test_models_made_through_the_proxy_are_served_by_the_right_backend(
+        stack, real, tmp_path) -> None:
+    """A client uploads a GGUF file and creates a model of it through the proxy (as with
+    Ollama itself); the sync service links it, and the engine or Ollama answers it."""
     c = client(stack)
-    for name in ("fresh:1b", "gpt-oss-mxfp4:20b"):
-        assert list(c.pull(name, stream=True))[-1].status == "success"
-    served = {"ms/fresh:0.2m-f32", "ms/gpt-oss-mxfp4:0.2m-f32"}
-    wait(lambda: served <= {m.model for m in c.list().models})  # the sync service's work
+    for name, seed in (("fresh:1b", 20), ("gpt-oss-mxfp4:20b", 21)):
+        gguf = write_model(tmp_path / f"{seed}.gguf", name=name.split(":")[0], seed=seed,
+                           ascii_only=True)
+        digest = c.create_blob(gguf)
+        assert c.create(name, files={"model.gguf": digest}).status == "success"
+    aliases = lambda: {a for m in http("GET", stack.url + "/v1/models")[1]["data"]  # noqa: E731
+                       for a in m["aliases"]}
+    wait(lambda: {"fresh:1b", "gpt-oss-mxfp4:20b"} <= aliases(), 30)  # the sync's work
 
-    answer = c.chat("fresh:1b", messages=[{"role": "user", "content": "hi"}],
-                    options={"num_predict": 3})
-    assert answer.model == "fresh:1b" and answer.eval_count <= 3  # llama-server's answer
-    assert not any(r["model"] == "fresh:1b" for r in seen_by_ollama(url))
-
-    mxfp4 = "ms/gpt-oss-mxfp4:0.2m-f32"  # ROUTE_TO_OLLAMA: Ollama answers it
-    answer = c.chat(mxfp4, messages=[{"role": "user", "content": "hi"}], stream=False)
-    assert answer.message.content == "Hello from gpt-oss-mxfp4:20b"
-    sent = seen_by_ollama(url)[-1]
-    assert sent["model"] == "gpt-oss-mxfp4:20b" and sent["keep_alive"] == "1800s"
-    assert c.show(mxfp4).template == "{{ .Prompt }}"
+    answer = c.chat("fresh:1b", messages=HI, options={"num_predict": 3})
+    assert answer.model == "fresh:1b" and answer.eval_count <= 3
+    assert "fresh:1b" not in real.loaded()  # llama-server answered it, not Ollama
+    mxfp4 = next(m["id"] for m in http("GET", stack.url + "/v1/models")[1]["data"]
+                 if "gpt-oss-mxfp4:20b" in m["aliases"])  # ROUTE_TO_OLLAMA: Ollama answers it
+    answer = c.chat(mxfp4, messages=HI, stream=False, options={"num_predict": 3})
+    assert answer.model == mxfp4 and answer.done
+    assert 1700 < expires_in(real.loaded()["gpt-oss-mxfp4:20b"]) <= 1800  # the model's TTL
+    assert c.show(mxfp4) == ollama.Client(host=real.url).show("gpt-oss-mxfp4:20b")
 
 
 def test_a_stream_cut_short_raises_in_the_client(stack_factory, models_dir) -> None:
@@ -347,12 +383,62 @@ def test_a_missing_key_is_in_ollamas_shape_too(stack_factory) -> None:
 
 
 def test_ollamas_model_while_ollama_is_down_says_so(stack_factory, tmp_path) -> None:
-    url, store, proc = start_ollama(tmp_path)
-    add_model(store, OWN, data=NOT_A_MODEL)
-    stack = stack_factory(OLLAMA_BASE=url, OLLAMA_MODELS=str(store)).start()
-    assert OWN in {m.model for m in client(stack).list().models}
-    proc.terminate()
-    proc.wait()
+    gone = RealOllama.start(tmp_path / "going")
+    try:
+        gone.create(OWN)
+        stack = stack_factory(OLLAMA_BASE=gone.url).start()  # its store is not linked
+        assert OWN in {m.model for m in client(stack).list().models}
+    finally:
+        gone.stop()
     with pytest.raises(ollama.ResponseError) as e:  # not "not found; did you mean <it>?"
-        client(stack).chat(OWN, messages=[{"role": "user", "content": "hi"}])
+        client(stack).chat(OWN, messages=HI)
     assert e.value.status_code == 503 and "OLLAMA_BASE" in e.value.error
+
+
+def expires_in(row: dict) -> float:
+    """Seconds until an /api/ps row's expires_at (Ollama writes nanoseconds)."""
+    stamp = re.sub(r"(\.\d{6})\d*", r"\1", row["expires_at"]).replace("Z", "+00:00")
+    return datetime.fromisoformat(stamp).timestamp() - datetime.now(UTC).timestamp()
+
+
+def test_tags_keep_ollamas_rows_and_list_each_file_once(stack, real) -> None:
+    """Ollama's rows as Ollama gives them (name, digest, size, capabilities: what `ollama
+    list` shows), and no second row under the catalog's id for a file linked from it."""
+    theirs = http("GET", real.url + "/api/tags")[1]["models"]
+    ours = http("GET", stack.url + "/api/tags")[1]["models"]
+    assert [m for m in ours if m["name"] in {t["name"] for t in theirs}] == theirs
+    served = http("GET", stack.url + "/v1/models")[1]["data"]
+    linked = {m["id"] for m in served if any(a in {t["name"] for t in theirs}
+                                             for a in m["aliases"])}
+    assert len(linked) >= 3 and not linked & {m["name"] for m in ours}
+    names = [m["name"] for m in ours]
+    assert len(names) == len(set(names)) and TINY in names
+    tiny = next(m for m in ours if m["name"] == TINY)  # an engine row, in 0.33's shape
+    assert (tiny["details"]["context_length"], tiny["details"]["embedding_length"]) == (
+        4096, 64)
+
+
+def go_cli(real: RealOllama, stack, *args: str) -> subprocess.CompletedProcess:
+    """Ollama's own CLI pointed at the stack."""
+    env = {**real.env, "OLLAMA_HOST": stack.url.removeprefix("http://")}
+    return subprocess.run([str(real.exe), *args], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_ollamas_go_cli_shows_and_lists_through_the_stack(stack, real) -> None:
+    """`ollama show` sends {"model": "", "name": ...}: Ollama falls back to the name."""
+    for name, says in ((OWN, "completion"), (EMBED, "embedding"), (LINKED, "num_ctx"),
+                       (TINY, "num_ctx")):
+        shown = go_cli(real, stack, "show", name)
+        assert shown.returncode == 0 and "llama" in shown.stdout, (name, shown.stderr)
+        assert says in shown.stdout, (name, shown.stdout)
+    status, body = http("POST", stack.url + "/api/show", {"model": "", "name": OWN})
+    assert status == 200 and body == http("POST", real.url + "/api/show", {"model": OWN})[1]
+    listed = go_cli(real, stack, "list")
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[0]: line.split()[1] for line in listed.stdout.splitlines()[1:]
+            if line.strip()}
+    digests = {m["name"]: m["digest"][:12] for m in http("GET", real.url + "/api/tags")[1][
+        "models"]}
+    assert {n: rows[n] for n in digests} == digests  # the IDs Ollama's own list shows
+    assert TINY in rows and not any(n.startswith("ms/") and "linked" in n for n in rows)
