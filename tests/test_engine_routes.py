@@ -1,6 +1,7 @@
 """Every per-model route of llama-server through the proxy, as a client sees it: the official
 `anthropic` and `openai` SDKs and raw requests, against the real llama-server (the router,
-and the llama-swap stand-in), and Ollama's own /v1/messages and /v1/responses (stand-in)."""
+and the llama-swap stand-in), and Ollama's own /v1/messages and /v1/responses (the real
+Ollama, where there is one)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import pytest
 
 from shared.tiny_gguf import write_model
 from tests.harness import http, swap_bin_dir
-from tests.ollama_store import add_model
 from tests.test_direct_path import SLOW, model_process
 
 TINY, OTHER = "ms/tiny:0.2m-f32", "ms/other:0.2m-f32"
@@ -261,22 +261,26 @@ def test_messages_and_responses_through_llama_swap(swap_stack) -> None:
 
 
 @pytest.fixture
-def ollama_stack(stack_factory, ollama):
-    url, store = ollama
-    add_model(store, "olla:1b")  # Ollama's own model, not linked: Ollama answers it
-    return stack_factory(OLLAMA_BASE=url, OLLAMA_MODELS=str(store)).start()
+def ollama_stack(stack_factory, real_ollama):
+    # Ollama's own model: its store is not linked, so Ollama answers it
+    real_ollama.create("olla:1b")
+    return stack_factory(OLLAMA_BASE=real_ollama.url).start()
 
 
-def test_ollama_answers_messages_and_responses_itself(ollama_stack, ollama) -> None:
+def test_ollama_answers_messages_and_responses_itself(ollama_stack, real_ollama) -> None:
     messages_round(claude(ollama_stack), "olla:1b")
-    message = claude(ollama_stack).messages.create(model="olla:1b", max_tokens=8, messages=HI)
-    assert message.content[0].text == "Hello from olla:1b"
     responses_round(gpt(ollama_stack), "olla:1b")
-    seen = [s for s in http("GET", ollama[0] + "/_standin/requests")[1]
-            if s["path"].startswith("/v1/")]
-    assert [s["path"] for s in seen] == ["/v1/messages"] * 3 + ["/v1/responses"] * 3
-    assert all(s["model"] == "olla:1b" and s["max_tokens" if s["path"] == "/v1/messages"
-               else "max_output_tokens"] == 8 for s in seen)  # passed on as they came
+    # passed on as they came: Ollama answers the same to the same request
+    greedy = {"temperature": 0}
+    message = claude(ollama_stack).messages.create(model="olla:1b", max_tokens=3, messages=HI,
+                                                   extra_body=greedy)
+    assert message.stop_reason == "max_tokens" and message.usage.output_tokens == 3
+    theirs = anthropic.Anthropic(base_url=real_ollama.url, api_key="x").messages.create(
+        model="olla:1b", max_tokens=3, messages=HI, extra_body=greedy)
+    assert message.content[0].text == theirs.content[0].text
+    response = gpt(ollama_stack).responses.create(model="olla:1b", input="hi",
+                                                  max_output_tokens=3, extra_body=greedy)
+    assert response.usage.output_tokens == 3
 
 
 def test_ollama_models_refuse_llama_server_routes_by_name(ollama_stack) -> None:

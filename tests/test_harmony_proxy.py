@@ -1,7 +1,7 @@
 """GPT-OSS through the proxy where the real engine cannot show the case (what the proxy
 sends to /completion; garbled output): a stand-in replays completions that openai-harmony
-renders, behind the llama-swap stand-in. The Ollama case uses the Ollama stand-in. Everything
-else runs on the real engine: tests/test_harmony_real.py."""
+renders, behind the llama-swap stand-in. Everything else runs on the real engine:
+tests/test_harmony_real.py; GPT-OSS through the real Ollama: tests/test_ollama.py."""
 
 import json
 import os
@@ -97,20 +97,3 @@ def test_standin_truncated_and_malformed_headers(client, script) -> None:
         model=MODEL, stream=True, messages=[{"role": "user", "content": "x"}]))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == text
-
-
-def test_gpt_oss_served_by_ollama_has_the_same_shape(stack_factory, ollama) -> None:
-    url, store = ollama
-    stack = stack_factory(OLLAMA_BASE=url, OLLAMA_MODELS=str(store)).start()
-    assert stack.cli("pull", "gpt-oss-think-mxfp4:20b").returncode == 0
-    client = openai.OpenAI(base_url=stack.url + "/v1", api_key="x", max_retries=0)
-    resp = client.chat.completions.create(model="gpt-oss-think-mxfp4:20b",
-                                          messages=[{"role": "user", "content": "hi"}])
-    msg = resp.choices[0].message
-    assert msg.model_extra["reasoning_content"] == "Let me think."
-    assert msg.content.startswith("Hello from") and resp.choices[0].finish_reason == "stop"
-    chunks = list(client.chat.completions.create(
-        model="gpt-oss-think-mxfp4:20b", stream=True,
-        messages=[{"role": "user", "content": "hi"}]))
-    assert "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
-                   for c in chunks if c.choices) == "Let me think."

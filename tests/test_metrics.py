@@ -11,7 +11,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from services.proxy.events import Events
 from services.proxy.metrics import Metrics, Turn
 from tests.harness import http, wait
-from tests.ollama_store import add_model
 from tests.streams import chat, stream_chat
 from tests.test_direct_path import model_process
 
@@ -153,22 +152,26 @@ def test_an_admission_refusal_is_a_load_failure_by_its_code(stack_factory, tmp_p
     assert value(samples, "model_serve_requests_total", **tiny, status="503") == 1
 
 
-def test_tokens_of_the_answers_ollama_gives(stack_factory, ollama) -> None:
-    url, store = ollama
-    add_model(store, "olla:1b")
-    stack = stack_factory(OLLAMA_BASE=url, OLLAMA_MODELS=str(store)).start()
+def test_tokens_of_the_answers_ollama_gives(stack_factory, real_ollama) -> None:
+    real_ollama.create("olla:1b")  # Ollama's own: its store is not linked
+    stack = stack_factory(OLLAMA_BASE=real_ollama.url).start()
     hi = [{"role": "user", "content": "hi"}]
-    messages = {"model": "olla:1b", "max_tokens": 8, "messages": hi}
+    # greedy, so that every route gets the same answer, of the same length
+    messages = {"model": "olla:1b", "max_tokens": 8, "messages": hi, "temperature": 0}
     status, answer = http("POST", stack.url + "/v1/messages", messages)  # Ollama's own route
     assert status == 200
     each = answer["usage"]["output_tokens"]
     # a stream whose message_start says 0 output tokens, its last event the count
     assert "message_stop" in http("POST", stack.url + "/v1/messages",
                                   {**messages, "stream": True})[1]
-    status, answer = http("POST", stack.url + "/v1/chat/completions", chat("olla:1b"))
+    status, answer = http("POST", stack.url + "/v1/chat/completions",
+                          chat("olla:1b", 8, temperature=0))
     assert status == 200 and answer["usage"]["completion_tokens"] == each  # translated
-    assert stream_chat(stack.url, "olla:1b", stream_options={"include_usage": True})
-    lines = http("POST", stack.url + "/api/chat", {"model": "olla:1b", "messages": hi})[1]
+    assert stream_chat(stack.url, "olla:1b", 8, temperature=0,
+                       stream_options={"include_usage": True})
+    lines = http("POST", stack.url + "/api/chat", {"model": "olla:1b", "messages": hi,
+                                                    "options": {"num_predict": 8,
+                                                                "temperature": 0}})[1]
     assert json.loads(lines.splitlines()[-1])["eval_count"] == each  # Ollama's API
     olla = {"model": "olla:1b", "backend": "ollama"}
     wait(lambda: value(scrape(stack), "model_serve_requests_total", **olla) == 5, 30)

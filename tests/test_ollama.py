@@ -17,6 +17,7 @@ import pytest
 from services.proxy.ollama_chat import ChatStream, chat_response
 from shared.os_memory import memory_of_ollama_runners
 from shared.tiny_gguf import write_model
+from tests import tiny_gptoss
 from tests.harness import free_port, http, wait
 from tests.real_ollama import RealOllama
 from tests.streams import chat, stream_chat
@@ -43,8 +44,11 @@ def real(made: RealOllama) -> RealOllama:
 
 
 def serving(stack_factory, real: RealOllama, *services: str, **env: str):
-    return stack_factory(OLLAMA_BASE=real.url, OLLAMA_MODELS=str(real.store), **env).start(
+    """A stack beside the real Ollama, once its sync has linked Ollama's models."""
+    stack = stack_factory(OLLAMA_BASE=real.url, OLLAMA_MODELS=str(real.store), **env).start(
         *(services or ("engine", "proxy", "sync")))
+    wait(lambda: any(MXFP4 in m["aliases"] for m in models(stack).values()), 30)
+    return stack
 
 
 @pytest.fixture
@@ -144,6 +148,21 @@ def test_an_answer_ollama_cut_short_is_an_error(stack) -> None:
         events = [line[6:] for line in r.read().decode().splitlines()
                   if line.startswith("data: ")]
     assert "[DONE]" not in events and "error" in json.loads(events[-1])
+
+
+def test_a_gpt_oss_answer_ollama_cannot_read_is_an_error_naming_its_reason(stack, real) -> None:
+    """Ollama parses GPT-OSS's Harmony itself; what random weights write is no Harmony, and
+    the client gets Ollama's reason in an OpenAI-shaped error (the shape of a readable one,
+    thinking included, is checked on Ollama's lines below)."""
+    name = "gpt-oss-think-mxfp4:20b"
+    (real.root / "Modelfile.gptoss").write_text(f"FROM {tiny_gptoss.cached_model()}\n")
+    assert real.cli("create", name, "-f", str(real.root / "Modelfile.gptoss")).returncode == 0
+    wait_for(lambda: any(name in m["aliases"] for m in models(stack).values()), 30)
+    for stream in (False, True):
+        status, body = http("POST", stack.url + "/v1/chat/completions",
+                            chat(name, 30, stream=stream))
+        assert status == 502 and body["error"]["code"] == "ollama_error", body
+        assert "does not match the expected" in body["error"]["message"]
 
 
 def test_mxfp4_models_are_answered_by_ollama_with_samplers_intact(stack_factory, real,

@@ -404,12 +404,12 @@ def expires_in(row: dict) -> float:
 def test_tags_keep_ollamas_rows_and_list_each_file_once(stack, real) -> None:
     """Ollama's rows as Ollama gives them (name, digest, size, capabilities: what `ollama
     list` shows), and no second row under the catalog's id for a file linked from it."""
-    theirs = http("GET", real.url + "/api/tags")[1]["models"]
+    theirs = {m["name"]: m for m in http("GET", real.url + "/api/tags")[1]["models"]}
     ours = http("GET", stack.url + "/api/tags")[1]["models"]
-    assert [m for m in ours if m["name"] in {t["name"] for t in theirs}] == theirs
+    # by name: Ollama's order of models made in the same second changes from call to call
+    assert {m["name"]: m for m in ours if m["name"] in theirs} == theirs
     served = http("GET", stack.url + "/v1/models")[1]["data"]
-    linked = {m["id"] for m in served if any(a in {t["name"] for t in theirs}
-                                             for a in m["aliases"])}
+    linked = {m["id"] for m in served if any(a in theirs for a in m["aliases"])}
     assert len(linked) >= 3 and not linked & {m["name"] for m in ours}
     names = [m["name"] for m in ours]
     assert len(names) == len(set(names)) and TINY in names
