@@ -20,9 +20,10 @@ _BREW = (Path("/opt/homebrew/bin"), Path("/usr/local/bin"))
 
 
 def find(name: str, setting: str, shipped: Path) -> Path | None:
+    """The setting decides when given (`REAL_OLLAMA=none` runs without the real Ollama)."""
     given = os.environ.get(setting)
     if given:
-        return Path(given)
+        return Path(given) if os.access(given, os.X_OK) else None
     for found in (shutil.which(name), *(d / name for d in _BREW), shipped):
         if found and os.access(found, os.X_OK):
             return Path(found)
@@ -65,7 +66,9 @@ def ollama() -> Path:
     """The real Ollama's executable, runnable (see runnable_copy), or the test skips."""
     found = find("ollama", *ENGINES["ollama"])
     if found is None:
-        pytest.skip(f"no real Ollama: set REAL_OLLAMA, put `ollama` on PATH, or have {SHARED}")
+        given = os.environ.get("REAL_OLLAMA")
+        pytest.skip(f"REAL_OLLAMA={given} is no executable" if given else
+                    f"no real Ollama: set REAL_OLLAMA, put `ollama` on PATH, or have {SHARED}")
     return runnable_copy(found)
 
 

@@ -57,6 +57,12 @@ def stack(stack_factory, real):
     return linked_stack(stack_factory, real)
 
 
+@pytest.fixture
+def engine_stack(stack_factory):
+    """The engine's models alone: these run without a real Ollama too."""
+    return stack_factory().start()
+
+
 def client(stack) -> ollama.Client:
     return ollama.Client(host=stack.url)
 
@@ -69,8 +75,8 @@ def ndjson(url: str, path: str, body: dict) -> tuple[str, list[dict]]:
         return r.headers["Content-Type"], [json.loads(line) for line in r if line.strip()]
 
 
-def test_chat_on_an_engine_model_whole_and_streamed(stack) -> None:
-    c = client(stack)
+def test_chat_on_an_engine_model_whole_and_streamed(engine_stack) -> None:
+    c = client(engine_stack)
     options = {"num_predict": 6, "temperature": 0, "seed": 1}
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     whole = c.chat(TINY, messages=messages, options=options, stream=False)
@@ -85,14 +91,14 @@ def test_chat_on_an_engine_model_whole_and_streamed(stack) -> None:
     assert parts[-1].eval_count == whole.eval_count and parts[-1].done_reason
 
     # Ollama streams when `stream` is not given
-    kind, lines = ndjson(stack.url, "/api/chat", {"model": TINY, "messages": messages,
+    kind, lines = ndjson(engine_stack.url, "/api/chat", {"model": TINY, "messages": messages,
                                                   "options": options})
     assert kind.startswith("application/x-ndjson") and len(lines) > 1
     assert lines[-1]["done"] is True and lines[-1]["message"]["role"] == "assistant"
 
 
-def test_generate_templated_and_raw(stack) -> None:
-    c = client(stack)
+def test_generate_templated_and_raw(engine_stack) -> None:
+    c = client(engine_stack)
     answer = c.generate(TINY, prompt="hi", system="be brief", options={"num_predict": 4})
     assert answer.done and isinstance(answer.response, str) and 0 < answer.eval_count <= 4
     raw = c.generate(TINY, prompt="<|user|>hi\n<|assistant|>", raw=True,
@@ -160,8 +166,8 @@ def test_ollamas_own_models_are_passed_on(stack, real) -> None:
     assert e.value.status_code == 501 and "embeddings" in e.value.error
 
 
-def test_keep_alive_zero_unloads_after_the_answer(stack) -> None:
-    c = client(stack)
+def test_keep_alive_zero_unloads_after_the_answer(engine_stack) -> None:
+    c = client(engine_stack)
     loaded = c.chat(TINY, messages=[])
     assert loaded.done_reason == "load" and [m.model for m in c.ps().models] == [TINY]
     c.chat(TINY, messages=[{"role": "user", "content": "hi"}], options={"num_predict": 2},
@@ -175,8 +181,8 @@ def test_keep_alive_zero_unloads_after_the_answer(stack) -> None:
     assert [m.model for m in c.ps().models] == [TINY]
 
 
-def test_options_reach_the_engine_and_num_ctx_is_checked(stack) -> None:
-    c = client(stack)
+def test_options_reach_the_engine_and_num_ctx_is_checked(engine_stack) -> None:
+    c = client(engine_stack)
     messages = [{"role": "user", "content": "hi"}]
     same = [c.chat(TINY, messages=messages, options={
         "num_predict": 8, "seed": 3, "temperature": 0.9, "top_k": 40, "top_p": 0.9,
@@ -190,8 +196,8 @@ def test_options_reach_the_engine_and_num_ctx_is_checked(stack) -> None:
     assert "4096" in e.value.error
 
 
-def test_a_tool_conversation_and_images_reach_the_engine(stack) -> None:
-    c = client(stack)
+def test_a_tool_conversation_and_images_reach_the_engine(engine_stack) -> None:
+    c = client(engine_stack)
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}}}}]
     messages = [
@@ -222,8 +228,8 @@ def test_embeddings_of_an_engine_model(stack_factory, models_dir) -> None:
     assert len(c.embeddings(model, prompt="one").embedding) == 64
 
 
-def test_errors_are_in_ollamas_shape(stack) -> None:
-    c = client(stack)
+def test_errors_are_in_ollamas_shape(engine_stack) -> None:
+    c = client(engine_stack)
     with pytest.raises(ollama.ResponseError) as e:
         c.chat("ms/tiny:0.2m-f33", messages=[{"role": "user", "content": "hi"}])
     assert e.value.status_code == 404 and TINY in e.value.error
@@ -237,9 +243,9 @@ def test_errors_are_in_ollamas_shape(stack) -> None:
             ("/api/generate", json.dumps({"model": TINY, "prompt": "x",
                                           "format": 3}).encode(), 400),
             ("/api/nothing", b"{}", 404)):
-        got, answer = http("POST", stack.url + path, body)
+        got, answer = http("POST", engine_stack.url + path, body)
         assert got == status and isinstance(answer["error"], str), (path, answer)
-    got, answer = http("GET", stack.url + "/api/chat")
+    got, answer = http("GET", engine_stack.url + "/api/chat")
     assert got == 405 and isinstance(answer["error"], str)
 
 
