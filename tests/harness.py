@@ -71,17 +71,6 @@ def limit_threshold(system: dict, limit_bytes: int) -> str:
     return f"{100 * (system['os_used'] + limit_bytes) / system['total']:.3f}"
 
 
-def swap_bin_dir(tmp: Path) -> Path:
-    """A PATH folder whose `llama-swap` is the stand-in."""
-    bindir = tmp / "swap-bin"
-    bindir.mkdir(exist_ok=True)
-    exe = bindir / "llama-swap"
-    exe.write_text(f"#!/bin/sh\ncd {ROOT} && exec {sys.executable} "
-                   f"-m tests.standins.llama_swap \"$@\"\n")
-    exe.chmod(0o755)
-    return bindir
-
-
 @dataclass
 class Stack:
     root: Path

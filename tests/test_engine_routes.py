@@ -1,7 +1,7 @@
 """Every per-model route of llama-server through the proxy, as a client sees it: the official
 `anthropic` and `openai` SDKs and raw requests, against the real llama-server (the router,
-and the llama-swap stand-in), and Ollama's own /v1/messages and /v1/responses (the real
-Ollama, where there is one)."""
+and the real llama-swap: tests/real_engines.py), and Ollama's own /v1/messages and
+/v1/responses (the real Ollama, where there is one)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import openai
 import pytest
 
 from shared.tiny_gguf import write_model
-from tests.harness import http, swap_bin_dir
+from tests.harness import http
+from tests.real_engines import llama_swap_bin_dir
 from tests.test_direct_path import SLOW, model_process
 
 TINY, OTHER = "ms/tiny:0.2m-f32", "ms/other:0.2m-f32"
@@ -44,7 +45,7 @@ def stack(stack_factory, kinds):
 
 @pytest.fixture
 def swap_stack(stack_factory, tmp_path):
-    path = f"{swap_bin_dir(tmp_path)}{os.pathsep}{os.environ['PATH']}"
+    path = f"{llama_swap_bin_dir(tmp_path)}{os.pathsep}{os.environ['PATH']}"
     return stack_factory(ENGINE="llama-swap", PATH=path).start()
 
 

@@ -11,8 +11,9 @@ from shared import catalog as catalog_mod
 from shared.engines import make_engine
 from shared.engines.base import section_name
 from shared.settings import load
-from tests.harness import swap_bin_dir, wait
+from tests.harness import wait
 from tests.preset_grammar import parse_preset
+from tests.real_engines import llama_swap_bin_dir
 
 CUSTOM = """
 models:
@@ -57,7 +58,7 @@ def test_router_presets_keep_ids_and_settings(tmp_path, models_dir, config_dir) 
 
 def test_llama_swap_is_chosen_when_on_path_and_never_swaps(tmp_path, models_dir, config_dir,
                                                          monkeypatch) -> None:
-    monkeypatch.setenv("PATH", f"{swap_bin_dir(tmp_path)}:{Path('/usr/bin')}:/bin")
+    monkeypatch.setenv("PATH", f"{llama_swap_bin_dir(tmp_path)}:{Path('/usr/bin')}:/bin")
     settings = _settings(tmp_path, models_dir, config_dir, LLAMA_SERVER="/opt/llama-server")
     engine = make_engine(settings)
     assert engine.name == "llama-swap"

@@ -1,7 +1,8 @@
 """GPT-OSS through the proxy where the real engine cannot show the case (what the proxy
-sends to /completion; garbled output): a stand-in replays completions that openai-harmony
-renders, behind the llama-swap stand-in. Everything else runs on the real engine:
-tests/test_harmony_real.py; GPT-OSS through the real Ollama: tests/test_ollama.py."""
+sends to /completion; garbled output): a stand-in model server replays completions that
+openai-harmony renders, behind the real llama-swap (tests/real_engines.py), which runs it as a
+model's `cmd`. Everything else runs on the real engine: tests/test_harmony_real.py; GPT-OSS
+through the real Ollama: tests/test_ollama.py."""
 
 import json
 import os
@@ -13,7 +14,8 @@ import pytest
 
 from services.proxy.harmony_encode import prompt_tokens
 from tests.harmony_completions import analysis, completion, final, special
-from tests.harness import ROOT, swap_bin_dir
+from tests.harness import ROOT
+from tests.real_engines import llama_swap_bin_dir
 
 MODEL = "ms/gpt-oss-standin"
 TOOLS = [{"type": "function", "function": {
@@ -49,7 +51,7 @@ models:
     harmony: proxy
     reasoning_effort: low
 """)
-    path = f"{swap_bin_dir(tmp_path)}{os.pathsep}{os.environ['PATH']}"
+    path = f"{llama_swap_bin_dir(tmp_path)}{os.pathsep}{os.environ['PATH']}"
     stack = stack_factory(ENGINE="llama-swap", PATH=path).start()
     client = openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0)
     client.stack = stack

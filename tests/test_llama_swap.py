@@ -1,11 +1,11 @@
-"""The llama-swap adapter against the stand-in (llama-swap cannot be installed here), which
-runs real llama-server processes and answers as the real llama-swap does."""
+"""The llama-swap adapter and the stack on the real llama-swap (tests/real_engines.py finds it;
+without it these tests skip, saying where they looked), running real llama-server processes.
+What v250 answers is recorded in ../shared/tools/real-engines/llama-swap-conformance."""
 
 import asyncio
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
@@ -18,18 +18,23 @@ from shared.catalog import Catalog, Entry
 from shared.engines import EngineError
 from shared.engines.llama_swap import LlamaSwap, loader_refusals, model_ports
 from shared.sync import rebuild
-from tests.harness import ROOT, free_port, http, swap_bin_dir
+from tests.harness import Stack, free_port, http
+from tests.real_engines import llama_swap, llama_swap_bin_dir
 from tests.streams import chat, stream_chat
 
 TINY, OTHER = "ms/tiny:0.2m-f32", "ms/other:0.2m-f32"
+
+
+def on_llama_swap(stack_factory, tmp_path: Path, **env: str) -> Stack:
+    path = f"{llama_swap_bin_dir(tmp_path)}{os.pathsep}{os.environ['PATH']}"
+    return stack_factory(ENGINE="auto", PATH=path, **env)
 
 
 @pytest.fixture
 def stack(stack_factory, config_dir, tmp_path):
     (config_dir / "custom_models.yaml").write_text(
         "models:\n  tiny:0.2m-f32:\n    sampler_args: --temp 0.3\n    aliases: [tiny:latest]\n")
-    path = f"{swap_bin_dir(tmp_path)}{os.pathsep}{os.environ['PATH']}"
-    return stack_factory(ENGINE="auto", PATH=path).start()
+    return on_llama_swap(stack_factory, tmp_path).start()
 
 
 def states(stack) -> dict[str, str]:
@@ -78,9 +83,9 @@ def test_llama_swap_answers_as_the_real_one_and_the_stack_copes(stack) -> None:
     status, body = http("GET", url + "/health")  # no key needed, text
     assert (status, body) == (200, "OK")
     assert http("POST", url + "/v1/chat/completions", chat("ms/nope"), key) == (
-        404, "no router for requested model")
+        404, {"error": "no router for requested model", "src": "llama-swap"})
     assert http("POST", url + "/v1/chat/completions", b"{not json", key) == (
-        404, "no model id could be identified")
+        404, {"error": "no model id could be identified", "src": "llama-swap"})
     assert http("POST", url + "/api/models/unload/ms%2Fnope", b"", key)[0] == 404
 
     async def upstream_and_unloads() -> None:
@@ -150,9 +155,10 @@ def test_a_model_llama_swap_would_refuse_is_left_out_not_the_whole_config(tmp_pa
     config = {"models": models, "groups": {"g": {"members": ["a", "b"]}, **groups}}
     file = tmp_path / "llama-swap.yaml"
     file.write_text(yaml.safe_dump(config))
-    start = subprocess.run([sys.executable, "-m", "tests.standins.llama_swap", "--config",
-                            str(file)], cwd=ROOT, capture_output=True, text=True, timeout=30)
-    assert start.returncode == 1 and "Error loading config" in start.stderr
+    start = subprocess.run([llama_swap(), "--config", file, "--listen",
+                            f"127.0.0.1:{free_port()}"], capture_output=True, text=True,
+                           timeout=30)
+    assert start.returncode == 1 and "failed to load config" in start.stderr
     refused = loader_refusals(config, Path("custom_models.yaml"))
     assert list(refused) == ["b"] and reason in refused["b"], refused
     assert "llama-swap refuses a whole config for one such model" in refused["b"]
