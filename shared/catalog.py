@@ -54,6 +54,11 @@ class Entry:
         return [self.id, *self.aliases]
 
     @property
+    def at_once(self) -> int:
+        """How many requests it answers at once; more wait in the proxy's queue."""
+        return self.max_concurrent or self.parallel
+
+    @property
     def args(self) -> list[str]:
         return flatten(self.options)
 

@@ -6,7 +6,10 @@ import asyncio
 import os
 import socket
 import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -18,11 +21,13 @@ from shared.catalog import Catalog, Entry
 from shared.engines import EngineError
 from shared.engines.llama_swap import LlamaSwap, loader_refusals, model_ports
 from shared.sync import rebuild
+from shared.tiny_gguf import write_model
 from tests.harness import Stack, free_port, http
 from tests.real_engines import llama_swap, llama_swap_bin_dir
-from tests.streams import chat, stream_chat
+from tests.streams import chat, stream_chat, stream_events
 
 TINY, OTHER = "ms/tiny:0.2m-f32", "ms/other:0.2m-f32"
+SLOW = "ms/slow:33.8m-f32"
 
 
 def on_llama_swap(stack_factory, tmp_path: Path, **env: str) -> Stack:
@@ -33,8 +38,21 @@ def on_llama_swap(stack_factory, tmp_path: Path, **env: str) -> Stack:
 @pytest.fixture
 def stack(stack_factory, config_dir, tmp_path):
     (config_dir / "custom_models.yaml").write_text(
-        "models:\n  tiny:0.2m-f32:\n    sampler_args: --temp 0.3\n    aliases: [tiny:latest]\n")
+        "models:\n  tiny:0.2m-f32:\n    sampler_args: --temp 0.3\n    aliases: [tiny:latest]\n"
+        "    max_concurrent: 12\n")
     return on_llama_swap(stack_factory, tmp_path).start()
+
+
+SLOW_SETTINGS = "models:\n  slow:33.8m-f32:\n    sampler_args: --threads 1\n"
+
+
+@pytest.fixture
+def slow(models_dir: Path, config_dir: Path) -> None:
+    """A model that generates 100-200 tokens a second: its answers take seconds. One thread:
+    two slow to a crawl while other tests share the cores."""
+    write_model(models_dir / "pub" / "slow" / "slow-F32.gguf", name="slow", n_embd=512,
+                n_layer=8)
+    (config_dir / "custom_models.yaml").write_text(SLOW_SETTINGS)
 
 
 def states(stack) -> dict[str, str]:
@@ -233,3 +251,36 @@ def test_a_sync_returns_once_llama_swap_serves_the_new_config(stack, config_dir)
     asyncio.run(load_then_refused_config())
     listed = http("GET", stack.engine_url + "/v1/models", headers=stack.engine_headers)[1]
     assert [m["id"] for m in listed["data"]] == ["ms/creative", OTHER, TINY]
+
+
+def test_the_models_servers_want_the_key_and_take_all_the_queue_lets_by(stack) -> None:
+    """v250 relays every header, the key too, so the models' own servers require it; past a
+    model's `concurrencyLimit` requests in flight (10 unless set) it answers 429, and tiny's
+    max_concurrent is 12."""
+    assert http("POST", stack.url + "/v1/chat/completions", chat(TINY))[0] == 200
+    key = stack.engine_headers
+    running = http("GET", stack.engine_url + "/running", headers=key)[1]["running"]
+    own = next(item["proxy"] for item in running if item["model"] == TINY)
+    assert http("POST", own + "/v1/chat/completions", chat(TINY))[0] == 401
+    assert http("POST", own + "/v1/chat/completions", chat(TINY), key)[0] == 200
+    through = f"{stack.engine_url}/upstream/{quote(TINY, safe='')}/v1/chat/completions"
+    body = chat(TINY, max_tokens=400, ignore_eos=True)
+    with ThreadPoolExecutor(12) as pool:
+        statuses = list(pool.map(lambda _: http("POST", through, body, key)[0], range(12)))
+    assert statuses == [200] * 12
+
+
+def test_an_alias_only_change_answers_within_seconds_of_model_sync(stack_factory, tmp_path,
+                                                                   config_dir, slow) -> None:
+    """llama-swap takes up its file up to 2 s after it changes, stopping every model: `model
+    sync` returns only once it serves the new config, so a request sent then is not cut."""
+    stack = on_llama_swap(stack_factory, tmp_path).start()
+    assert http("POST", stack.url + "/models/load", {"model": SLOW})[0] == 200
+    (config_dir / "custom_models.yaml").write_text(SLOW_SETTINGS + "    aliases: [quick]\n")
+    result = stack.cli("sync")
+    assert "updated and reloaded" in result.stdout, result.stderr
+    synced = time.monotonic()
+    # long enough to be under way when llama-swap reloads, if it had yet to
+    events = stream_events(stack.url, "quick", 500, ignore_eos=True)
+    assert next(events)["model"] == "quick" and time.monotonic() - synced < 10
+    assert list(events)[-1]["choices"][0]["finish_reason"] == "length"

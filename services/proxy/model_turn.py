@@ -74,11 +74,11 @@ def _turn(ctx: Context, key: Key, entry: Entry | None):
     """Ollama queues its own models (OLLAMA_NUM_PARALLEL, OLLAMA_MAX_QUEUE)."""
     if key[0] != "engine" or entry is None:
         return contextlib.nullcontext()
-    return ctx.limits.slot(entry.id, entry.max_concurrent or entry.parallel)
+    return ctx.limits.slot(entry.id, entry.at_once)
 
 
 def _busy(ctx: Context, model: str, entry: Entry | None, full: QueueFull) -> web.Response:
-    limit = entry.max_concurrent or entry.parallel if entry else 1
+    limit = entry.at_once if entry else 1
     resp = error_response(503, f"{model} is answering {limit} request(s) at once "
                           f"(max_concurrent) and {full.waiting} more are waiting (MAX_QUEUE="
                           f"{ctx.settings.max_queue}); retry in {full.retry_after} s",
