@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import AsyncIterator
 
 import aiohttp
 
@@ -58,3 +60,21 @@ class ProxyClient:
 
     async def load(self, model: str) -> dict:
         return await self._call("POST", "/models/load", {"model": model})
+
+    @contextlib.asynccontextmanager
+    async def engine_held(self, drain_seconds: float) -> AsyncIterator[None]:
+        """The proxy holds new requests for the engine's models while this lasts; entered
+        once those under way have finished (or had DRAIN_SECONDS). Needs the stack key."""
+        async with self.session.post(self.base + "/engine/hold", headers=self.headers,
+                                     timeout=aiohttp.ClientTimeout(
+                                         total=None, sock_connect=5,
+                                         sock_read=drain_seconds + 10)) as r:
+            if r.status != 200:
+                raise ProxyError(r.status, f"POST /engine/hold: HTTP {r.status}: "
+                                 f"{(await r.text()).strip()[:300]}")
+            if not await r.content.readline():  # its line comes once they have finished
+                raise ProxyError(r.status, "POST /engine/hold: closed unanswered")
+            try:
+                yield
+            finally:
+                r.close()  # the proxy lets them go on

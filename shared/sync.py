@@ -1,12 +1,14 @@
-"""Bridge → catalog → engine config: rebuild them, write only what changed, one writer at a
-time (STATE_DIR/sync.lock)."""
+"""Bridge → catalog → engine config → engine reload: rebuild them, write only what changed,
+one writer at a time (STATE_DIR/sync.lock)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -17,6 +19,7 @@ from shared import catalog as catalog_mod
 from shared.catalog import Catalog
 from shared.engines import Engine, EngineError
 from shared.files import write_if_changed
+from shared.proxy_client import ProxyClient, ProxyError
 from shared.settings import Settings
 from shared.tiny_gguf import write_model
 
@@ -28,6 +31,10 @@ class SyncResult:
     catalog: Catalog
     catalog_changed: bool = False
     engine_changed: bool = False
+    reloaded: bool = False  # a running engine serves the new config
+    # the loaded models the engine's reload stopped (llama-swap's stops every one)
+    stopped: list[str] = field(default_factory=list)
+    reload_error: str = ""  # the engine answers, but did not take the new config up
 
 
 def sync_lock(settings: Settings) -> AbstractContextManager[None]:
@@ -88,58 +95,71 @@ def servable(settings: Settings, engine: Engine) -> Catalog:
 
 
 def _rebuild(settings: Settings, engine: Engine) -> SyncResult:
-    catalog = servable(settings, engine)
+    return _write(settings, engine, servable(settings, engine))
+
+
+def _write(settings: Settings, engine: Engine, catalog: Catalog) -> SyncResult:
     engine_changed = engine.write_config(catalog)
     catalog_changed = write_if_changed(settings.catalog_file, catalog.to_json())
     return SyncResult(catalog, catalog_changed, engine_changed)
 
 
 def sync_all(settings: Settings, engine: Engine) -> tuple[SyncReport | None, SyncResult]:
-    """Bridge then rebuild: what `model sync` and the sync service do on every change.
-    A bridge that cannot run (an unreadable store) is logged; the catalog is still rebuilt."""
+    """Bridge, rebuild, and a running engine brought to the new config: what `model sync`
+    and the sync service do on every change. A bridge that cannot run (an unreadable store)
+    is logged; the catalog is still rebuilt. Blocking."""
     with sync_lock(settings):
         try:
             report = run_bridge(settings)
         except OSError as e:
             log.error("bridge failed: %s", e)
             report = None
-        return report, _rebuild(settings, engine)
+        catalog = servable(settings, engine)
+        return report, asyncio.run(_take_up(settings, engine, catalog))
 
 
-async def apply(result: SyncResult, engine: Engine, session: aiohttp.ClientSession) -> bool:
-    """Tell a running engine about a changed config; False when no engine answered."""
-    if not result.engine_changed:
-        return True
+async def _take_up(settings: Settings, engine: Engine, catalog: Catalog) -> SyncResult:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session,
+        _held(settings, engine, catalog, session) as loaded,
+    ):
+        result = _write(settings, engine, catalog)
+        if result.engine_changed:
+            try:
+                await engine.reload(session)
+                result.reloaded, result.stopped = True, loaded
+            except aiohttp.ClientConnectionError:
+                pass  # not running: it reads the config when it starts
+            except EngineError as e:
+                result.reload_error = str(e)
+        return result
+
+
+@contextlib.asynccontextmanager
+async def _held(settings: Settings, engine: Engine, catalog: Catalog,
+                session: aiohttp.ClientSession) -> AsyncIterator[list[str]]:
+    """Before a config change that makes the engine stop every model (llama-swap): the proxy
+    holds new requests for them and lets those under way finish (DRAIN_SECONDS), until the
+    engine serves the new config; yields the models still loaded, which it will stop. Without
+    a proxy to ask (the stack is down) it goes on at once."""
+    if not engine.reload_unloads_all or not engine.config_changes(catalog):
+        yield []
+        return
+    proxy = ProxyClient(settings.proxy_url, session, settings.api_key, engine.key)
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            await stack.enter_async_context(proxy.engine_held(settings.drain_seconds))
+        except ProxyError as e:
+            log.warning("the proxy does not hold requests during the engine's reload: %s", e)
+        except (aiohttp.ClientError, TimeoutError):
+            pass  # no proxy: no request to cut
+        yield await _loaded(settings, engine, session)
+
+
+async def _loaded(settings: Settings, engine: Engine,
+                  session: aiohttp.ClientSession) -> list[str]:
     try:
-        await engine.reload(session)
-    except aiohttp.ClientConnectionError:
-        return False
-    return True
-
-
-def held_before_reload(settings: Settings, engine: Engine) -> list[str]:
-    """The models a reload will unload when the engine's reload stops every loaded model ([]
-    otherwise, and when it does not answer). Asked before the config is written: the engine
-    may take the new file up at once, and then they are gone before anyone could name them."""
-    if not engine.reload_unloads_all:
-        return []
-
-    async def go() -> list[str]:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        async with asyncio.timeout(5):
             return sorted(await engine.loaded(session, load_last_good(settings) or Catalog()))
-
-    try:
-        return asyncio.run(go())
     except (aiohttp.ClientError, EngineError, TimeoutError):
         return []
-
-
-def reload_engine(result: SyncResult, engine: Engine) -> bool:
-    """`apply` for a caller without an event loop (the CLI, the sync service); EngineError
-    when the engine answers but does not take the new config up."""
-
-    async def go() -> bool:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-            return await apply(result, engine, session)
-
-    return asyncio.run(go())

@@ -16,18 +16,19 @@ import pytest
 import yaml
 from aiohttp import web
 
+from services.proxy.engine_hold import Hold
 from shared import settings as settings_mod
 from shared.catalog import Catalog, Entry
 from shared.engines import EngineError
 from shared.engines.llama_swap import LlamaSwap, loader_refusals, model_ports
 from shared.sync import rebuild
 from shared.tiny_gguf import write_model
-from tests.harness import Stack, free_port, http
+from tests.harness import Stack, free_port, http, wait
 from tests.real_engines import llama_swap, llama_swap_bin_dir
 from tests.streams import chat, stream_chat, stream_events
 
 TINY, OTHER = "ms/tiny:0.2m-f32", "ms/other:0.2m-f32"
-SLOW = "ms/slow:33.8m-f32"
+SLOW, NEW = "ms/slow:33.8m-f32", "ms/new:0.2m-f32"
 
 
 def on_llama_swap(stack_factory, tmp_path: Path, **env: str) -> Stack:
@@ -217,7 +218,7 @@ def test_a_sync_returns_once_llama_swap_serves_the_new_config(stack, config_dir)
         "models:\n  tiny:0.2m-f32:\n    sampler_args: --temp 0.8\n")
     result = stack.cli("sync")
     assert result.returncode == 0 and "updated and reloaded" in result.stdout, result.stderr
-    assert f"llama-swap unloads every loaded model when its config changes: {TINY}" \
+    assert f"llama-swap stopped every loaded model to take up its new config: {TINY}" \
         in result.stderr
     # no waiting here: the sync returned once llama-swap had the new config
     body = http("POST", stack.url + "/v1/chat/completions", chat(TINY, verbose=True))[1]
@@ -268,6 +269,61 @@ def test_the_models_servers_want_the_key_and_take_all_the_queue_lets_by(stack) -
     with ThreadPoolExecutor(12) as pool:
         statuses = list(pool.map(lambda _: http("POST", through, body, key)[0], range(12)))
     assert statuses == [200] * 12
+
+
+def test_a_stream_under_way_when_a_new_model_appears_ends_whole(stack_factory, tmp_path,
+                                                                models_dir, slow) -> None:
+    """The sync service sees the new file. llama-swap's reload stops every model, so the proxy
+    holds new requests and lets the stream finish first; the held request then loads its
+    model again. (A loaded machine makes the stream slow: DRAIN_SECONDS leaves it time.)"""
+    stack = on_llama_swap(stack_factory, tmp_path, DRAIN_SECONDS="120").start(
+        "engine", "proxy", "sync")
+    assert http("POST", stack.url + "/models/load", {"model": SLOW})[0] == 200
+    assert http("POST", stack.url + "/models/load", {"model": TINY})[0] == 200
+    log = stack.root / "proxy.log"
+    with ThreadPoolExecutor(2) as pool:
+        stream = pool.submit(stream_chat, stack.url, SLOW, 800, ignore_eos=True)
+        time.sleep(0.5)
+        write_model(models_dir / "pub" / "new" / "new-F32.gguf", name="new", seed=5)
+        wait(lambda: "requests for the engine's models wait" in log.read_text()
+             or stream.done(), 60)
+        held = pool.submit(http, "POST", stack.url + "/v1/chat/completions", chat(TINY))
+        events = stream.result()  # without its [DONE] (cut short) this raises
+        assert events[-1]["choices"][0]["finish_reason"] == "length"
+        assert held.result()[0] == 200
+    status, body = http("POST", stack.url + "/v1/chat/completions", chat(NEW))
+    assert status == 200 and body["model"] == NEW
+    metrics = http("GET", stack.url + "/metrics")[1].replace('backend="engine",', "")
+    assert f'model="{SLOW}",reason="engine-reload"' in metrics
+    assert 'reason="crash"' not in metrics
+
+
+def test_the_hold_lets_requests_under_way_finish_for_at_most_drain_seconds() -> None:
+    async def go() -> None:
+        hold, seen = Hold(), []
+
+        async def request(name: str, seconds: float) -> None:
+            async with hold.passage():
+                seen.append(name)
+                await asyncio.sleep(seconds)
+
+        under_way = asyncio.create_task(request("under way", 0.2))
+        await asyncio.sleep(0)
+        async with hold.held(drain=5) as left:
+            assert left == 0 and under_way.done()  # it finished first
+            new = asyncio.create_task(request("new", 0))
+            await asyncio.sleep(0.1)
+            assert seen == ["under way"]  # held
+        await new
+        assert seen == ["under way", "new"]
+        stuck = asyncio.create_task(request("stuck", 30))
+        await asyncio.sleep(0)
+        started = time.monotonic()
+        async with hold.held(drain=0.2) as left:
+            assert left == 1 and time.monotonic() - started < 1
+        stuck.cancel()
+
+    asyncio.run(go())
 
 
 def test_an_alias_only_change_answers_within_seconds_of_model_sync(stack_factory, tmp_path,

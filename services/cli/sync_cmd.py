@@ -5,14 +5,13 @@ from __future__ import annotations
 import click
 
 from services.cli.common import load_settings
-from shared.engines import EngineError, make_engine
-from shared.sync import held_before_reload, reload_engine, sync_all
+from shared.engines import make_engine
+from shared.sync import sync_all
 
 
 def run_sync() -> None:
     settings = load_settings()
     engine = make_engine(settings)
-    held = held_before_reload(settings, engine)
     report, result = sync_all(settings, engine)
     for line in report.lines() if report else []:
         click.echo(line, err=line.startswith("note:"))
@@ -23,14 +22,14 @@ def run_sync() -> None:
     if not result.engine_changed:
         click.echo(f"{n} models; engine config unchanged")
         return
-    if held:
-        click.echo(f"note: {engine.name} unloads every loaded model when its config changes: "
-                   f"{', '.join(held)} (each loads again on its next request)", err=True)
-    try:
-        reloaded = reload_engine(result, engine)
-    except EngineError as e:
-        raise click.ClickException(f"{n} models; engine config updated, but {e}") from None
-    if reloaded:
+    if result.reload_error:
+        raise click.ClickException(f"{n} models; engine config updated, but "
+                                   f"{result.reload_error}")
+    if result.stopped:
+        click.echo(f"note: {engine.name} stopped every loaded model to take up its new config: "
+                   f"{', '.join(result.stopped)} (each loads again on its next request)",
+                   err=True)
+    if result.reloaded:
         click.echo(f"{n} models; engine config updated and reloaded")
     else:
         click.echo(f"{n} models; engine config updated (engine not running, it reads it on start)")

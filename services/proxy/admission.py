@@ -13,6 +13,7 @@ import time
 import aiohttp
 from aiohttp import web
 
+from services.proxy.engine_hold import Hold
 from services.proxy.governor_client import governor_health
 from services.proxy.metrics import Metrics
 from services.proxy.state import Usage
@@ -44,6 +45,9 @@ class Admission:
         # counted there, not as a crash, and it is not warm again until the proxy loads it
         self._forgotten: set[Key] = set()
         self._said_down = False
+        # closed while the engine takes up a config that stops every model it runs
+        self.hold = Hold()
+        self._looking = asyncio.Lock()  # one look at the backends at a time
 
     async def ensure(self, key: Key, entry: Entry | None, use_id: str) -> web.Response | None:
         """None once the model is loaded; otherwise this client's own error response."""
@@ -64,6 +68,11 @@ class Admission:
         """Returns once a load of the model in progress here has ended, however it ended."""
         if task := self._pending.get(key):
             await asyncio.shield(task)
+
+    def gate(self, key: Key) -> contextlib.AbstractAsyncContextManager:
+        """Around all a request does with its model: an engine model's wait while the engine
+        takes up a new config (engine_hold.py); Ollama's models never wait."""
+        return self.hold.passage() if key[0] == "engine" else contextlib.nullcontext()
 
     def forget(self, key: Key) -> None:
         self.warm.discard(key)
@@ -142,9 +151,14 @@ class Admission:
         and Ollama unloads its models after their keep_alive."""
         while True:
             await asyncio.sleep(interval)
+            await self.look(holder.catalog.entries)
+
+    async def look(self, entries: dict[str, Entry]) -> None:
+        """What the backends hold now becomes `warm` (and each engine model's address)."""
+        async with self._looking:
             before, seen = set(self.warm), set()
             try:
-                warm = await self._look_at_engine(holder.catalog.entries)
+                warm = await self._look_at_engine(entries)
                 seen.add("engine")
             except (aiohttp.ClientError, ValueError, EngineError):
                 warm = set()
@@ -152,7 +166,7 @@ class Admission:
                 with contextlib.suppress(OllamaUnavailable, OllamaError, ValueError):
                     warm |= {("ollama", m.get("name", "")) for m in await self.ollama.ps()}
                     seen.add("ollama")
-            self._count_exits(before & self.warm - warm, seen, holder.catalog.entries)
+            self._count_exits(before & self.warm - warm, seen, entries)
             self._forgotten &= warm
             # one the proxy let go of (an unload, perhaps while this look was under way) is
             # warm again only once the proxy loads it: a backend lists a model a moment
@@ -163,11 +177,14 @@ class Admission:
 
     def _count_exits(self, gone: set[Key], seen: set[str], entries: dict[str, Entry]) -> None:
         """Models that left a backend which answered, without the proxy unloading them: an
-        engine model's process ended; Ollama let one go (its keep_alive)."""
+        engine model's process ended (or the engine stopped it to take up a new config);
+        Ollama let one go (its keep_alive)."""
         for backend, name in gone - self._forgotten:
             if backend == "engine" and "engine" in seen:
-                self.metrics.unloaded((backend, name), name, "crash",
-                                     "its process ended without being asked to")
+                self.metrics.unloaded((backend, name), name, *(
+                    ("engine-reload", "the engine stopped it to take up its new config")
+                    if self.hold.holding else
+                    ("crash", "its process ended without being asked to")))
             elif backend == "ollama" and "ollama" in seen:
                 # counted by the catalog id its requests are counted by, as with_model does
                 mid = next((m for m, e in entries.items() if e.ollama == name), name)

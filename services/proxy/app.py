@@ -32,6 +32,9 @@ log = logging.getLogger("model-serve.proxy")
 OPEN_PATHS = {"/health"}
 PREPARED = "prepared"
 IN_FLIGHT = web.AppKey("in_flight", set)
+# never done by themselves (the dashboard's feed, the sync's hold): a stopping proxy does
+# not wait for them
+NEVER_DONE = {"/events", "/engine/hold"}
 
 
 @web.middleware
@@ -121,7 +124,7 @@ async def count(request: web.Request, handler) -> web.StreamResponse:
 
 @web.middleware
 async def in_flight(request: web.Request, handler) -> web.StreamResponse:
-    if request.path == "/events":  # never done by itself; a stopping proxy ends it first
+    if request.path in NEVER_DONE:
         return await handler(request)
     tasks = request.app[IN_FLIGHT]
     task = asyncio.current_task()
@@ -204,6 +207,7 @@ def make_app(settings: Settings, engine: Engine | None = None) -> web.Applicatio
     app.router.add_get("/running", manage.running)
     app.router.add_post("/models/unload", manage.unload)
     app.router.add_post("/models/load", manage.load)
+    app.router.add_post("/engine/hold", manage.hold_engine)
     for path in ollama_api.MODEL_ROUTES:
         app.router.add_post(path, ollama_api.model_route)
     for path, method in ollama_api.MANAGEMENT.items():

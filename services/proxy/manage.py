@@ -1,10 +1,12 @@
-"""The management API: GET /running, POST /models/unload, POST /models/load."""
+"""The management API: GET /running, POST /models/unload, POST /models/load, and the sync's
+POST /engine/hold."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 import os
 import re
@@ -15,6 +17,7 @@ from aiohttp import web
 
 from services.proxy import request_body
 from services.proxy.context import CTX, Context
+from services.proxy.engine_hold import LONGEST_HOLD
 from services.proxy.forward import forward, not_found
 from services.proxy.governor_client import governor_health
 from services.proxy.metrics import unload_reason
@@ -235,7 +238,39 @@ async def load(request: web.Request) -> web.Response:
     entry, ollama_name, _ = found
     backend = "ollama" if entry is None or entry.backend == "ollama" else "engine"
     key = (backend, ollama_name if backend == "ollama" else entry.id)
-    refused = await ctx.admission.ensure(key, entry, entry.id if entry else ollama_name)
+    async with ctx.admission.gate(key):
+        refused = await ctx.admission.ensure(key, entry, entry.id if entry else ollama_name)
     if refused:
         return refused
     return web.json_response({"model": entry.id if entry else ollama_name, "loaded": True})
+
+
+async def hold_engine(request: web.Request) -> web.StreamResponse:
+    """POST /engine/hold (services/proxy/engine_hold.py): one JSON line once the requests
+    under way are done (`in_flight`: how many still go on after DRAIN_SECONDS), then held
+    until the caller closes the request."""
+    ctx = request.app[CTX]
+    if not hmac.compare_digest(request.headers.get(HEADER, ""), ctx.engine.key):
+        return error_response(403, "only the stack's own sync holds the engine's requests",
+                              "forbidden")
+    admission, drain = ctx.admission, ctx.settings.drain_seconds
+    log.info("engine config change: requests for the engine's models wait until it serves "
+             "it; %d under way get up to %gs (DRAIN_SECONDS)", admission.hold.under_way, drain)
+    async with admission.hold.held(drain) as left:
+        if left:
+            log.warning("engine config change: %d request(s) still under way after %gs "
+                        "(DRAIN_SECONDS); the engine's restart cuts them", left, drain)
+        resp = web.StreamResponse()
+        resp.content_type = "application/json"
+        await resp.prepare(request)
+        try:
+            await resp.write(json.dumps({"held": True, "in_flight": left}).encode() + b"\n")
+            await asyncio.sleep(LONGEST_HOLD)  # cancelled when the caller closes the request
+            log.warning("engine config change: the sync held requests for %gs; they go on",
+                        LONGEST_HOLD)
+        finally:
+            # the models the engine's reload stopped are cold before anyone goes on
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(admission.look(ctx.holder.catalog.entries), 5)
+            log.info("engine config change: requests go on")
+    return resp

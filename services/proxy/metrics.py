@@ -145,7 +145,8 @@ class Metrics:
         self.unloads = Counter("model_serve_unloads", "Models unloaded, by reason: ttl, "
                                "pressure, signal (with the OS signals that fired), "
                                "admission (the governor's), manual, crash (its process "
-                               "ended unasked), expired (Ollama's keep_alive)",
+                               "ended unasked), engine-reload (the engine stopped it to "
+                               "take up a new config), expired (Ollama's keep_alive)",
                                [*MODEL, "reason", "signal"], registry=reg)
         self.live = Live()
         reg.register(self.live)

@@ -1,6 +1,7 @@
 """A request's turn with its model, the same on every route: counted as a use (the governor
-never unloads a model in use), loaded through admission, queued behind the model's
-`max_concurrent` answers, and loaded again, once, when its process ended unnoticed."""
+never unloads a model in use), held while the engine takes up a config that stops its models
+(engine_hold.py), loaded through admission, queued behind the model's `max_concurrent`
+answers, and loaded again, once, when its process ended unnoticed."""
 
 from __future__ import annotations
 
@@ -33,16 +34,17 @@ async def with_model(request: web.Request, key: Key, entry: Entry | None, use_id
     in_flight = ctx.metrics.series(use_id, key[0]).in_flight
     in_flight.inc()
     try:
-        try:
-            return await _attempt(request, key, entry, use_id, answer)
-        except NotLoaded:
-            log.info("%s had left the engine; loading it again", key[1])
-            ctx.admission.forget(key)
-            ctx.metrics.unloaded(key, use_id, "crash", "it had left the engine")
-        try:
-            return await _attempt(request, key, entry, use_id, answer)
-        except NotLoaded as e:
-            return e.response
+        async with ctx.admission.gate(key):
+            try:
+                return await _attempt(request, key, entry, use_id, answer)
+            except NotLoaded:
+                log.info("%s had left the engine; loading it again", key[1])
+                ctx.admission.forget(key)
+                ctx.metrics.unloaded(key, use_id, "crash", "it had left the engine")
+            try:
+                return await _attempt(request, key, entry, use_id, answer)
+            except NotLoaded as e:
+                return e.response
     finally:
         ctx.usage.finish(use_id)
         in_flight.dec()

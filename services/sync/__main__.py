@@ -17,9 +17,9 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from services.sync.watch import Watcher
 from shared import logs
 from shared import settings as settings_mod
-from shared.engines import Engine, EngineError, make_engine
+from shared.engines import Engine, make_engine
 from shared.settings import Settings
-from shared.sync import held_before_reload, reload_engine, sync_all
+from shared.sync import sync_all
 
 log = logging.getLogger("model-serve.sync")
 RETRY_SECONDS = 5  # a sync that could not write STATE_DIR (a full disk) is tried again
@@ -43,7 +43,6 @@ def sync_once(settings: Settings, engine: Engine, retrying: bool = False) -> boo
     """False when it could not be done (STATE_DIR cannot be written): the caller tries
     again, so a change seen while the disk was full is synced once it is not."""
     started = time.monotonic()
-    held = held_before_reload(settings, engine)
     try:
         report, result = sync_all(settings, engine)
     except OSError as e:
@@ -54,18 +53,16 @@ def sync_once(settings: Settings, engine: Engine, retrying: bool = False) -> boo
         log.info("bridge: %s", line)
     for notice in result.catalog.notices:
         log.warning("%s", notice)
-    try:
-        reloaded = reload_engine(result, engine)
-    except EngineError as e:
-        log.error("engine config updated, but %s", e)
+    if result.reload_error:
+        log.error("engine config updated, but %s", result.reload_error)
         return True
-    if result.engine_changed and held:
-        log.warning("%s unloaded every loaded model on its config change: %s", engine.name,
-                    ", ".join(held))
+    if result.stopped:
+        log.warning("%s stopped every loaded model to take up its new config: %s",
+                    engine.name, ", ".join(result.stopped))
     log.info("synced in %.0f ms: %d models%s", (time.monotonic() - started) * 1000,
              len(result.catalog.entries),
              "" if not result.engine_changed else
-             ", engine reloaded" if reloaded else ", engine not running")
+             ", engine reloaded" if result.reloaded else ", engine not running")
     return True
 
 

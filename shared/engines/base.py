@@ -58,7 +58,8 @@ def section_name(model_id: str) -> str:
 
 class Engine(ABC):
     name: str
-    # whether a reload stops every loaded model, changed or not (a sync says so)
+    # whether a reload stops every loaded model, changed or not: the proxy holds requests
+    # for them while it takes up a new config (services/proxy/engine_hold.py)
     reload_unloads_all = False
     # what the engine gets when the service that started it dies without stopping it:
     # SIGTERM lets it stop the models it started
@@ -92,6 +93,13 @@ class Engine(ABC):
     def accepted(self, catalog: Catalog) -> list[Entry]:
         refused = self.refusals(catalog)
         return [entry for entry in served(catalog) if entry.id not in refused]
+
+    def config_changes(self, catalog: Catalog) -> bool:
+        """Whether write_config would change the file."""
+        try:
+            return self.config_path.read_text() != self.render(catalog)
+        except OSError:
+            return True
 
     def write_config(self, catalog: Catalog) -> bool:
         """Writes the config for the catalog; whether the file changed."""

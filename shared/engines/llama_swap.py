@@ -7,7 +7,7 @@ Written around how the real one (v250) behaves, as recorded in
   file and only logs why), so a model it would refuse is left out before the file is written;
 - `--watch-config` looks at the file's mtime and size every 2 s, and a reload stops every
   running model, changed or not (SIGTERM, then SIGKILL 30 s later: llama-server does not end
-  while it answers a non-streamed request);
+  while it answers a non-streamed request), so the sync asks the proxy to hold requests first;
 - it relays every header (the key in Authorization too) and the query string, so the models'
   own servers can require the key as the router's do;
 - past `concurrencyLimit` requests in flight to one model (10 unless set) it answers 429;
@@ -301,7 +301,7 @@ class LlamaSwap(Engine):
                      timeout: float = RELOAD_TIMEOUT) -> None:
         """llama-swap rereads the file by itself (--watch-config); this returns once it
         serves the new one (every model's stamp in /v1/models is the file's), so that a sync
-        says "reloaded" only when it is true."""
+        says "reloaded" only when it is true, and the proxy's held requests go on to it."""
         models = yaml.safe_load(self.config_path.read_text())["models"] or {}
         wanted = {mid: _stamp(model.get("metadata")) for mid, model in models.items()}
 
