@@ -10,8 +10,10 @@ from tests.harness import Stack, make_stack, start_ollama
 from tests.real_ollama import RealOllama
 
 
-def pytest_report_header() -> list[str]:
-    return [real_engines.which()]
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The real engines this run used, at its end: `make test` runs with -q, which hides the
+    header."""
+    terminalreporter.write_line(real_engines.which())
 
 
 @pytest.fixture

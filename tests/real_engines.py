@@ -35,7 +35,7 @@ ENGINES = {"llama-swap": ("REAL_LLAMA_SWAP", SHARED / "llama-swap"),
 
 
 def which() -> str:
-    """For pytest's header: the real engines this run uses."""
+    """The real engines this run uses, for the end of its output."""
     found = {name: find(name, setting, shipped)
              for name, (setting, shipped) in ENGINES.items()}
     return "real engines: " + "; ".join(
