@@ -1,6 +1,8 @@
 import json
 import logging
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import psutil
@@ -8,10 +10,10 @@ import yaml
 
 from services.engine.__main__ import stop_leftover
 from shared import catalog as catalog_mod
-from shared.engines import make_engine
+from shared.engines import choose, make_engine
 from shared.engines.base import section_name
 from shared.settings import load
-from tests.harness import wait
+from tests.harness import ROOT, wait
 from tests.preset_grammar import parse_preset
 from tests.real_engines import llama_swap_bin_dir
 
@@ -98,3 +100,22 @@ def test_an_engine_left_as_a_zombie_is_not_waited_for(tmp_path, caplog) -> None:
         stop_leftover(settings)
     assert "left running" not in caplog.text
     ended.wait()
+
+
+def test_model_commands_drive_the_engine_the_stack_chose(tmp_path, models_dir, config_dir,
+                                                         monkeypatch) -> None:
+    """The stack started from a shell with llama-swap on PATH (ENGINE=auto); `model sync`
+    later from one without it still writes llama-swap's config, not the router's."""
+    shell = {k: v for k, v in os.environ.items()
+             if not k.startswith(("MODEL", "LLAMA_SWAP", "ENGINE"))}
+    monkeypatch.setenv("PATH", f"{llama_swap_bin_dir(tmp_path)}{os.pathsep}{os.environ['PATH']}")
+    settings = _settings(tmp_path, models_dir, config_dir)
+    assert choose(settings) == "llama-swap"  # as `model start` records it
+    synced = subprocess.run(
+        [sys.executable, "-m", "services.cli", "sync"], cwd=ROOT, capture_output=True,
+        text=True, timeout=120,
+        env={**shell, "MODELS_DIR": str(models_dir), "STATE_DIR": str(settings.state_dir),
+             "CONFIG_DIR": str(config_dir), "MODEL_SERVE_ENV_FILE": str(tmp_path / "none")})
+    assert synced.returncode == 0, synced.stderr
+    assert (settings.state_dir / "llama-swap.yaml").is_file()
+    assert not (settings.state_dir / "presets.ini").exists()

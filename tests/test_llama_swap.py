@@ -281,18 +281,21 @@ def test_a_stream_under_way_when_a_new_model_appears_ends_whole(stack_factory, t
     assert http("POST", stack.url + "/models/load", {"model": SLOW})[0] == 200
     assert http("POST", stack.url + "/models/load", {"model": TINY})[0] == 200
     log = stack.root / "proxy.log"
-    with ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(3) as pool:
         stream = pool.submit(stream_chat, stack.url, SLOW, 800, ignore_eos=True)
         time.sleep(0.5)
         write_model(models_dir / "pub" / "new" / "new-F32.gguf", name="new", seed=5)
         wait(lambda: "requests for the engine's models wait" in log.read_text()
              or stream.done(), 60)
         held = pool.submit(http, "POST", stack.url + "/v1/chat/completions", chat(TINY))
+        # the new model itself, asked for while the config that brings it waits to be taken
+        # up: held too, not a 404
+        newcomer = pool.submit(http, "POST", stack.url + "/v1/chat/completions", chat(NEW))
         events = stream.result()  # without its [DONE] (cut short) this raises
         assert events[-1]["choices"][0]["finish_reason"] == "length"
         assert held.result()[0] == 200
-    status, body = http("POST", stack.url + "/v1/chat/completions", chat(NEW))
-    assert status == 200 and body["model"] == NEW
+        status, body = newcomer.result()
+        assert status == 200 and body["model"] == NEW
     metrics = http("GET", stack.url + "/metrics")[1].replace('backend="engine",', "")
     assert f'model="{SLOW}",reason="engine-reload"' in metrics
     assert 'reason="crash"' not in metrics

@@ -30,6 +30,7 @@ from services.cli.common import load_settings, tail
 from services.runner import client, config, members
 from services.runner.listener import RETRY_FATAL, exits_file
 from shared.engine_key import new_key
+from shared.engines import choose
 from shared.files import write_atomic, write_if_changed
 from shared.settings import INSTANCE_ENV, Settings
 
@@ -143,7 +144,8 @@ def supervise() -> None:
     write_atomic(instance_file(settings), json.dumps({
         "instance": instance, "pid": os.getpid(), "started": psutil.Process().create_time()}))
     env = {**os.environ, INSTANCE_ENV: instance, "PYTHONUNBUFFERED": "1",
-           "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
+           "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "ENGINE": choose(settings)}
     os.execve(sys.executable, [sys.executable, "-m", "services.runner.supervisord", "-c",
                                str(config.conf_path(settings))], env)
 

@@ -32,6 +32,12 @@ class Hold:
     def under_way(self) -> int:
         return self._inside
 
+    async def until_open(self) -> None:
+        """Until no hold is on; a hold ends when its sync closes it, within LONGEST_HOLD."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LONGEST_HOLD):
+                await self._open.wait()
+
     @contextlib.asynccontextmanager
     async def passage(self):
         """Around all a request does with an engine model: its load, its wait in the model's

@@ -125,6 +125,19 @@ def unable(ctx: Context, route: Route, entry: Entry, name: str,
     return None
 
 
+async def find(ctx: Context, name: str) -> Entry | None:
+    """The catalog's entry for `name`. While the engine takes up a new config (the hold), a
+    name not known yet may be one that config brings (a GGUF just added): asked again once
+    the hold ends, rather than answered 404 while older streams finish (Ollama's own models
+    do not wait)."""
+    entry = await ctx.holder.resolve(name)
+    if entry is None and ctx.admission.hold.holding and \
+            await ctx.ollama_models.lookup(name) is None:
+        await ctx.admission.hold.until_open()
+        entry = await ctx.holder.resolve(name)
+    return entry
+
+
 async def forward(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX]
     route = routes.of(request)
@@ -132,7 +145,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
     if isinstance(asked, web.Response):
         return asked
     name = asked.name
-    entry = await ctx.holder.resolve(name)
+    entry = await find(ctx, name)
     target = ollama_target(ctx.settings, entry, request.path) if entry else None
     if entry is None:
         target = await ctx.ollama_models.lookup(name)

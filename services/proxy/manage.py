@@ -18,7 +18,7 @@ from aiohttp import web
 from services.proxy import request_body
 from services.proxy.context import CTX, Context
 from services.proxy.engine_hold import LONGEST_HOLD
-from services.proxy.forward import forward, not_found
+from services.proxy.forward import find, forward, not_found
 from services.proxy.governor_client import governor_health
 from services.proxy.metrics import unload_reason
 from shared.catalog import Entry
@@ -157,7 +157,7 @@ async def _requested(request: web.Request) -> tuple[Entry | None, str | None, di
     name = body.get("model")
     if not isinstance(name, str) or not name:
         return error_response(400, 'expected a JSON body {"model": "<id>"}', "missing_model")
-    entry = await ctx.holder.resolve(name)
+    entry = await find(ctx, name)
     ollama_name = entry.ollama if entry else await ctx.ollama_models.lookup(name)
     if entry is None and ollama_name is None:
         return not_found(ctx.holder.catalog, name)

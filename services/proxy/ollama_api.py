@@ -16,7 +16,7 @@ from aiohttp import web
 
 from services.proxy import manage, metrics, ollama_engine, request_body, routes, upstream
 from services.proxy.context import CTX, Context
-from services.proxy.forward import ollama_target, unable
+from services.proxy.forward import find, ollama_target, unable
 from services.proxy.model_turn import with_model
 from services.proxy.ollama_convert import keep_alive_zero
 from services.proxy.ollama_routes import fixed_context
@@ -66,7 +66,7 @@ async def _named(request: web.Request) -> tuple[dict, Entry | None] | web.Respon
         payload["model"] = payload.get("name")
     if not isinstance(payload["model"], str) or not payload["model"]:
         return error(400, "model is required")
-    return payload, await request.app[CTX].holder.resolve(payload["model"])
+    return payload, await find(request.app[CTX], payload["model"])
 
 
 def _ollama_down(ctx: Context) -> web.Response:
