@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from services.proxy.events import BACKLOG, Events
+from services.proxy.manage.events import BACKLOG, Events
 from tests.browser import Chromium, Page
 from tests.harness import http
 from tests.streams import chat

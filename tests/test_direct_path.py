@@ -13,10 +13,10 @@ from types import SimpleNamespace
 
 import psutil
 
-from services.proxy.admission import Admission
-from services.proxy.events import Events
-from services.proxy.metrics import Metrics
-from services.proxy.state import Usage
+from services.proxy.manage.events import Events
+from services.proxy.manage.metrics import Metrics
+from services.proxy.models.admission import Admission
+from services.proxy.models.usage import Usage
 from shared import settings as settings_mod
 from shared.catalog import Catalog
 from shared.engines.base import Running, section_name

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from services.proxy.harmony_decode import HarmonyDecoder
+from services.proxy.harmony.decode import HarmonyDecoder
 from tests.harmony_completions import analysis, call, completion, final, preamble, special
 
 

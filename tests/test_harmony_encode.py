@@ -13,7 +13,7 @@ from openai_harmony import (
     ToolDescription,
 )
 
-from services.proxy.harmony_encode import RequestError, prompt_tokens
+from services.proxy.harmony.encode import RequestError, prompt_tokens
 from shared.harmony_encoding import check_vocabulary, encoding
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}},

@@ -12,7 +12,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from services.proxy.harmony_encode import prompt_tokens
+from services.proxy.harmony.encode import prompt_tokens
 from tests.harmony_completions import analysis, completion, final, special
 from tests.harness import ROOT
 from tests.real_engines import llama_swap_bin_dir

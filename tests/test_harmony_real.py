@@ -11,7 +11,7 @@ import json
 import openai
 import pytest
 
-from services.proxy.harmony_constraints import CALL, ENDOFTEXT, RETURN
+from services.proxy.harmony.constraints import CALL, ENDOFTEXT, RETURN
 from tests.harmony_completions import analysis, call, completion, final, preamble, special
 from tests.harness import http
 from tests.tiny_gptoss import cached_model, chat_template

@@ -13,7 +13,7 @@ from http.client import HTTPConnection
 import aiohttp
 import pytest
 
-from services.proxy.limits import Limits, QueueFull
+from services.proxy.models.limits import Limits, QueueFull
 from shared.tiny_gguf import write_model
 from tests.harness import http, wait
 from tests.streams import chat

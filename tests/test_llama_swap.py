@@ -16,7 +16,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from services.proxy.engine_hold import Hold
+from services.proxy.models.engine_hold import Hold
 from shared import settings as settings_mod
 from shared.catalog import Catalog, Entry
 from shared.engines import EngineError

@@ -8,8 +8,8 @@ from http.client import HTTPConnection
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.proxy.events import Events
-from services.proxy.metrics import Metrics, Turn
+from services.proxy.manage.events import Events
+from services.proxy.manage.metrics import Metrics, Turn
 from tests.harness import http, wait
 from tests.streams import chat, stream_chat
 from tests.test_direct_path import model_process

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from services.proxy.ollama_chat import ChatStream, chat_response
+from services.proxy.ollama.chat import ChatStream, chat_response
 from shared.os_memory import memory_of_ollama_runners
 from shared.tiny_gguf import write_model
 from tests import tiny_gptoss

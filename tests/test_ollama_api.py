@@ -14,7 +14,7 @@ from pathlib import Path
 import ollama
 import pytest
 
-from services.proxy.ollama_convert import Answer, Stats, Stream, chat_body
+from services.proxy.ollama.convert import Answer, Stats, Stream, chat_body
 from shared.catalog import Entry
 from shared.tiny_gguf import write_model
 from tests.harness import free_port, http, wait

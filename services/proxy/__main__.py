@@ -7,8 +7,8 @@ import resource
 
 from aiohttp import web
 
-from services.proxy import parse_errors
 from services.proxy.app import make_app
+from services.proxy.http import parse_errors
 from shared import logs
 from shared import settings as settings_mod
 

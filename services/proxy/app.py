@@ -11,16 +11,19 @@ import time
 import aiohttp
 from aiohttp import web
 
-from services.proxy import forward, home, info, manage, metrics, ollama_api, routes
-from services.proxy.admission import Admission
-from services.proxy.browser_guard import browser_guard, cors_headers
 from services.proxy.context import CTX, Context
-from services.proxy.error_shapes import error_shapes
-from services.proxy.events import Events
-from services.proxy.limits import Limits
-from services.proxy.metrics import Metrics
-from services.proxy.ollama_routes import OllamaModels
-from services.proxy.state import Usage
+from services.proxy.http.browser_guard import browser_guard, cors_headers
+from services.proxy.http.error_shapes import error_shapes
+from services.proxy.manage import home, info, metrics
+from services.proxy.manage import models as manage
+from services.proxy.manage.events import Events
+from services.proxy.manage.metrics import Metrics
+from services.proxy.models.admission import Admission
+from services.proxy.models.limits import Limits
+from services.proxy.models.usage import Usage
+from services.proxy.ollama import api as ollama_api
+from services.proxy.ollama.routes import OllamaModels
+from services.proxy.serve import forward, routes
 from shared import harmony_encoding
 from shared.catalog_holder import CatalogHolder
 from shared.engines import Engine, make_engine

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from services.proxy.admission import Admission
-from services.proxy.limits import Limits
-from services.proxy.metrics import Metrics
-from services.proxy.ollama_routes import OllamaModels
-from services.proxy.state import Usage
+from services.proxy.manage.metrics import Metrics
+from services.proxy.models.admission import Admission
+from services.proxy.models.limits import Limits
+from services.proxy.models.usage import Usage
+from services.proxy.ollama.routes import OllamaModels
 from shared.catalog_holder import CatalogHolder
 from shared.engines import Engine
 from shared.ollama import Ollama

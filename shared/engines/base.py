@@ -59,7 +59,7 @@ def section_name(model_id: str) -> str:
 class Engine(ABC):
     name: str
     # whether a reload stops every loaded model, changed or not: the proxy holds requests
-    # for them while it takes up a new config (services/proxy/engine_hold.py)
+    # for them while it takes up a new config (services/proxy/models/engine_hold.py)
     reload_unloads_all = False
     # what the engine gets when the service that started it dies without stopping it:
     # SIGTERM lets it stop the models it started

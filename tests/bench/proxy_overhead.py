@@ -18,8 +18,8 @@ from pathlib import Path
 import aiohttp
 import psutil
 
-from services.proxy.events import Events
-from services.proxy.metrics import Metrics
+from services.proxy.manage.events import Events
+from services.proxy.manage.metrics import Metrics
 from shared.engines.base import section_name
 from shared.tiny_gguf import write_model
 from tests.harness import make_stack

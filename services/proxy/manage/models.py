@@ -15,12 +15,12 @@ import time
 import aiohttp
 from aiohttp import web
 
-from services.proxy import request_body
 from services.proxy.context import CTX, Context
-from services.proxy.engine_hold import LONGEST_HOLD
-from services.proxy.forward import find, forward, not_found
-from services.proxy.governor_client import governor_health
-from services.proxy.metrics import unload_reason
+from services.proxy.http import request_body
+from services.proxy.manage.governor_client import governor_health
+from services.proxy.manage.metrics import unload_reason
+from services.proxy.models.engine_hold import LONGEST_HOLD
+from services.proxy.serve.forward import find, forward, not_found
 from shared.catalog import Entry
 from shared.engine_key import HEADER
 from shared.engines import EngineError
@@ -246,7 +246,7 @@ async def load(request: web.Request) -> web.Response:
 
 
 async def hold_engine(request: web.Request) -> web.StreamResponse:
-    """POST /engine/hold (services/proxy/engine_hold.py): one JSON line once the requests
+    """POST /engine/hold (services/proxy/models/engine_hold.py): one JSON line once the requests
     under way are done (`in_flight`: how many still go on after DRAIN_SECONDS), then held
     until the caller closes the request."""
     ctx = request.app[CTX]

@@ -14,14 +14,18 @@ import logging
 import aiohttp
 from aiohttp import web
 
-from services.proxy import manage, metrics, ollama_engine, request_body, routes, upstream
 from services.proxy.context import CTX, Context
-from services.proxy.forward import find, ollama_target, unable
-from services.proxy.model_turn import with_model
-from services.proxy.ollama_convert import keep_alive_zero
-from services.proxy.ollama_routes import fixed_context
-from services.proxy.ollama_show import file_facts, header_kv, ps_row, show, tag
-from services.proxy.relay import ModelRenamer
+from services.proxy.http import request_body
+from services.proxy.manage import metrics
+from services.proxy.manage import models as manage
+from services.proxy.models.model_turn import with_model
+from services.proxy.ollama import engine as ollama_engine
+from services.proxy.ollama.convert import keep_alive_zero
+from services.proxy.ollama.routes import fixed_context
+from services.proxy.ollama.show import file_facts, header_kv, ps_row, show, tag
+from services.proxy.serve import routes, upstream
+from services.proxy.serve.forward import find, ollama_target, unable
+from services.proxy.serve.relay import ModelRenamer
 from shared.catalog import Entry
 from shared.ollama import OllamaError, OllamaUnavailable, context, keep_alive
 

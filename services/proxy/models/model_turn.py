@@ -12,11 +12,11 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from services.proxy import metrics
 from services.proxy.context import CTX, Context
-from services.proxy.engine_errors import NotLoaded
-from services.proxy.limits import QueueFull
-from services.proxy.stalled_readers import watched
+from services.proxy.manage import metrics
+from services.proxy.models.limits import QueueFull
+from services.proxy.models.stalled_readers import watched
+from services.proxy.serve.engine_errors import NotLoaded
 from shared.catalog import Entry
 from shared.errors import error_response
 from shared.loading import Key

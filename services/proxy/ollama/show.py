@@ -10,7 +10,7 @@ import os
 import re
 from datetime import UTC, datetime
 
-from services.proxy.ollama_chat import preset_options
+from services.proxy.ollama.chat import preset_options
 from shared.catalog import Entry
 from shared.gguf_header import GGUFError, _Cursor
 from shared.model_kinds import GENERATE, kind

@@ -9,9 +9,9 @@ import json
 import aiohttp
 from aiohttp import web
 
-from services.proxy.engine_errors import reason
-from services.proxy.relay import ModelRenamer, relay, whole
-from services.proxy.routes import Route
+from services.proxy.serve.engine_errors import reason
+from services.proxy.serve.relay import ModelRenamer, relay, whole
+from services.proxy.serve.routes import Route
 from shared.errors import error_response
 from shared.ollama import Ollama
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from services.proxy import events
 from services.proxy.context import CTX
+from services.proxy.manage import events
 from shared.errors import error_response
 
 FILES = Path(__file__).with_name("dashboard")

@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from services.proxy import anthropic_errors
-from services.proxy.routes import ANTHROPIC_PATHS
+from services.proxy.apis import anthropic_errors
+from services.proxy.serve.routes import ANTHROPIC_PATHS
 
 
 def ollama_body(status: int, message: str) -> dict:

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from services.proxy.events import Events
+from services.proxy.manage.events import Events
 from shared.loading import Key, LoadError
 
 # a `*_created` series per counter and histogram only says when the proxy started counting,

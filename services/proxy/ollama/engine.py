@@ -13,11 +13,9 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from services.proxy import upstream
 from services.proxy.context import CTX, Context
-from services.proxy.engine_errors import engine_error
-from services.proxy.model_turn import with_model
-from services.proxy.ollama_convert import (
+from services.proxy.models.model_turn import with_model
+from services.proxy.ollama.convert import (
     Answer,
     BadRequest,
     Stats,
@@ -28,6 +26,8 @@ from services.proxy.ollama_convert import (
     keep_alive_zero,
     line,
 )
+from services.proxy.serve import upstream
+from services.proxy.serve.engine_errors import engine_error
 from shared.catalog import Entry
 from shared.engines import EngineError
 from shared.errors import error_response

@@ -8,7 +8,8 @@ import time
 
 from aiohttp import web
 
-from services.proxy import metrics, ollama_chat
+from services.proxy.manage import metrics
+from services.proxy.ollama import chat as ollama_chat
 from shared.catalog import Entry
 from shared.errors import error_response, stream_error
 from shared.ollama import Ollama, OllamaError, OllamaUnavailable

@@ -10,7 +10,7 @@ import aiohttp
 from aiohttp import web
 
 from services.proxy.context import CTX, Context
-from services.proxy.governor_client import governor_health
+from services.proxy.manage.governor_client import governor_health
 from shared.disk import state_dir_problem
 from shared.ollama import OllamaError, OllamaUnavailable
 from shared.settings import INSTANCE_ENV

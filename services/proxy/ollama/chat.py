@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import secrets
 
-from services.proxy.openai_shapes import Completion
+from services.proxy.apis.openai_shapes import Completion
 from shared.catalog import Entry
 from shared.ollama import context, keep_alive
 

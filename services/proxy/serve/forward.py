@@ -9,19 +9,16 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from services.proxy import (
-    harmony_route,
-    ollama_passthrough,
-    ollama_routes,
-    request_body,
-    routes,
-    upstream,
-)
 from services.proxy.context import CTX, Context
-from services.proxy.engine_errors import engine_error
-from services.proxy.model_turn import with_model
-from services.proxy.relay import MessageStart, ModelRenamer, ResponsesIndexes, relay, whole
-from services.proxy.routes import ANTHROPIC, FORM, QUERY, Route
+from services.proxy.harmony import route as harmony_route
+from services.proxy.http import request_body
+from services.proxy.models.model_turn import with_model
+from services.proxy.ollama import passthrough as ollama_passthrough
+from services.proxy.ollama import routes as ollama_routes
+from services.proxy.serve import routes, upstream
+from services.proxy.serve.engine_errors import engine_error
+from services.proxy.serve.relay import MessageStart, ModelRenamer, ResponsesIndexes, relay, whole
+from services.proxy.serve.routes import ANTHROPIC, FORM, QUERY, Route
 from shared.catalog import Catalog, Entry
 from shared.errors import error_response
 from shared.model_kinds import EMBEDDING, RERANK, kind

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.proxy.harmony_encode import RequestError
+from services.proxy.harmony.encode import RequestError
 from shared.harmony_encoding import encoding
 
 RETURN, CALL, ENDOFTEXT = 200002, 200012, 199999

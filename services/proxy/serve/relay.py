@@ -15,8 +15,10 @@ from typing import Protocol
 import aiohttp
 from aiohttp import web
 
-from services.proxy import anthropic_errors, metrics, upstream
-from services.proxy.routes import ANTHROPIC, Route
+from services.proxy.apis import anthropic_errors
+from services.proxy.manage import metrics
+from services.proxy.serve import upstream
+from services.proxy.serve.routes import ANTHROPIC, Route
 from shared.errors import stream_error
 
 log = logging.getLogger("model-serve.proxy")

@@ -13,10 +13,10 @@ import time
 import aiohttp
 from aiohttp import web
 
-from services.proxy.engine_hold import Hold
-from services.proxy.governor_client import governor_health
-from services.proxy.metrics import Metrics
-from services.proxy.state import Usage
+from services.proxy.manage.governor_client import governor_health
+from services.proxy.manage.metrics import Metrics
+from services.proxy.models.engine_hold import Hold
+from services.proxy.models.usage import Usage
 from shared import loading
 from shared.catalog import Catalog, Entry
 from shared.engines import Engine, EngineError

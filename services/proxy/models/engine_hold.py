@@ -1,5 +1,5 @@
 """Requests held while the engine takes up a config that stops every model it runs
-(llama-swap's reload does): the sync asks for the hold (POST /engine/hold, manage.py) before
+(llama-swap's reload does): the sync asks for the hold (POST /engine/hold, manage/models.py) before
 it writes the config. New requests for the engine's models wait; those under way get
 DRAIN_SECONDS to finish, as on a proxy restart. The hold lasts while the sync keeps that
 request open: it writes the config, waits until the engine serves it, and closes the request

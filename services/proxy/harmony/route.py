@@ -9,10 +9,9 @@ import json
 import aiohttp
 from aiohttp import web
 
-from services.proxy import upstream
+from services.proxy.apis.openai_shapes import Completion
 from services.proxy.context import CTX
-from services.proxy.engine_errors import engine_error
-from services.proxy.harmony_constraints import (
+from services.proxy.harmony.constraints import (
     CALL,
     Constraints,
     call_of,
@@ -20,9 +19,10 @@ from services.proxy.harmony_constraints import (
     constraints,
     logit_bias,
 )
-from services.proxy.harmony_decode import HarmonyDecoder
-from services.proxy.harmony_encode import RequestError, prompt_tokens
-from services.proxy.openai_shapes import Completion
+from services.proxy.harmony.decode import HarmonyDecoder
+from services.proxy.harmony.encode import RequestError, prompt_tokens
+from services.proxy.serve import upstream
+from services.proxy.serve.engine_errors import engine_error
 from shared.catalog import Entry
 from shared.errors import error_response, stream_error
 
