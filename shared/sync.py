@@ -24,6 +24,16 @@ from shared.settings import Settings
 from shared.tiny_gguf import write_model
 
 log = logging.getLogger("model-serve.sync")
+ENGINE_TIMEOUT = 30.0  # for the whole of a sync's talk with the engine and the proxy
+
+
+@dataclass
+class Reload:
+    """What came of bringing the engine to the config on disk."""
+    done: bool = False  # a running engine serves it
+    error: str = ""  # why a running engine did not take it up ("": none is running)
+    # the loaded models the engine's reload stopped (llama-swap's stops every one)
+    stopped: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -31,16 +41,21 @@ class SyncResult:
     catalog: Catalog
     catalog_changed: bool = False
     engine_changed: bool = False
-    reloaded: bool = False  # a running engine serves the new config
-    # the loaded models the engine's reload stopped (llama-swap's stops every one)
-    stopped: list[str] = field(default_factory=list)
-    reload_error: str = ""  # the engine answers, but did not take the new config up
+    reload: Reload | None = None  # None: the engine serves the config, nothing was due
 
 
 def sync_lock(settings: Settings) -> AbstractContextManager[None]:
     """Held by whatever writes the bridge's record, ids.json, catalog.json or the engine
     config, so two syncs at once (the sync service and `model pull`) lose nothing."""
     return locked(settings.state_dir / "sync.lock")
+
+
+def reload_marker(settings: Settings) -> Path:
+    """Present while the engine has not taken up the config written for it (its reload
+    failed, or none was running): the config on disk then no longer differs from the catalog,
+    so without it no later sync would reload the engine. A file, so that `model sync` and a
+    restarted sync service see it too."""
+    return settings.state_dir / "engine-reload-due"
 
 
 def demo_root(settings: Settings) -> Path:
@@ -118,21 +133,61 @@ def sync_all(settings: Settings, engine: Engine) -> tuple[SyncReport | None, Syn
         return report, asyncio.run(_take_up(settings, engine, catalog))
 
 
+def reload_if_due(settings: Settings, engine: Engine) -> Reload | None:
+    """The reload of a config the engine has not taken up yet, tried again; None when none
+    is due (another sync, `model sync`, has done it meanwhile). Blocking."""
+    with sync_lock(settings):
+        if not reload_marker(settings).exists():
+            return None
+        return asyncio.run(_reload_alone(settings, engine))
+
+
+async def _reload_alone(settings: Settings, engine: Engine) -> Reload:
+    async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=ENGINE_TIMEOUT)) as session:
+        return await _reload(settings, engine, session, [])
+
+
 async def _take_up(settings: Settings, engine: Engine, catalog: Catalog) -> SyncResult:
+    marker = reload_marker(settings)
     async with (
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=ENGINE_TIMEOUT)) as session,
         _held(settings, engine, catalog, session) as loaded,
     ):
+        if engine.config_changes(catalog):
+            marker.touch()  # before the config: a sync that dies between them still reloads
         result = _write(settings, engine, catalog)
-        if result.engine_changed:
-            try:
-                await engine.reload(session)
-                result.reloaded, result.stopped = True, loaded
-            except aiohttp.ClientConnectionError:
-                pass  # not running: it reads the config when it starts
-            except EngineError as e:
-                result.reload_error = str(e)
+        if marker.exists():
+            result.reload = await _reload(settings, engine, session,
+                                          loaded if result.engine_changed else [])
         return result
+
+
+async def _reload(settings: Settings, engine: Engine, session: aiohttp.ClientSession,
+                  loaded: list[str]) -> Reload:
+    """The marker stays unless the engine took the config up. One that is not running
+    reads the config when it starts, but it may be starting with the one before: its
+    reload is tried again too, which does no harm."""
+    try:
+        await engine.reload(session)
+    except aiohttp.ClientConnectorError:
+        return Reload()
+    # TimeoutError: one that accepts and never answers; ValueError: a reply that is not JSON
+    except (aiohttp.ClientError, EngineError, TimeoutError, ValueError) as e:
+        return Reload(error=_failure(engine, e))
+    reload_marker(settings).unlink(missing_ok=True)
+    return Reload(done=True, stopped=loaded)
+
+
+def _failure(engine: Engine, e: Exception) -> str:
+    if isinstance(e, EngineError):
+        return str(e)
+    where = f"{engine.name} at {engine.url}"
+    if isinstance(e, TimeoutError):
+        return f"{where} did not answer within {ENGINE_TIMEOUT:.0f} s"
+    if isinstance(e, ValueError):
+        return f"{where} answered what is not JSON ({e})"
+    return f"{where}: {str(e) or type(e).__name__}"
 
 
 @contextlib.asynccontextmanager

@@ -18,25 +18,28 @@ def run_sync() -> None:
     for notice in result.catalog.notices:
         click.echo(f"note: {notice}", err=True)
 
-    n = len(result.catalog.entries)
-    if not result.engine_changed:
-        click.echo(f"{n} models; engine config unchanged")
+    said = f"{len(result.catalog.entries)} models; engine config " + \
+        ("updated" if result.engine_changed else "unchanged")
+    reload = result.reload
+    if reload is None:
+        click.echo(said)
         return
-    if result.reload_error:
-        raise click.ClickException(f"{n} models; engine config updated, but "
-                                   f"{result.reload_error}")
-    if result.stopped:
+    if reload.error:
+        raise click.ClickException(f"{said}, but the engine did not take it up: its reload "
+                                   f"failed: {reload.error} (the next sync tries again)")
+    if reload.stopped:
         click.echo(f"note: {engine.name} stopped every loaded model to take up its new config: "
-                   f"{', '.join(result.stopped)} (each loads again on its next request)",
+                   f"{', '.join(reload.stopped)} (each loads again on its next request)",
                    err=True)
-    if result.reloaded:
-        click.echo(f"{n} models; engine config updated and reloaded")
+    if reload.done:
+        # unchanged: an earlier sync wrote it, and the engine had not taken it up
+        click.echo(f"{said} and reloaded")
     else:
-        click.echo(f"{n} models; engine config updated (engine not running, it reads it on start)")
+        click.echo(f"{said} (engine not running, it reads it on start)")
 
 
 @click.command()
 def sync() -> None:
     """Link Ollama's models, rescan models and custom_models.yaml, and reload the engine if
-    its config changed."""
+    its config changed or it has not taken up the last one."""
     run_sync()
