@@ -50,12 +50,16 @@ class ProxyClient:
         return await self._call("GET", "/events")
 
     async def unload(self, model: str, force: bool = False, backend: str | None = None,
-                     reason: str | None = None, detail: str = "", signal: str = "") -> dict:
+                     reason: str | None = None, detail: str = "", signal: str = "",
+                     idle_at_least: float | None = None) -> dict:
         """`reason`: the governor's cause, which it logs itself; the proxy takes it (and
         `detail` and `signal`, the OS signals that fired, for the metrics and the dashboard's
-        events) only with the stack key, and logs any other unload as a client's request."""
+        events) only with the stack key, and logs any other unload as a client's request.
+        `idle_at_least`: the proxy refuses (409) when the model was used more recently than
+        that, since the decision was made on an older reading."""
         body = {"model": model, "force": force, **({"backend": backend} if backend else {}),
-                **({"reason": reason, "detail": detail, "signal": signal} if reason else {})}
+                **({"reason": reason, "detail": detail, "signal": signal} if reason else {}),
+                **({"idle_at_least": idle_at_least} if idle_at_least is not None else {})}
         return await self._call("POST", "/models/unload", body)
 
     async def load(self, model: str) -> dict:

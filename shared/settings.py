@@ -14,7 +14,7 @@ ENV_KEYS = (
     "ALLOWED_HOSTS", "API_KEY", "BRIDGE_SYNC_INTERVAL", "CONFIG_DIR", "CORS_ORIGINS",
     "DEFAULT_CTX_SIZE", "DEFAULT_PARALLEL", "DEMO_MODEL", "DRAIN_SECONDS",
     "EMBEDDINGS_TO_OLLAMA", "ENGINE", "GOVERNOR_PORT", "HARMONY_PROXY_PORT", "LISTEN_HOST",
-    "LLAMA_SERVER", "LLAMA_SWAP_PORT", "MAX_BODY_BYTES", "MAX_MESSAGES", "MAX_QUEUE",
+    "LLAMA_SERVER", "LLAMA_SWAP_PORT", "LOAD_WAIT", "MAX_BODY_BYTES", "MAX_MESSAGES", "MAX_QUEUE",
     "MEMORY_ADMISSION",
     "MEMORY_PRESSURE_THRESHOLD", "MEMORY_SIMULATION_FILE", "MIN_MODEL_AGE_SECONDS",
     "MODELS_DIR", "MODEL_PREFIX", "MODEL_SERVE_ENV_FILE", "MODEL_TTL", "OLLAMA_BASE",
@@ -60,6 +60,7 @@ class Settings:
     pressure_threshold: float
     pressure_interval: float
     min_model_age: float
+    load_wait: float  # seconds a load may wait for room before it is refused
     memory_admission: bool
     governor_port: int
     memory_simulation: Path | None
@@ -234,6 +235,7 @@ def load(environ: dict[str, str] | None = None, env_file: Path | None = None) ->
         pressure_threshold=threshold,
         pressure_interval=max(0.1, _number(env, "PRESSURE_CHECK_INTERVAL", 2.0)),
         min_model_age=_number(env, "MIN_MODEL_AGE_SECONDS", 5.0),
+        load_wait=max(0.0, _number(env, "LOAD_WAIT", 300.0)),
         memory_admission=_bool(env, "MEMORY_ADMISSION", True),
         governor_port=ports["GOVERNOR_PORT"],
         memory_simulation=Path(simulation) if simulation else None,

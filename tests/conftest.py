@@ -9,6 +9,8 @@ from tests import real_engines
 from tests.harness import Stack, make_stack, start_ollama
 from tests.real_ollama import RealOllama
 
+pytest_plugins = ["tests.governed"]
+
 
 def pytest_terminal_summary(terminalreporter) -> None:
     """The real engines this run used, at its end: `make test` runs with -q, which hides the

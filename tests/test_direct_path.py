@@ -15,10 +15,10 @@ import psutil
 
 from services.proxy.manage.events import Events
 from services.proxy.manage.metrics import Metrics
-from services.proxy.models.admission import Admission
+from services.proxy.models.owner import Owner
 from services.proxy.models.usage import Usage
 from shared import settings as settings_mod
-from shared.catalog import Catalog
+from shared.catalog import Catalog, Entry
 from shared.engines.base import Running, section_name
 from shared.tiny_gguf import write_model
 from tests.harness import http, wait
@@ -105,15 +105,23 @@ def test_a_model_that_left_at_its_ttl_answers_the_next_request(stack_factory,
 
 
 class LateEngine:
-    """An engine whose answer to "what is loaded" arrives when the test lets it."""
+    """An engine whose first answer to "what is loaded" arrives when the test lets it; later
+    ones say nothing is (the model has been unloaded)."""
+
+    starts_on_request = False
 
     def __init__(self) -> None:
         self.asked, self.answer = asyncio.Event(), asyncio.Event()
 
     async def running(self, session, catalog) -> dict[str, Running]:
+        if self.asked.is_set():
+            return {}
         self.asked.set()
         await self.answer.wait()
         return {TINY: Running("loaded", 1234)}
+
+    async def unload(self, session, entry) -> None:
+        pass
 
 
 def test_a_look_at_the_engine_from_before_an_unload_does_not_warm_the_model_again(
@@ -121,19 +129,18 @@ def test_a_look_at_the_engine_from_before_an_unload_does_not_warm_the_model_agai
     async def go() -> None:
         engine = LateEngine()
         settings = settings_mod.load({"STATE_DIR": str(tmp_path)}, env_file=tmp_path / "no")
-        admission = Admission(settings, engine, None, None, Usage(), Metrics(Events()))
+        entry = Entry(id=TINY, path="tiny.gguf")
+        holder = SimpleNamespace(catalog=Catalog({TINY: entry}), refresh=lambda: False)
+        owner = Owner(settings, engine, None, None, Usage(), Metrics(Events()), holder)
         key = ("engine", TINY)
-        admission.warm.add(key)
-        admission.direct[TINY] = "http://127.0.0.1:1234"
-        holder = SimpleNamespace(catalog=Catalog({}))
-        look = asyncio.create_task(admission.follow(holder, interval=0))
+        life = owner.life(key, TINY)
+        life.state, life.entry, life.address = "warm", entry, "http://127.0.0.1:1234"
+        look = asyncio.create_task(owner.look())
         await engine.asked.wait()  # the look has begun, the model still loaded
-        async with admission.unloading(key):
-            pass
+        assert await owner.unload(key, TINY, "manual") is None
         engine.answer.set()  # and it says so, after the unload
-        await asyncio.sleep(0.05)
-        look.cancel()
-        # its next request loads it again (through admission), not straight to a dead server
-        assert key not in admission.warm and TINY not in admission.direct
+        await look
+        # its next request loads it again (through the owner), not straight to a dead server
+        assert not owner.warm(key) and owner.address(TINY) is None
 
     asyncio.run(go())

@@ -18,8 +18,9 @@ from services.proxy.manage import home, info, metrics
 from services.proxy.manage import models as manage
 from services.proxy.manage.events import Events
 from services.proxy.manage.metrics import Metrics
-from services.proxy.models.admission import Admission
+from services.proxy.models import measure
 from services.proxy.models.limits import Limits
+from services.proxy.models.owner import Owner
 from services.proxy.models.usage import Usage
 from services.proxy.ollama import api as ollama_api
 from services.proxy.ollama.routes import OllamaModels
@@ -188,12 +189,17 @@ def make_app(settings: Settings, engine: Engine | None = None) -> web.Applicatio
                 log.error("Harmony unavailable, GPT-OSS models will fail: %s", e)
             ollama = Ollama(settings.ollama_base, ollama_session)
             usage, meters = Usage(), Metrics(events)
-            admission = Admission(settings, engine, session, ollama, usage, meters)
-            app[CTX] = Context(settings, engine, holder, usage, session, ollama,
-                               OllamaModels(ollama), admission, Limits(settings.max_queue),
-                               meters)
-            tasks = [asyncio.create_task(holder.follow()),
-                     asyncio.create_task(admission.follow(holder))]
+            owner = Owner(settings, engine, session, ollama, usage, meters, holder)
+            ctx = app[CTX] = Context(settings, engine, holder, usage, session, ollama,
+                                     OllamaModels(ollama), owner, Limits(settings.max_queue),
+                                     meters)
+
+            async def rows() -> list[dict]:
+                return (await measure.running_models(ctx))[0]
+
+            owner.measure = rows
+            tasks = [asyncio.create_task(holder.follow()), asyncio.create_task(owner.follow()),
+                     asyncio.create_task(owner.run())]
             yield
             for task in tasks:
                 task.cancel()

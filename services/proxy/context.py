@@ -8,8 +8,8 @@ import aiohttp
 from aiohttp import web
 
 from services.proxy.manage.metrics import Metrics
-from services.proxy.models.admission import Admission
 from services.proxy.models.limits import Limits
+from services.proxy.models.owner import Owner
 from services.proxy.models.usage import Usage
 from services.proxy.ollama.routes import OllamaModels
 from shared.catalog_holder import CatalogHolder
@@ -27,7 +27,7 @@ class Context:
     session: aiohttp.ClientSession
     ollama: Ollama
     ollama_models: OllamaModels
-    admission: Admission
+    owner: Owner
     limits: Limits
     metrics: Metrics
 

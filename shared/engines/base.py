@@ -61,6 +61,9 @@ class Engine(ABC):
     # whether a reload stops every loaded model, changed or not: the proxy holds requests
     # for them while it takes up a new config (services/proxy/models/engine_hold.py)
     reload_unloads_all = False
+    # whether a request for a model the engine does not run starts it (llama-swap's does;
+    # the router runs --no-models-autoload): the proxy then sends such requests none
+    starts_on_request = False
     # what the engine gets when the service that started it dies without stopping it:
     # SIGTERM lets it stop the models it started
     death_signal = signal.SIGTERM

@@ -165,6 +165,7 @@ def _stamp(metadata: object) -> str | None:
 class LlamaSwap(Engine):
     name = "llama-swap"
     reload_unloads_all = True
+    starts_on_request = True
 
     @property
     def config_path(self) -> Path:

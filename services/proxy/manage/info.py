@@ -65,12 +65,12 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def governor_state(ctx: Context) -> dict:
-    """The governor's own /health in brief; when it does not answer, the proxy loads models
-    itself, without admission."""
+    """The governor's own /health in brief; when it does not answer, models still load and
+    serve (the proxy admits them), but nothing unloads idle ones."""
     body = await governor_health(ctx.session, ctx.settings)
     if body is None:
         return {"url": ctx.settings.governor_url, "ok": False, "status": "down",
-                "problem": "not answering: models load without memory admission"}
+                "problem": "not answering: idle models stay past their TTL and memory pressure is not watched"}
     return {"url": ctx.settings.governor_url, "ok": body.get("status") == "ok",
             "status": body.get("status"), "problem": body.get("problem")}
 

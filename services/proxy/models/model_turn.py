@@ -34,13 +34,12 @@ async def with_model(request: web.Request, key: Key, entry: Entry | None, use_id
     in_flight = ctx.metrics.series(use_id, key[0]).in_flight
     in_flight.inc()
     try:
-        async with ctx.admission.gate(key):
+        async with ctx.owner.gate(key):
             try:
                 return await _attempt(request, key, entry, use_id, answer)
             except NotLoaded:
                 log.info("%s had left the engine; loading it again", key[1])
-                ctx.admission.forget(key)
-                ctx.metrics.unloaded(key, use_id, "crash", "it had left the engine")
+                ctx.owner.lost(key)
             try:
                 return await _attempt(request, key, entry, use_id, answer)
             except NotLoaded as e:
@@ -54,8 +53,8 @@ async def _attempt(request: web.Request, key: Key, entry: Entry | None, use_id: 
                    answer: Answer) -> web.StreamResponse:
     ctx = request.app[CTX]
     start = time.monotonic()
-    if refused := await ctx.admission.ensure(key, entry, use_id):
-        return refused
+    if refused := await ctx.owner.ensure(key, entry, use_id):
+        return refused.response()
     loaded = time.monotonic()
     loading = loaded - start
     timeout = entry.write_timeout if entry and entry.write_timeout else \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -19,6 +20,8 @@ class Usage:
 
     def __init__(self) -> None:
         self.models: dict[str, ModelUse] = {}
+        # told when a model's last request ends: a load waiting for room may go on
+        self.on_idle: Callable[[], None] = lambda: None
 
     def start(self, model_id: str) -> None:
         use = self.models.setdefault(model_id, ModelUse())
@@ -30,6 +33,8 @@ class Usage:
         use = self.models[model_id]
         use.in_flight -= 1
         use.last_used = time.time()
+        if not use.in_flight:
+            self.on_idle()
 
     def touch(self, model_id: str, only_if_unseen: bool = False) -> float:
         """A load counts as a use, and so does the first sight of a model loaded elsewhere

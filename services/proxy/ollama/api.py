@@ -126,7 +126,7 @@ async def _to_ollama(request: web.Request, payload: dict, entry: Entry | None,
         request, ctx, json.dumps(sent).encode(),
         ModelRenamer(target, name) if name != target else None))
     if keep_alive_zero(payload.get("keep_alive")):
-        ctx.admission.forget(key)  # Ollama unloads it: the next request loads it again
+        ctx.owner.let_go(key)  # Ollama unloads it: the next request loads it again
     return resp
 
 

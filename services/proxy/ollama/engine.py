@@ -29,7 +29,6 @@ from services.proxy.ollama.convert import (
 from services.proxy.serve import upstream
 from services.proxy.serve.engine_errors import engine_error
 from shared.catalog import Entry
-from shared.engines import EngineError
 from shared.errors import error_response
 
 log = logging.getLogger("model-serve.proxy")
@@ -39,19 +38,11 @@ async def unload(ctx: Context, entry: Entry) -> None:
     """keep_alive 0: out of memory now, as `model unload` does it, unless other requests
     still use it."""
     key = ("engine", entry.id)
-    try:
-        if entry.id not in await ctx.engine.loaded(ctx.session, ctx.holder.catalog):
-            return
-        use = ctx.usage.models.get(entry.id)
-        if use and use.in_flight:
-            return
-        # nothing awaits between the check above and this: no request slips in
-        async with ctx.admission.unloading(key):
-            await ctx.engine.unload(ctx.session, entry)
-    except (EngineError, aiohttp.ClientError, ValueError) as e:
-        log.warning("keep_alive 0: could not unload %s: %s", entry.id, e)
+    if not ctx.owner.warm(key) or ctx.owner.busy(entry.id):
+        return
+    if error := await ctx.owner.unload(key, entry.id, "manual", "keep_alive 0"):
+        log.warning("keep_alive 0: could not unload %s: %s", entry.id, error.message)
     else:
-        ctx.metrics.unloaded(key, entry.id, "manual", "keep_alive 0")
         log.info("unloaded %s at a client's request (keep_alive 0)", entry.id)
 
 

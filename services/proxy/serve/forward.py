@@ -128,9 +128,9 @@ async def find(ctx: Context, name: str) -> Entry | None:
     the hold ends, rather than answered 404 while older streams finish (Ollama's own models
     do not wait)."""
     entry = await ctx.holder.resolve(name)
-    if entry is None and ctx.admission.hold.holding and \
+    if entry is None and ctx.owner.hold.holding and \
             await ctx.ollama_models.lookup(name) is None:
-        await ctx.admission.hold.until_open()
+        await ctx.owner.hold.until_open()
         entry = await ctx.holder.resolve(name)
     return entry
 

@@ -1,4 +1,5 @@
-"""One way to a model: its own llama-server while it is warm, else the engine."""
+"""One way to a model: its own llama-server while it is warm, else the engine (the router,
+which never loads a model on its own). A model found gone goes back to its owner."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import aiohttp
 from aiohttp import web
 
 from services.proxy.context import CTX
+from services.proxy.serve.engine_errors import NotLoaded
 from shared.catalog import Catalog, Entry
 from shared.engines.base import EngineError
 from shared.errors import error_response
@@ -34,16 +36,24 @@ async def send(ctx, method: str, entry: Entry, path: str, engine_url: str,
         # take it back at the stream's last byte: the next request (a queued one starts that
         # very moment) would go out on it and find it closed. Said, it is never reused.
         kwargs["headers"] = {**kwargs.get("headers", {}), "Connection": "close"}
-    direct = ctx.admission.direct.get(entry.id)
+    key = ("engine", entry.id)
+    direct = ctx.owner.address(entry.id)
+    if direct is None and ctx.engine.starts_on_request:
+        # llama-swap starts any model it is sent a request for: one the owner has not
+        # loaded (or whose server it has not found) goes back to the owner instead
+        ctx.owner.lost(key)
+        raise NotLoaded(error_response(503, f"{entry.id} is not loaded", "model_not_loaded"))
     if direct:
         try:
             return await ctx.session.request(method, direct + path, **kwargs)
         except aiohttp.ClientConnectorError:
             # it went away since the last look (crashed, unloaded) and the request never
-            # left: the engine, which loads the model again, takes it. A connection that
-            # breaks later is a crash mid-answer, and the client hears of it.
-            ctx.admission.direct.pop(entry.id, None)
+            # left: the owner loads it again. A connection that breaks later is a crash
+            # mid-answer, and the client hears of it.
             await _until_the_engine_sees_it_gone(ctx, entry, urlsplit(direct).port)
+            ctx.owner.lost(key)
+            raise NotLoaded(error_response(503, f"{entry.id} had left the engine",
+                                           "model_not_loaded")) from None
     return await ctx.session.request(method, engine_url, **kwargs)
 
 

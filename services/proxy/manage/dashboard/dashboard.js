@@ -135,7 +135,7 @@ function renderSystem() {
   } else {
     const up = system.governor === "up";
     chip("governor", up ? "governor up" : "governor down", up ? "ok" : "bad", up ? ""
-      : "models load without memory admission and no pressure signals are heard");
+      : "idle models stay past their TTL and memory pressure is not watched");
     chip("ollama", running.ollama.ok ? "Ollama up" : "Ollama not reachable",
       running.ollama.ok ? "ok" : "warn", running.ollama.url);
   }
