@@ -14,9 +14,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from lm_studio_ollama_bridge.links import LinkRecord
-from shared import custom_models, model_flags
+from shared import custom_models, engine_options, model_flags
 from shared.custom_models import ConfigError, CustomModel
+from shared.engine_options import Options, OptionsError
 from shared.gguf_header import GGUFError, GGUFInfo
+from shared.memory import CACHE_RAM_FLAGS, cache_ram_mib, cache_ram_option
 from shared.metadata_cache import MetadataCache
 from shared.model_files import SHARD, ModelFile, discover
 from shared.model_flags import Option, flatten
@@ -239,7 +241,28 @@ def build(settings: Settings, roots: list[Path] | None = None) -> Catalog:
                       prefix=settings.model_prefix)
     _apply_harmony_list(catalog, settings)
     _apply_custom(catalog, settings)
+    _give_prompt_caches(catalog, settings)
     return catalog
+
+
+def _give_prompt_caches(catalog: Catalog, settings: Settings) -> None:
+    """A --cache-ram for each model an engine runs: llama-server's own default lets every
+    process keep 8 GiB of prompts, which no memory estimate could foresee. One given in
+    custom_models.yaml stands; a llama-server that knows no --cache-ram keeps no such
+    cache, and one that cannot be asked is left as it is."""
+    tables: dict[str | None, Options | None] = {None: engine_options.installed(settings)}
+    for entry in catalog.entries.values():
+        if entry.backend != "engine" or cache_ram_option(entry):
+            continue
+        if entry.binary not in tables:
+            try:
+                tables[entry.binary] = engine_options.read(entry.binary, settings.state_dir)
+            except OptionsError:
+                tables[entry.binary] = None
+        table = tables[entry.binary]
+        if table is not None and CACHE_RAM_FLAGS[0] in table.values:
+            entry.options.append([CACHE_RAM_FLAGS[0],
+                                  str(cache_ram_mib(entry, settings.cache_ram_mib))])
 
 
 def _add_ollama_names(entries: dict[str, Entry], settings: Settings) -> None:

@@ -6,10 +6,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from shared.catalog import Entry
 from shared.files import write_if_possible
 from shared.os_memory import SystemMemory
+from shared.settings import LLAMA_CACHE_RAM_MIB
+
+if TYPE_CHECKING:  # the catalog sizes its entries' prompt caches from here
+    from shared.catalog import Entry
+    from shared.model_flags import Option
 
 MIB = 1024**2
 KV_ELEMENT_BYTES = 2  # f16 K and V
@@ -17,6 +22,7 @@ UBATCH = 512  # llama-server's default physical batch, which sizes its compute b
 RUNTIME_BYTES = 32 * MIB  # llama-server's own code, threads and heap
 # A model that is not a GGUF the catalog read (one of Ollama's own): its file plus this.
 UNKNOWN_SHARE = 0.25
+CACHE_RAM_FLAGS = ("--cache-ram", "-cram")
 
 
 def kv_cache_bytes(entry: Entry) -> int:
@@ -37,10 +43,38 @@ def compute_buffer_bytes(entry: Entry) -> int:
     return UBATCH * 4 * width + UBATCH * entry.ctx_size * 2
 
 
+def cache_ram_option(entry: Entry) -> Option | None:
+    """The --cache-ram llama-server goes by: the last one given."""
+    return next((o for o in reversed(entry.options) if o[0] in CACHE_RAM_FLAGS), None)
+
+
+def cache_ram_mib(entry: Entry, most: int) -> int:
+    """The --cache-ram to give the entry: room for two of its full contexts, at most `most`
+    (CACHE_RAM_MIB). At least 1 MiB, as 0 would turn the cache off; `most` alone for a model
+    whose shape is unknown."""
+    kv = kv_cache_bytes(entry)
+    return min(most, max(1, -(-2 * kv // MIB))) if kv else most
+
+
+def prompt_cache_bytes(entry: Entry) -> int:
+    """What the entry's --cache-ram lets its llama-server keep of prompts beyond what it took
+    at load; none without the flag (Ollama's models, a catalog from before it was given)."""
+    option = cache_ram_option(entry)
+    try:
+        mib = int(option[1]) if option else 0
+    except (IndexError, ValueError):
+        return 0  # llama-server refuses to start with it
+    # -1, no limit: it grows past this, but this much it may surely take
+    return (LLAMA_CACHE_RAM_MIB if mib < 0 else mib) * MIB
+
+
 def first_estimate(entry: Entry) -> int:
     if not entry.info:
-        return int(entry.size_bytes * (1 + UNKNOWN_SHARE) + RUNTIME_BYTES)
-    return entry.size_bytes + kv_cache_bytes(entry) + compute_buffer_bytes(entry) + RUNTIME_BYTES
+        base = int(entry.size_bytes * (1 + UNKNOWN_SHARE) + RUNTIME_BYTES)
+    else:
+        base = entry.size_bytes + kv_cache_bytes(entry) + compute_buffer_bytes(entry) \
+            + RUNTIME_BYTES
+    return base + prompt_cache_bytes(entry)
 
 
 def shape(entry: Entry, backend: str) -> list:
@@ -49,8 +83,10 @@ def shape(entry: Entry, backend: str) -> list:
 
 
 class Footprints:
-    """What loads of each model really used, kept in STATE_DIR for the next estimate. A
-    footprint counts only while the shape it was measured with still holds."""
+    """What each model took at its last load, kept in STATE_DIR for the next estimate. A
+    footprint counts only while the shape it was measured with still holds. Measured at
+    load, not at its largest: what a model grows by after it (its prompt cache) is bounded
+    by --cache-ram and counted apart, and one busy afternoon does not price it out for good."""
 
     def __init__(self, file: Path) -> None:
         self.file = file
@@ -67,9 +103,9 @@ class Footprints:
         return rec["bytes"] if ok else None
 
     def learn(self, key: str, shape: list, measured: int) -> bool:
-        """Keep the largest measurement for this shape; True when it changed."""
-        old = self.learned(key, shape)
-        if old is not None and measured <= old:
+        """`measured`: the model's memory right after a load, which replaces what was kept;
+        True when that changed."""
+        if self.learned(key, shape) == measured:
             return False
         self.data[key] = {"bytes": measured, "shape": shape}
         return True
@@ -78,7 +114,9 @@ class Footprints:
         write_if_possible(self.file, json.dumps(self.data, indent=1))
 
     def estimate(self, key: str, entry: Entry, backend: str) -> int:
-        return self.learned(key, shape(entry, backend)) or first_estimate(entry)
+        """What the model takes at load, learned or guessed, and its prompt cache's room."""
+        learned = self.learned(key, shape(entry, backend))
+        return learned + prompt_cache_bytes(entry) if learned else first_estimate(entry)
 
 
 @dataclass(frozen=True)

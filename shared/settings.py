@@ -6,13 +6,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 ROOT = Path(__file__).resolve().parent.parent
 # Set by `model supervise` for every process of one running stack; /health reports it.
 INSTANCE_ENV = "MODEL_SERVE_INSTANCE"
 # Every variable load() reads (the installed service carries those set when it is installed).
 ENV_KEYS = (
-    "ALLOWED_HOSTS", "API_KEY", "BRIDGE_SYNC_INTERVAL", "CONFIG_DIR", "CORS_ORIGINS",
-    "DEFAULT_CTX_SIZE", "DEFAULT_PARALLEL", "DEMO_MODEL", "DRAIN_SECONDS",
+    "ALLOWED_HOSTS", "API_KEY", "BRIDGE_SYNC_INTERVAL", "CACHE_RAM_MIB", "CONFIG_DIR",
+    "CORS_ORIGINS", "DEFAULT_CTX_SIZE", "DEFAULT_PARALLEL", "DEMO_MODEL", "DRAIN_SECONDS",
     "EMBEDDINGS_TO_OLLAMA", "ENGINE", "GOVERNOR_PORT", "HARMONY_PROXY_PORT", "LISTEN_HOST",
     "LLAMA_SERVER", "LLAMA_SWAP_PORT", "LOAD_WAIT", "MAX_BODY_BYTES", "MAX_MESSAGES", "MAX_QUEUE",
     "MEMORY_ADMISSION",
@@ -21,6 +23,8 @@ ENV_KEYS = (
     "OLLAMA_MODELS", "PRESSURE_CHECK_INTERVAL", "PRESSURE_MACOS_LEVEL",
     "PRESSURE_PAGING_MIB_S", "PRESSURE_PSI_LEVEL", "REQUEST_READ_TIMEOUT", "ROUTE_TO_OLLAMA",
     "STATE_DIR", "SYNC_DEBOUNCE_SECONDS", "WRITE_TIMEOUT")
+# llama-server's own --cache-ram: the host memory each of its processes may keep prompts in
+LLAMA_CACHE_RAM_MIB = 8192
 
 
 class SettingsError(ValueError):
@@ -67,6 +71,7 @@ class Settings:
     psi_level: float
     paging_mib_s: float
     mac_pressure_level: str
+    cache_ram_mib: int  # the most one model's prompt cache may take
 
     @property
     def engine_url(self) -> str:
@@ -165,8 +170,10 @@ def _path(env: dict[str, str], key: str, default: Path) -> Path:
     return Path(os.path.expanduser(raw)) if raw else default
 
 
-def load(environ: dict[str, str] | None = None, env_file: Path | None = None) -> Settings:
-    """The process environment wins over `.env`, which wins over the defaults."""
+def load(environ: dict[str, str] | None = None, env_file: Path | None = None,
+         total_memory: int | None = None) -> Settings:
+    """The process environment wins over `.env`, which wins over the defaults.
+    `total_memory`: the machine's, in bytes, which some defaults follow (None: this one's)."""
     environ = dict(os.environ if environ is None else environ)
     env_file = env_file or Path(environ.get("MODEL_SERVE_ENV_FILE", ROOT / ".env"))
     env = {**read_env_file(env_file), **environ}
@@ -187,6 +194,10 @@ def load(environ: dict[str, str] | None = None, env_file: Path | None = None) ->
     threshold = _number(env, "MEMORY_PRESSURE_THRESHOLD", 75.0)
     if not 1 <= threshold <= 100:
         raise SettingsError(f"MEMORY_PRESSURE_THRESHOLD={threshold}: a percentage, 1 to 100")
+    if total_memory is None:
+        total_memory = psutil.virtual_memory().total
+    # an eighth of the memory models may take, so that prompt caches cannot crowd out models
+    cache_ram = min(LLAMA_CACHE_RAM_MIB, int(total_memory * threshold / 100 / 8) // 1024**2)
     simulation = env.get("MEMORY_SIMULATION_FILE", "").strip()
     mac_level = env.get("PRESSURE_MACOS_LEVEL", "warn").strip().lower() or "warn"
     if mac_level not in ("warn", "critical"):
@@ -242,4 +253,5 @@ def load(environ: dict[str, str] | None = None, env_file: Path | None = None) ->
         psi_level=_number(env, "PRESSURE_PSI_LEVEL", 10.0),
         paging_mib_s=_number(env, "PRESSURE_PAGING_MIB_S", 32.0),
         mac_pressure_level=mac_level,
+        cache_ram_mib=_int(env, "CACHE_RAM_MIB", cache_ram, 0),
     )

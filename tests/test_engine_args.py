@@ -187,7 +187,8 @@ def test_bad_sampler_args_are_problems_naming_file_model_and_key(
     catalog = catalog_mod.build(settings_for(tmp_path, models_dir, config_dir))
     where = f"{config_dir / 'custom_models.yaml'}: models.tiny:0.2m-f32.sampler_args: "
     assert any(n.startswith(where + problem) for n in catalog.notices), catalog.notices
-    assert catalog.entries["ms/tiny:0.2m-f32"].options == []  # served with the defaults
+    # served with the defaults, its prompt cache among them
+    assert catalog.entries["ms/tiny:0.2m-f32"].options == [["--cache-ram", "4"]]
 
 
 def test_cmd_is_one_llama_server_command(tmp_path, models_dir, config_dir) -> None:
@@ -210,7 +211,7 @@ models:
     settings = settings_for(tmp_path, models_dir, config_dir)
     catalog = catalog_mod.build(settings)
     tiny = catalog.entries["ms/tiny:0.2m-f32"]
-    assert tiny.options == [["--temp", "0.1"], ["-ot", "blk.*=CPU"]]
+    assert tiny.options == [["--temp", "0.1"], ["-ot", "blk.*=CPU"], ["--cache-ram", "1"]]
     assert tiny.binary == find_llama_server(settings) and tiny.ctx_size == 256
     notices = "\n".join(catalog.notices)
     assert "models.shell.cmd: &&: shell syntax; no shell runs `cmd`" in notices
@@ -455,7 +456,7 @@ def test_catalog_json_keeps_the_options_and_reads_old_files(awkward) -> None:
     again = Catalog.from_json(catalog.to_json())
     assert again.entries == catalog.entries
     assert again.entries[PLAIN].args == ["--temp", "0.7", "--top-k", "40", "--jinja",
-                                         "-ot", "blk.*=CPU"]
+                                         "-ot", "blk.*=CPU", "--cache-ram", "4"]
     old = ('{"entries": [{"id": "ms/x", "path": "/x.gguf", "args": ["--temp", "0.3"], '
            '"cmd": null}]}')
     assert Catalog.from_json(old).entries["ms/x"].options == []
