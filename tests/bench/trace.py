@@ -20,6 +20,14 @@ How to read the table:
   req/s       requests over the wall time of the run
 
 Issue 21's "done when": 0 failed, loads at most 1.15x LRU, never over budget for more than 2 s.
+A run of today's stack fails requests (503 insufficient_memory, "cannot leave now"), so it
+loads fewer models than the LRU needs: its x LRU is low because the requests that would have
+loaded a model were refused.
+
+Time: 1 GiB f32 models on a 2-core machine serve about 0.3 requests/s (each token reads the
+whole GiB), so the default run takes well over half an hour; --size-mib 256 runs both sides in
+a few minutes and --max-tokens 2 halves it again. Memory is the machine's: other programs that
+grow during the run (a test suite alongside) count against the budget.
 
     make bench                                      (after the other benchmarks)
     .venv/bin/python -m tests.bench.trace --size-mib 512   (smaller models: a quicker run)
