@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from shared.catalog import Catalog
+from shared.memory import Footprints
 from shared.tiny_gguf import write_model
 from tests.harness import http
 from tests.streams import chat
@@ -140,3 +142,11 @@ def events(stack) -> list[dict]:
 def unloaded(stack) -> list[tuple[str, str]]:
     """Each model that left, and why, as the proxy's events tell."""
     return [(e["model"], e["reason"]) for e in events(stack) if e["kind"] == "unloaded"]
+
+
+def need(stack, model: str) -> int:
+    """What the proxy reserves to load `model`: its learned footprint, else its first
+    estimate, and its prompt cache."""
+    entry = Catalog.from_json((stack.state_dir / "catalog.json").read_text()).entries[model]
+    return Footprints(stack.state_dir / "footprints.json").estimate(f"engine:{model}", entry,
+                                                                     "engine")

@@ -23,6 +23,7 @@ from tests.governed import (
     events,
     governor_health,
     measured,
+    need,
     running,
     unloaded,
     use,
@@ -44,11 +45,12 @@ class Ask(threading.Thread):
 
 
 def room_for_two(stack, machine) -> dict[str, int]:
-    """A and B loaded and measured; the limit leaves room for them, not for a third."""
+    """A and B loaded and measured; the limit leaves room for them, and for C once A (not
+    both) has left."""
     use(stack, A)
     use(stack, B)
     sizes = measured(stack)
-    machine(total=int((sizes[A] + sizes[B] + 0.5 * sizes[A]) / 0.75))
+    machine(total=int((sizes[B] + need(stack, C) + 0.25 * sizes[A]) / 0.75))
     return sizes
 
 

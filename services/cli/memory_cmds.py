@@ -68,7 +68,8 @@ def stats() -> None:
                f"models' mapped files add {mib(s['models_reclaimable'])}"
                + (f", loads in progress reserve {mib(s['reserved'])}" if s["reserved"] else ""))
     if s["governor"] == "down":
-        click.echo("governor: down (idle models stay past their TTL and memory pressure is not watched)")
+        click.echo("governor: down (idle models stay past their TTL and memory pressure is "
+                   "not watched)")
     else:
         click.echo("pressure signals: " + ("; ".join(s.get("firing", [])) or "none firing")
                    + "".join(f"\n  unavailable: {m}" for m in s.get("missing", [])))

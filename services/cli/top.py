@@ -53,7 +53,8 @@ def header(system: dict, models: list[dict]) -> list[str]:
              f"models  {mib(share)} {bar(share, limit)}"]
     if system.get("governor") == "down":
         # the proxy then loads models itself: the user must know admission is off
-        lines.append("governor DOWN: idle models stay past their TTL and memory pressure is not watched")
+        lines.append("governor DOWN: idle models stay past their TTL and memory pressure is "
+                     "not watched")
     else:
         firing = system.get("firing") or []
         lines.append("governor up; pressure: " + ("; ".join(firing) or "none firing")

@@ -70,7 +70,8 @@ async def governor_state(ctx: Context) -> dict:
     body = await governor_health(ctx.session, ctx.settings)
     if body is None:
         return {"url": ctx.settings.governor_url, "ok": False, "status": "down",
-                "problem": "not answering: idle models stay past their TTL and memory pressure is not watched"}
+                "problem": "not answering: idle models stay past their TTL and memory "
+                           "pressure is not watched"}
     return {"url": ctx.settings.governor_url, "ok": body.get("status") == "ok",
             "status": body.get("status"), "problem": body.get("problem")}
 

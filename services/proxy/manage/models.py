@@ -103,7 +103,7 @@ async def unload(request: web.Request) -> web.Response:
     # a model loading (Unload right after Load) is unloaded once it is loaded
     held = [k for k in keys if ctx.owner.holds(k)]
     if not held:  # perhaps loaded before this process started: look once
-        await ctx.owner.look()
+        await ctx.owner.look(ollama=any(k[0] == "ollama" for k in keys))
         held = [k for k in keys if ctx.owner.warm(k)]
     if not held:
         return error_response(409, f"{mid} is not loaded", "model_not_loaded")

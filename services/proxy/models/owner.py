@@ -108,15 +108,18 @@ class Owner:
         return life.state if life else None
 
     def waiting(self) -> list[dict]:
-        """/running's rows for loads under way and loads that wait for room: what each
-        needs and, while it waits, for what."""
+        """/running's rows for the models in a change the backends do not show yet: loads
+        waiting for room (what each needs, and for what it waits), loads under way, and
+        unloads until the model has left."""
         now = time.monotonic()
-        return [{"id": lf.model, "name": lf.key[1], "backend": lf.key[0], "state": lf.state,
+        shown = {QUEUED: QUEUED, LOADING: LOADING, DRAINING: "unloading", UNLOADING: "unloading"}
+        return [{"id": lf.model, "name": lf.key[1], "backend": lf.key[0],
+                 "state": shown[lf.state],
                  "waiting_seconds": round(now - lf.queued_at, 1), "waiting_for":
                  lf.waiting_for or None, "in_flight": self.busy(lf.model), "pinned": False,
                  "last_used": None, "memory": {"estimated": lf.need, "measured": None,
                                                "reclaimable": None}}
-                for lf in self.lives.values() if lf.state in (QUEUED, LOADING)]
+                for lf in self.lives.values() if lf.state in shown]
 
     async def ensure(self, key: Key, entry: Entry | None, use_id: str) -> LoadError | None:
         """None once the model is warm; otherwise the error this client gets. Bounded: a
@@ -135,7 +138,13 @@ class Owner:
                                      f"{UNLOAD_TIMEOUT:g}s; try again shortly", "model_unloading")
                 continue
             if life.state in (COLD, FAILED):
-                self._enqueue(life, entry)
+                # estimated on the catalog the engine will load it with: a sync may have
+                # changed the model a moment ago
+                if key[0] == "engine":
+                    await asyncio.to_thread(self.holder.refresh)
+                    entry = self.holder.catalog.entries.get(key[1], entry)
+                if life.state in (COLD, FAILED):
+                    self._enqueue(life, entry)
             # shielded: a client that gives up does not cancel what others wait for
             if error := await asyncio.shield(life.outcome):
                 return error
@@ -466,7 +475,9 @@ class Owner:
             except Exception as e:  # noqa: BLE001 - no failure may end the loop
                 log.warning("cannot look at the backends now: %s", e)
 
-    async def look(self) -> None:
+    async def look(self, ollama: bool = False) -> None:
+        """`ollama`: ask Ollama too, though none of its models is known to be loaded (one
+        loaded there by another client)."""
         await asyncio.to_thread(self.holder.refresh)  # a restart is judged on the new config
         catalog, began = self.holder.catalog, time.monotonic()
         seen: dict[str, dict[str, str | None]] = {}
@@ -475,7 +486,8 @@ class Owner:
                 running = await self.engine.running(self.session, catalog)
             seen["engine"] = {m: f"http://127.0.0.1:{r.port}" if r.port else None
                               for m, r in running.items() if r.state == "loaded"}
-        if any(k[0] == "ollama" and lf.state == WARM for k, lf in self.lives.items()):
+        if ollama or any(k[0] == "ollama" and lf.state == WARM
+                         for k, lf in self.lives.items()):
             with contextlib.suppress(OllamaUnavailable, OllamaError, ValueError, TimeoutError):
                 async with asyncio.timeout(5):
                     seen["ollama"] = {m.get("name", ""): None for m in await self.ollama.ps()}

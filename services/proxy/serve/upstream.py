@@ -46,11 +46,15 @@ async def send(ctx, method: str, entry: Entry, path: str, engine_url: str,
     if direct:
         try:
             return await ctx.session.request(method, direct + path, **kwargs)
-        except aiohttp.ClientConnectorError:
-            # it went away since the last look (crashed, unloaded) and the request never
-            # left: the owner loads it again. A connection that breaks later is a crash
-            # mid-answer, and the client hears of it.
-            await _until_the_engine_sees_it_gone(ctx, entry, urlsplit(direct).port)
+        except (aiohttp.ClientConnectorError, aiohttp.ClientOSError,
+                aiohttp.ServerDisconnectedError):
+            # no answer began. When its server has gone since the last look (crashed,
+            # unloaded: its port refuses, or a kept-alive connection to it was reset), the
+            # request was never served and the owner loads the model again for it. A
+            # connection that breaks after the answer began is a crash mid-answer, and the
+            # client hears of it.
+            if not await _gone(ctx, entry, urlsplit(direct).port):
+                raise
             ctx.owner.lost(key)
             raise NotLoaded(error_response(503, f"{entry.id} had left the engine",
                                            "model_not_loaded")) from None
@@ -78,18 +82,18 @@ def failure(request: web.Request, entry: Entry, error: aiohttp.ClientError) -> w
                           "may have crashed: `model logs engine` says why", "engine_error")
 
 
-async def _until_the_engine_sees_it_gone(ctx, entry: Entry, port: int | None) -> None:
-    """An engine that has not yet seen the model's server end forwards to its closed port
-    (the router answers 502): wait until it has, so that it loads the model again."""
+async def _gone(ctx, entry: Entry, port: int | None) -> bool:
+    """Whether the model's server on `port` has ended, as the engine sees it within
+    SETTLE_SECONDS (an engine notices a server's end a moment after it)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + SETTLE_SECONDS
     while loop.time() < deadline:
         try:
             running = await ctx.engine.running(ctx.session, Catalog(entries={entry.id: entry}))
         except (aiohttp.ClientError, ValueError, EngineError):
-            return  # the engine's own answer says what is wrong
+            return False  # the engine's own trouble: the client hears of the broken answer
         now = running.get(entry.id)
         if now is None or now.state != "loaded" or now.port != port:
-            return
+            return True
         await asyncio.sleep(0.05)
-
+    return False
