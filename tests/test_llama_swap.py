@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import aiohttp
+import psutil
 import pytest
 import yaml
 from aiohttp import web
@@ -343,3 +344,22 @@ def test_an_alias_only_change_answers_within_seconds_of_model_sync(stack_factory
     events = stream_events(stack.url, "quick", 500, ignore_eos=True)
     assert next(events)["model"] == "quick" and time.monotonic() - synced < 10
     assert list(events)[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_model_whose_server_died_is_loaded_again_by_its_owner_not_by_llama_swap(
+        stack) -> None:
+    """llama-swap starts a model on any request for it: a request that finds the model's
+    server gone must go back to the proxy's owner of the model (a load through admission,
+    counted, the leaving named a crash), not to llama-swap's /upstream."""
+    assert http("POST", stack.url + "/v1/chat/completions", chat(TINY, max_tokens=2))[0] == 200
+    engine = psutil.Process(stack.procs[0].pid)
+    server = next(p for p in engine.children(recursive=True)
+                  if any("tiny" in part for part in p.cmdline()) and "--port" in p.cmdline())
+    server.kill()
+    server.wait(10)
+    status, body = http("POST", stack.url + "/v1/chat/completions", chat(TINY, max_tokens=2))
+    assert status == 200, body
+    events = http("GET", stack.url + "/events")[1]["events"]
+    assert [(e["kind"], e.get("reason")) for e in events if e["model"] == TINY] == [
+        ("loading", None), ("loaded", None), ("unloaded", "crash"), ("loading", None),
+        ("loaded", None)]

@@ -88,7 +88,7 @@ class Policy:
         """Above the limit: idle models leave, least recently used first, until enough has
         left to bring use under it. When unloading every idle model would not (other programs
         hold the memory, or busy models), none is unloaded for nothing: that is said."""
-        over = system["used"] - system["limit"]
+        over = system.get("used", 0) - system.get("limit", system.get("used", 0))
         if over <= 0:
             self._stuck.discard("pressure")
             self.memory = {**(self.memory or {}), "note": None}
