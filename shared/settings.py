@@ -21,7 +21,8 @@ ENV_KEYS = (
     "MEMORY_PRESSURE_THRESHOLD", "MEMORY_SIMULATION_FILE", "MIN_MODEL_AGE_SECONDS",
     "MODELS_DIR", "MODEL_PREFIX", "MODEL_SERVE_ENV_FILE", "MODEL_TTL", "OLLAMA_BASE",
     "OLLAMA_MODELS", "PRESSURE_CHECK_INTERVAL", "PRESSURE_MACOS_LEVEL",
-    "PRESSURE_PAGING_MIB_S", "PRESSURE_PSI_LEVEL", "REQUEST_READ_TIMEOUT", "ROUTE_TO_OLLAMA",
+    "PRESSURE_PAGING_MIB_S", "PRESSURE_PSI_LEVEL", "READ_TIMEOUT", "REQUEST_READ_TIMEOUT",
+    "ROUTE_TO_OLLAMA",
     "STATE_DIR", "SYNC_DEBOUNCE_SECONDS", "WRITE_TIMEOUT")
 # llama-server's own --cache-ram: the host memory each of its processes may keep prompts in
 LLAMA_CACHE_RAM_MIB = 8192
@@ -50,6 +51,7 @@ class Settings:
     max_queue: int
     request_read_timeout: float
     write_timeout: float
+    read_timeout: float  # seconds a model may send nothing before it is taken for hung
     drain_seconds: float
     api_key: str
     allowed_hosts: tuple[str, ...]
@@ -232,6 +234,7 @@ def load(environ: dict[str, str] | None = None, env_file: Path | None = None,
         max_queue=_int(env, "MAX_QUEUE", 512, 0),
         request_read_timeout=max(1.0, _number(env, "REQUEST_READ_TIMEOUT", 30.0)),
         write_timeout=max(1.0, _number(env, "WRITE_TIMEOUT", 30.0)),
+        read_timeout=max(1.0, _number(env, "READ_TIMEOUT", 900.0)),
         drain_seconds=max(0.0, _number(env, "DRAIN_SECONDS", 30.0)),
         api_key=env.get("API_KEY", "").strip(),
         allowed_hosts=_words(env, "ALLOWED_HOSTS", ""),

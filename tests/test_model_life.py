@@ -269,3 +269,19 @@ def test_memory_other_programs_hold_unloads_only_what_brings_use_under_the_limit
     wait(lambda: A not in running(stack), 20)
     time.sleep(1)
     assert B in running(stack) and unloaded(stack) == [(A, "pressure")]
+
+
+def test_a_hung_model_answers_504_within_read_timeout_and_frees_its_slot(gov_stack) -> None:
+    stack = gov_stack(READ_TIMEOUT="2")
+    use(stack, A)
+    engine = psutil.Process(stack.procs[0].pid)
+    child = next(p for p in engine.children(recursive=True) if section_name(A) in p.cmdline())
+    child.suspend()
+    try:
+        started = time.monotonic()
+        status, body = http("POST", stack.url + "/v1/chat/completions", chat(A), timeout=60)
+        assert status == 504 and body["error"]["code"] == "model_timeout", body
+        assert "READ_TIMEOUT" in body["error"]["message"] and time.monotonic() - started < 30
+    finally:
+        child.resume()
+    use(stack, A)  # its slot is free again

@@ -175,7 +175,9 @@ def make_app(settings: Settings, engine: Engine | None = None) -> web.Applicatio
         # llama-server closes a connection idle for 5 s; giving it up first means a request
         # never goes out on one the server is closing at that moment
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+        # a model that sends nothing for READ_TIMEOUT has hung: its slot is freed
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10,
+                                        sock_read=settings.read_timeout)
         async with (
             aiohttp.ClientSession(connector=connector, timeout=timeout,
                                   auto_decompress=False) as session,

@@ -76,6 +76,12 @@ def failure(request: web.Request, entry: Entry, error: aiohttp.ClientError) -> w
     ctx = request.app[CTX]
     if isinstance(error, aiohttp.ClientConnectorError):
         return error_response(503, ctx.engine.unreachable(), "engine_unavailable")
+    if isinstance(error, aiohttp.ServerTimeoutError):
+        log.warning("%s sent nothing for %gs (READ_TIMEOUT): taken for hung", entry.id,
+                    ctx.settings.read_timeout)
+        return error_response(504, f"{entry.id} sent nothing for "
+                              f"{ctx.settings.read_timeout:g}s (READ_TIMEOUT); it may be hung: "
+                              "`model logs engine` says more", "model_timeout")
     log.warning("%s: no answer, the connection broke: %s: %s", entry.id,
                 error.__class__.__name__, error)
     return error_response(502, f"the connection to {entry.id} broke before it answered; it "
