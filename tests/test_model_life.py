@@ -78,6 +78,8 @@ def test_a_load_that_does_not_fit_waits_until_a_model_goes_idle(gov_stack, machi
     wait(lambda: running(stack).get(C, {}).get("state") == "queued", 20)
     row = running(stack)[C]
     assert "busy" in row["waiting_for"] and A in row["waiting_for"]
+    stats = stack.cli("stats")  # the command shows what waits, and for what
+    assert stats.returncode == 0 and f"{C} waits" in stats.stdout, stats.stderr
     time.sleep(1)
     assert ask.answer is None  # it waits, and is not refused
     done(streams[:1])  # A's answer ends: A is idle, and goes for C
@@ -262,8 +264,11 @@ def test_memory_other_programs_hold_unloads_only_what_brings_use_under_the_limit
     assert set(running(stack)) == {A, B}
     system = http("GET", stack.url + "/running")[1]["system"]
     assert system["other_programs"] > 2 * models
-    wait(lambda: "other programs hold" in (governor_health(stack)["memory"] or {}).get(
-        "note", "") or "", 10)
+    wait(lambda: "other programs hold" in ((governor_health(stack)["memory"] or {}).get(
+        "note") or ""), 10)
+    warnings = http("GET", stack.url + "/health")[1]["warnings"]
+    assert any("other programs hold" in w for w in warnings)
+    assert "other programs hold" in stack.cli("stats").stdout
     # over by less than A: A (the least recently used) leaves, B stays
     machine(total=total, base_used=int(0.75 * total) - models + sizes[A] // 2)
     wait(lambda: A not in running(stack), 20)

@@ -66,13 +66,21 @@ def stats() -> None:
     click.echo(f"system memory: {mib(s['used'])} used of {mib(s['total'])} ({s['used_pct']}%, "
                f"limit {s['threshold_pct']:g}%): the system counts {mib(s['os_used'])}, "
                f"models' mapped files add {mib(s['models_reclaimable'])}"
-               + (f", loads in progress reserve {mib(s['reserved'])}" if s["reserved"] else ""))
+               + (f", loads in progress reserve {mib(s['reserved'])}" if s["reserved"] else "")
+               + (f", other programs hold {mib(s['other_programs'])}"
+                  if s.get("other_programs") else ""))
+    for m in data["models"]:
+        if m["state"] == "queued" and m.get("waiting_for"):
+            click.echo(f"{m['id']} waits {ago(m['waiting_seconds'])} for room: "
+                       f"{m['waiting_for']}")
     if s["governor"] == "down":
         click.echo("governor: down (idle models stay past their TTL and memory pressure is "
                    "not watched)")
     else:
         click.echo("pressure signals: " + ("; ".join(s.get("firing", [])) or "none firing")
                    + "".join(f"\n  unavailable: {m}" for m in s.get("missing", [])))
+        if s.get("note"):
+            click.echo(f"governor: {s['note']}")
 
 
 @click.command()

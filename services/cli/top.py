@@ -49,7 +49,9 @@ def header(system: dict, models: list[dict]) -> list[str]:
     lines = [f"memory  {mib(system['used'])} used of {mib(limit)} budget "
              f"{bar(system['used'], limit)}  ({system['used_pct']}% of "
              f"{mib(system['total'])}, threshold {system['threshold_pct']:g}%)"
-             + (f", loads reserve {mib(system['reserved'])}" if system.get("reserved") else ""),
+             + (f", loads reserve {mib(system['reserved'])}" if system.get("reserved") else "")
+             + (f", other programs hold {mib(system['other_programs'])}"
+                if system.get("other_programs") else ""),
              f"models  {mib(share)} {bar(share, limit)}"]
     if system.get("governor") == "down":
         # the proxy then loads models itself: the user must know admission is off
@@ -59,6 +61,8 @@ def header(system: dict, models: list[dict]) -> list[str]:
         firing = system.get("firing") or []
         lines.append("governor up; pressure: " + ("; ".join(firing) or "none firing")
                      + "".join(f"; unavailable: {m}" for m in system.get("missing") or []))
+        if system.get("note"):
+            lines.append(f"governor: {system['note']}")
     return lines
 
 
@@ -121,6 +125,8 @@ def frame(url: str, data: dict | None, error: str | None, recent: list[dict],
     lines += model_rows(models, recent, system["limit"], now)
     if any(footprint(m)[1] for m in models):
         lines.append("~ estimated (not measured yet)")
+    lines += [f"{m['id']} waits {ago(m['waiting_seconds'])} for room: {m['waiting_for']}"
+              for m in models if m["state"] == "queued" and m.get("waiting_for")]
     if events:
         lines += ["", "EVENTS", *(describe(e) for e in reversed(events[-EVENTS:]))]
     return lines

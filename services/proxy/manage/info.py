@@ -73,7 +73,8 @@ async def governor_state(ctx: Context) -> dict:
                 "problem": "not answering: idle models stay past their TTL and memory "
                            "pressure is not watched"}
     return {"url": ctx.settings.governor_url, "ok": body.get("status") == "ok",
-            "status": body.get("status"), "problem": body.get("problem")}
+            "status": body.get("status"), "problem": body.get("problem"),
+            "note": (body.get("memory") or {}).get("note")}
 
 
 async def health(request: web.Request) -> web.Response:
@@ -88,7 +89,8 @@ async def health(request: web.Request) -> web.Response:
     if states is not None:
         engine["loaded"] = sorted(states)
     ok = states is not None
-    warnings = [disk] if disk else []
+    # memory over the limit that unloading cannot help (other programs hold it)
+    warnings = [w for w in (disk, governor.get("note")) if w]
     body = {"status": "ok" if ok and governor["ok"] and not warnings else "degraded",
             "proxy": "ok", "engine": engine, "governor": governor, "warnings": warnings,
             "ollama": {"url": ctx.settings.ollama_base, "ok": ollama is not None},

@@ -36,7 +36,8 @@ async def running_state(ctx: Context) -> tuple[list[dict], bool, dict]:
     acct = await accounting(ctx.settings, models, ctx.owner.reserved(models))
     signals = (health or {}).get("memory") or {}
     system = {**acct.to_dict(), "other_programs": others(acct, models),
-              **{k: signals[k] for k in ("signals", "firing", "missing") if k in signals},
+              **{k: signals[k] for k in ("signals", "firing", "missing", "note")
+                 if k in signals},
               "governor": "up" if health else "down"}
     listed = {(m["backend"], m["name"]) for m in models}
     return models + [w for w in ctx.owner.waiting() if (w["backend"], w["name"]) not in listed], \

@@ -115,10 +115,13 @@ class Owner:
         shown = {QUEUED: QUEUED, LOADING: LOADING, DRAINING: "unloading", UNLOADING: "unloading"}
         return [{"id": lf.model, "name": lf.key[1], "backend": lf.key[0],
                  "state": shown[lf.state],
-                 "waiting_seconds": round(now - lf.queued_at, 1), "waiting_for":
-                 lf.waiting_for or None, "in_flight": self.busy(lf.model), "pinned": False,
-                 "last_used": None, "memory": {"estimated": lf.need, "measured": None,
-                                               "reclaimable": None}}
+                 "waiting_seconds": round(now - lf.queued_at, 1) if lf.state == QUEUED
+                 else None, "waiting_for": lf.waiting_for or None,
+                 "in_flight": self.busy(lf.model), "requests": 0, "pinned": False,
+                 "last_used": None, "idle_seconds": None, "ttl": None, "expires_at": None,
+                 "memory": {"estimated": lf.need, "measured": None, "reclaimable": None},
+                 "context_length": lf.entry.ctx_size if lf.entry else None,
+                 "parallel": lf.entry.parallel if lf.entry else None, "queue": {}}
                 for lf in self.lives.values() if lf.state in shown]
 
     async def ensure(self, key: Key, entry: Entry | None, use_id: str) -> LoadError | None:

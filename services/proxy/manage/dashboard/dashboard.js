@@ -123,11 +123,15 @@ function renderSystem() {
     : system.used > 0.85 * system.limit ? " high" : "");
   $("memory-limit").hidden = false;
   $("memory-limit").style.left = `${((100 * system.limit) / system.total).toFixed(1)}%`;
-  const models = running.models.reduce((sum, m) => sum + (m.memory.measured ?? m.memory.estimated ?? 0), 0);
+  const models = running.models.filter((m) => m.state !== "queued")
+    .reduce((sum, m) => sum + (m.memory.measured ?? m.memory.estimated ?? 0), 0);
+  const waiting = running.models.filter((m) => m.state === "queued").length;
   $("memory-text").textContent =
     `Memory: ${gib(system.used)} used of a ${gib(system.limit)} budget, ${gib(models)} of it by loaded models ` +
     `(${system.used_pct}% of ${gib(system.total)}; the governor unloads idle models above ` +
-    `${system.threshold_pct}%)` + (system.reserved ? `; loads in progress reserve ${gib(system.reserved)}` : "");
+    `${system.threshold_pct}%)` + (system.reserved ? `; loads in progress reserve ${gib(system.reserved)}` : "")
+    + (system.other_programs ? `; other programs hold ${gib(system.other_programs)}` : "")
+    + (waiting ? `; ${waiting} load(s) wait for room` : "");
 
   if (trouble) {  // what the proxy last said of them may no longer hold
     chip("governor", "governor unknown", "", trouble);
@@ -197,7 +201,8 @@ function renderModels() {
   const models = modelRows();
   const shown = models.map((m) => {
     const { tr, cells, button } = modelRow(m.id);
-    const live = m.state === "loaded" || m.state === "loading";
+    // queued: a load that waits for idle models to make room; unloading: until it has left
+    const live = ["loaded", "loading", "queued", "unloading"].includes(m.state);
     const measured = m.memory?.measured;
     const size = measured ?? m.memory?.estimated;
     const idle = m.idle_seconds == null ? null : m.idle_seconds + elapsed;
@@ -210,7 +215,8 @@ function renderModels() {
     tr.dataset.state = m.state;
     cells[0].lastChild.textContent = m.aliases.length ? `also: ${m.aliases.join(", ")}` : "";
     cells[1].className = `state ${m.state}`;
-    cells[1].textContent = m.state;
+    cells[1].textContent = m.state === "queued" ? "waiting" : m.state;
+    cells[1].title = m.waiting_for ? `waits for room: ${m.waiting_for}` : "";
     cells[2].textContent = m.backend;
     if (live && size != null) {
       cells[3].replaceChildren(bar(size, limit, measured == null),
@@ -246,7 +252,7 @@ function note(text) {
 // what follows the kind, which has its own column
 function describe(e) {
   switch (e.kind) {
-    case "loaded": return `in ${e.seconds}s` + (e.by === "proxy" ? ", without the governor's admission" : "");
+    case "loaded": return `in ${e.seconds}s` + (e.by === "no-admission" ? ", without memory admission (MEMORY_ADMISSION=off)" : "");
     case "unloaded": return e.reason + (e.detail ? ` (${e.detail})` : "");
     case "refused": case "load_failed": return e.message;
     default: return "";
