@@ -128,7 +128,7 @@ def test_the_governors_unloads_are_counted_by_their_cause(stack_factory, config_
         "engine", "proxy", "governor")
     assert http("POST", stack.url + "/v1/chat/completions", chat(TINY))[0] == 200
     tiny = {"model": TINY, "backend": "engine"}
-    assert value(scrape(stack), "model_serve_loads_total", **tiny, by="governor") == 1
+    assert value(scrape(stack), "model_serve_loads_total", **tiny, by="admission") == 1
     wait(lambda: value(scrape(stack), "model_serve_unloads_total", **tiny, reason="ttl") == 1,
          30)
     samples = scrape(stack)

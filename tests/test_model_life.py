@@ -75,7 +75,7 @@ def test_a_load_that_does_not_fit_waits_until_a_model_goes_idle(gov_stack, machi
     streams = busy(stack, A, B)
     ask = Ask(stack, C)
     ask.start()
-    wait(lambda: running(stack).get(C, {}).get("state") == "queued", 20)
+    wait(lambda: running(stack).get(C, {}).get("waiting_for"), 20)
     row = running(stack)[C]
     assert "busy" in row["waiting_for"] and A in row["waiting_for"]
     stats = stack.cli("stats")  # the command shows what waits, and for what
@@ -210,6 +210,7 @@ def test_a_process_that_ends_unasked_is_a_crash_and_loads_again(gov_stack) -> No
     engine = psutil.Process(stack.procs[0].pid)
     child = next(p for p in engine.children(recursive=True) if section_name(A) in p.cmdline())
     os.kill(child.pid, signal.SIGKILL)
+    wait(lambda: A not in running(stack), 10)  # its owner sees it go
     use(stack, A)
     assert unloaded(stack) == [(A, "crash")]
     assert len([e for e in events(stack) if e["kind"] == "loaded"]) == 2

@@ -70,7 +70,8 @@ async def governor(tmp_path, proxy: dict) -> tuple[Policy, list[Fake]]:
     await fakes[0].server.start_server()
     settings = settings_mod.load({
         "STATE_DIR": str(tmp_path / "state"), "PRESSURE_CHECK_INTERVAL": "0.05",
-        "MIN_MODEL_AGE_SECONDS": "0", "HARMONY_PROXY_PORT": str(fakes[0].server.port),
+        "MIN_MODEL_AGE_SECONDS": "0", "MEMORY_PRESSURE_THRESHOLD": "75",
+        "HARMONY_PROXY_PORT": str(fakes[0].server.port),
         "GOVERNOR_PORT": "1", "ENGINE": "router", "LLAMA_SERVER": "/bin/true"},
         env_file=tmp_path / "no.env")
     session = aiohttp.ClientSession()

@@ -221,7 +221,7 @@ def test_logs_have_times_processes_and_a_file_per_model(runner) -> None:
     assert stack.cli("start").returncode == 0
     status, body = http("POST", stack.url + "/v1/chat/completions", chat(TINY))
     assert status == 200, (body, stack.cli("logs", "-n", "60").stdout)
-    wait(lambda: "loaded ms/tiny" in stack.cli("logs", "governor").stdout, 10)
+    wait(lambda: "loaded ms/tiny" in stack.cli("logs", "proxy").stdout, 10)
     merged = stack.cli("logs", "-n", "200").stdout.splitlines()
     assert merged and all(line[:4].isdigit() and line[4] == "-" for line in merged[:5])
     assert {w.split(":")[0] for line in merged for w in line.split()[2:3]} >= {

@@ -32,6 +32,8 @@ class Policy:
         self._stuck: set[str] = set()  # causes already warned of: once per episode
 
     async def run(self) -> None:
+        log.info("watching TTLs, memory above %g%% and the OS's pressure signals every %gs",
+                 self.settings.pressure_threshold, self.settings.pressure_interval)
         for missing in self.signals.missing:
             log.warning("pressure signal unavailable, going on without it: %s", missing)
         while True:
@@ -88,7 +90,9 @@ class Policy:
         """Above the limit: idle models leave, least recently used first, until enough has
         left to bring use under it. When unloading every idle model would not (other programs
         hold the memory, or busy models), none is unloaded for nothing: that is said."""
-        over = system.get("used", 0) - system.get("limit", system.get("used", 0))
+        # its own MEMORY_PRESSURE_THRESHOLD (the proxy's admission reads the same setting)
+        threshold = self.settings.pressure_threshold
+        over = system.get("used", 0) - int(system.get("total", 0) * threshold / 100)
         if over <= 0:
             self._stuck.discard("pressure")
             self.memory = {**(self.memory or {}), "note": None}
@@ -96,7 +100,7 @@ class Policy:
         victims = self.victims(rows)
         if sum(measured(r) for r in victims) < over:
             held = system.get("other_programs", 0)
-            note = (f"memory {system['used_pct']}% > {system['threshold_pct']:g}%: other "
+            note = (f"memory {system['used_pct']}% > {threshold:g}%: other "
                     f"programs hold {size(held)}; unloading every idle model "
                     f"({size(sum(measured(r) for r in victims))}) would not bring use under "
                     "the limit, so none is unloaded"
@@ -109,7 +113,7 @@ class Policy:
             self._stuck.add("pressure")
             return False
         freed, done = 0, False
-        reason = f"memory pressure {system['used_pct']}% > {system['threshold_pct']:g}%"
+        reason = f"memory pressure {system['used_pct']}% > {threshold:g}%"
         for r in victims:
             if freed >= over:
                 break

@@ -40,8 +40,9 @@ async def running_state(ctx: Context) -> tuple[list[dict], bool, dict]:
                  if k in signals},
               "governor": "up" if health else "down"}
     listed = {(m["backend"], m["name"]) for m in models}
-    return models + [w for w in ctx.owner.waiting() if (w["backend"], w["name"]) not in listed], \
-        ollama_up, system
+    changing = [{**w, "queue": ctx.limits.stats(w["id"])} for w in ctx.owner.waiting()
+                if (w["backend"], w["name"]) not in listed]
+    return models + changing, ollama_up, system
 
 
 async def running(request: web.Request) -> web.Response:

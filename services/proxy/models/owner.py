@@ -121,7 +121,7 @@ class Owner:
                  "last_used": None, "idle_seconds": None, "ttl": None, "expires_at": None,
                  "memory": {"estimated": lf.need, "measured": None, "reclaimable": None},
                  "context_length": lf.entry.ctx_size if lf.entry else None,
-                 "parallel": lf.entry.parallel if lf.entry else None, "queue": {}}
+                 "parallel": lf.entry.parallel if lf.entry else None}
                 for lf in self.lives.values() if lf.state in shown]
 
     async def ensure(self, key: Key, entry: Entry | None, use_id: str) -> LoadError | None:

@@ -46,23 +46,19 @@ async def send(ctx, method: str, entry: Entry, path: str, engine_url: str,
     if direct:
         try:
             return await ctx.session.request(method, direct + path, **kwargs)
-        except (aiohttp.ClientConnectorError, aiohttp.ClientOSError,
-                aiohttp.ServerDisconnectedError) as e:
-            # no answer began. When its server has gone since the last look (crashed,
-            # unloaded: its port refuses, or a kept-alive connection to it was reset), the
-            # request was never served and the owner loads the model again for it. A
-            # connection that breaks after the answer began is a crash mid-answer, and the
-            # client hears of it.
+        except aiohttp.ClientConnectorError:
+            # the request never left: its server has gone since the last look (crashed,
+            # unloaded), and the owner loads the model again for it. A connection that
+            # breaks once the request is sent may have been served in part (a crash
+            # mid-answer), and the client hears of it.
             if await _gone(ctx, entry, urlsplit(direct).port):
                 ctx.owner.lost(key)
-            elif isinstance(e, aiohttp.ClientConnectorError):
+            else:
                 # its process is still there but its port refuses (it is ending, or hung on
                 # its way out): the owner stops it, and loads it again for this request
                 log.warning("%s: its server refuses connections; restarting it", entry.id)
                 await ctx.owner.unload(key, entry.id, "crash",
                                        "its server stopped accepting connections", force=True)
-            else:
-                raise
             raise NotLoaded(error_response(503, f"{entry.id}'s server is gone or refuses "
                                            "connections", "model_not_loaded")) from None
     return await ctx.session.request(method, engine_url, **kwargs)
