@@ -26,6 +26,8 @@ from shared.model_ids import stable_ids
 from shared.settings import Settings
 
 GIB = 1024**3
+# where llama-server writes a slot it is asked to save (services/proxy/models/context_cache.py)
+SLOT_SAVE_FLAG = "--slot-save-path"
 
 
 @dataclass
@@ -241,18 +243,21 @@ def build(settings: Settings, roots: list[Path] | None = None) -> Catalog:
                       prefix=settings.model_prefix)
     _apply_harmony_list(catalog, settings)
     _apply_custom(catalog, settings)
-    _give_prompt_caches(catalog, settings)
+    _give_caches(catalog, settings)
     return catalog
 
 
-def _give_prompt_caches(catalog: Catalog, settings: Settings) -> None:
+def _give_caches(catalog: Catalog, settings: Settings) -> None:
     """A --cache-ram for each model an engine runs: llama-server's own default lets every
     process keep 8 GiB of prompts, which no memory estimate could foresee. One given in
     custom_models.yaml stands; a llama-server that knows no --cache-ram keeps no such
-    cache, and one that cannot be asked is left as it is."""
+    cache, and one that cannot be asked is left as it is. With CONTEXT_CACHE_GB, each also
+    gets --slot-save-path, the folder its slots are saved to before it leaves (unless
+    custom_models.yaml gives it a folder of its own, which the stack then leaves alone)."""
     tables: dict[str | None, Options | None] = {None: engine_options.installed(settings)}
+    slots_saved = _context_cache_dir(catalog, settings)
     for entry in catalog.entries.values():
-        if entry.backend != "engine" or cache_ram_option(entry):
+        if entry.backend != "engine":
             continue
         if entry.binary not in tables:
             try:
@@ -260,9 +265,28 @@ def _give_prompt_caches(catalog: Catalog, settings: Settings) -> None:
             except OptionsError:
                 tables[entry.binary] = None
         table = tables[entry.binary]
-        if table is not None and CACHE_RAM_FLAGS[0] in table.values:
+        if table is None:
+            continue
+        if CACHE_RAM_FLAGS[0] in table.values and not cache_ram_option(entry):
             entry.options.append([CACHE_RAM_FLAGS[0],
                                   str(cache_ram_mib(entry, settings.cache_ram_mib))])
+        if slots_saved and SLOT_SAVE_FLAG in table.values and \
+                not any(o[0] == SLOT_SAVE_FLAG for o in entry.options):
+            entry.options.append([SLOT_SAVE_FLAG, str(settings.context_cache_dir)])
+
+
+def _context_cache_dir(catalog: Catalog, settings: Settings) -> bool:
+    """Whether models' slots can be saved: CONTEXT_CACHE_GB is not 0 and its folder is there
+    (llama-server refuses to start with a --slot-save-path that is not a folder)."""
+    if not settings.context_cache_bytes:
+        return False
+    try:
+        settings.context_cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        catalog.notices.append(f"CONTEXT_CACHE_DIR={settings.context_cache_dir}: cannot be "
+                               f"made ({e.strerror or e}); no model's context is saved")
+        return False
+    return True
 
 
 def _add_ollama_names(entries: dict[str, Entry], settings: Settings) -> None:

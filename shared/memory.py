@@ -68,12 +68,19 @@ def prompt_cache_bytes(entry: Entry) -> int:
     return (LLAMA_CACHE_RAM_MIB if mib < 0 else mib) * MIB
 
 
-def first_estimate(entry: Entry) -> int:
+def full_size(entry: Entry) -> int | None:
+    """What a llama-server of the entry holds once its whole context is in use: its weights,
+    KV cache, compute buffer and runtime. None for a file the catalog could not read."""
     if not entry.info:
+        return None
+    return entry.size_bytes + kv_cache_bytes(entry) + compute_buffer_bytes(entry) \
+        + RUNTIME_BYTES
+
+
+def first_estimate(entry: Entry) -> int:
+    base = full_size(entry)
+    if base is None:
         base = int(entry.size_bytes * (1 + UNKNOWN_SHARE) + RUNTIME_BYTES)
-    else:
-        base = entry.size_bytes + kv_cache_bytes(entry) + compute_buffer_bytes(entry) \
-            + RUNTIME_BYTES
     return base + prompt_cache_bytes(entry)
 
 
@@ -86,7 +93,9 @@ class Footprints:
     """What each model took at its last load, kept in STATE_DIR for the next estimate. A
     footprint counts only while the shape it was measured with still holds. Measured at
     load, not at its largest: what a model grows by after it (its prompt cache) is bounded
-    by --cache-ram and counted apart, and one busy afternoon does not price it out for good."""
+    by --cache-ram and counted apart, and one busy afternoon does not price it out for good.
+    A load's reading cannot see the KV pages its first long conversation touches, so it
+    raises the estimate of a model whose shape is known, never lowers it below that shape."""
 
     def __init__(self, file: Path) -> None:
         self.file = file
@@ -114,25 +123,32 @@ class Footprints:
         write_if_possible(self.file, json.dumps(self.data, indent=1))
 
     def estimate(self, key: str, entry: Entry, backend: str) -> int:
-        """What the model takes at load, learned or guessed, and its prompt cache's room."""
+        """What the model may take: at load, learned or from its shape, with its whole context
+        in use, and its prompt cache's room."""
         learned = self.learned(key, shape(entry, backend))
-        return learned + prompt_cache_bytes(entry) if learned else first_estimate(entry)
+        if not learned:
+            return first_estimate(entry)
+        return max(learned, full_size(entry) or 0) + prompt_cache_bytes(entry)
 
 
 @dataclass(frozen=True)
 class Accounting:
     """Used memory for every decision: what the system counts as used, plus the models'
-    memory it leaves out (mapped weights), plus memory reserved for loads in progress."""
+    memory it leaves out (mapped weights), plus memory reserved for loads in progress. For
+    admission, also what the loaded models may still grow by up to their estimates, so that
+    a load admitted now still fits once the others' conversations fill their caches."""
 
     total: int
     os_used: int
     models_reclaimable: int
     reserved: int
     threshold_pct: float
+    growth: int = 0
 
     @property
     def used(self) -> int:
-        return min(self.total, self.os_used + self.models_reclaimable + self.reserved)
+        return min(self.total, self.os_used + self.models_reclaimable + self.reserved
+                   + self.growth)
 
     @property
     def used_pct(self) -> float:
@@ -155,11 +171,11 @@ class Accounting:
 
 
 def account(system: SystemMemory, rows: list[dict], reserved: int,
-            threshold_pct: float) -> Accounting:
+            threshold_pct: float, growth: int = 0) -> Accounting:
     """`rows` are /running's models; each page is counted once: the system's figure holds
     what it counts, each row adds only its `reclaimable` part."""
     reclaimable = sum(r["memory"]["reclaimable"] or 0 for r in rows)
-    return Accounting(system.total, system.used, reclaimable, reserved, threshold_pct)
+    return Accounting(system.total, system.used, reclaimable, reserved, threshold_pct, growth)
 
 
 def simulated_system(file: Path, rows: list[dict]) -> SystemMemory:

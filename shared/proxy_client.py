@@ -10,6 +10,9 @@ import aiohttp
 
 from shared.engine_key import HEADER
 
+# what the proxy spends saving its engine models' contexts in a hold, before its answer's line
+HOLD_SAVE_SECONDS = 60.0
+
 
 class ProxyError(RuntimeError):
     def __init__(self, status: int, message: str) -> None:
@@ -72,7 +75,8 @@ class ProxyClient:
         async with self.session.post(self.base + "/engine/hold", headers=self.headers,
                                      timeout=aiohttp.ClientTimeout(
                                          total=None, sock_connect=5,
-                                         sock_read=drain_seconds + 10)) as r:
+                                         sock_read=drain_seconds + HOLD_SAVE_SECONDS
+                                         + 10)) as r:
             if r.status != 200:
                 raise ProxyError(r.status, f"POST /engine/hold: HTTP {r.status}: "
                                  f"{(await r.text()).strip()[:300]}")

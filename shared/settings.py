@@ -14,7 +14,8 @@ INSTANCE_ENV = "MODEL_SERVE_INSTANCE"
 # Every variable load() reads (the installed service carries those set when it is installed).
 ENV_KEYS = (
     "ALLOWED_HOSTS", "API_KEY", "BRIDGE_SYNC_INTERVAL", "CACHE_RAM_MIB", "CONFIG_DIR",
-    "CORS_ORIGINS", "DEFAULT_CTX_SIZE", "DEFAULT_PARALLEL", "DEMO_MODEL", "DRAIN_SECONDS",
+    "CONTEXT_CACHE_DIR", "CONTEXT_CACHE_GB", "CORS_ORIGINS", "DEFAULT_CTX_SIZE",
+    "DEFAULT_PARALLEL", "DEMO_MODEL", "DRAIN_SECONDS",
     "EMBEDDINGS_TO_OLLAMA", "ENGINE", "GOVERNOR_PORT", "HARMONY_PROXY_PORT", "LISTEN_HOST",
     "LLAMA_SERVER", "LLAMA_SWAP_PORT", "LOAD_WAIT", "MAX_BODY_BYTES", "MAX_MESSAGES", "MAX_QUEUE",
     "MEMORY_ADMISSION",
@@ -74,6 +75,8 @@ class Settings:
     paging_mib_s: float
     mac_pressure_level: str
     cache_ram_mib: int  # the most one model's prompt cache may take
+    context_cache_dir: Path  # where models' slots are saved when they leave
+    context_cache_bytes: int  # the most that folder may hold; 0: nothing is saved
 
     @property
     def engine_url(self) -> str:
@@ -212,6 +215,7 @@ def load(environ: dict[str, str] | None = None, env_file: Path | None = None,
         if not origin.startswith(("http://", "https://")) or "/" in origin.split("://", 1)[1]:
             raise SettingsError(f"CORS_ORIGINS: {origin!r} is not an origin such as "
                                 "http://localhost:3000")
+    state_dir = _path(env, "STATE_DIR", Path.home() / ".local/state/model-serve")
     ollama_base = env.get("OLLAMA_BASE", "http://localhost:11434").strip().rstrip("/")
     if not ollama_base.startswith(("http://", "https://")):
         raise SettingsError(f"OLLAMA_BASE={ollama_base!r}: must start with http:// or https://")
@@ -227,7 +231,7 @@ def load(environ: dict[str, str] | None = None, env_file: Path | None = None,
         listen_host=env.get("LISTEN_HOST", "127.0.0.1").strip() or "127.0.0.1",
         engine=engine,
         llama_server=env.get("LLAMA_SERVER", "").strip(),
-        state_dir=_path(env, "STATE_DIR", Path.home() / ".local/state/model-serve"),
+        state_dir=state_dir,
         config_dir=_path(env, "CONFIG_DIR", ROOT / "config"),
         max_body_bytes=_int(env, "MAX_BODY_BYTES", 32 * 1024 * 1024, 1024),
         max_messages=_int(env, "MAX_MESSAGES", 4096, 1),
@@ -257,4 +261,6 @@ def load(environ: dict[str, str] | None = None, env_file: Path | None = None,
         paging_mib_s=_number(env, "PRESSURE_PAGING_MIB_S", 32.0),
         mac_pressure_level=mac_level,
         cache_ram_mib=_int(env, "CACHE_RAM_MIB", cache_ram, 0),
+        context_cache_dir=_path(env, "CONTEXT_CACHE_DIR", state_dir / "context-cache"),
+        context_cache_bytes=int(_number(env, "CONTEXT_CACHE_GB", 8.0) * 1024**3),
     )

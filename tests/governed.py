@@ -100,6 +100,14 @@ def measured(stack) -> dict[str, int]:
     raise AssertionError(f"not measured: {got}")
 
 
+def held(stack) -> dict[str, int]:
+    """What admission counts each loaded model as, once every one has been measured: its
+    memory now or its estimate (what its conversations may grow it to), the larger."""
+    sizes = measured(stack)
+    return {m: max(size, running(stack)[m]["memory"]["estimated"] or 0)
+            for m, size in sizes.items()}
+
+
 def governor_health(stack) -> dict:
     return http("GET", f"http://127.0.0.1:{stack.env['GOVERNOR_PORT']}/health")[1]
 

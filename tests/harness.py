@@ -117,6 +117,14 @@ class Stack:
             time.sleep(0.1)
         raise RuntimeError("stack did not become healthy:\n" + self.logs())
 
+    def restart(self, service: str) -> None:
+        """Stop the service's process and start it again, with the stack's env as it is now."""
+        [proc] = [p for p in self.procs if p.args[-1] == f"services.{service}"]
+        self.procs.remove(proc)
+        proc.terminate()
+        proc.wait(30)
+        self.start(service)
+
     def logs(self) -> str:
         return "\n".join(p.read_text(errors="replace")[-3000:]
                          for p in sorted(self.root.glob("*.log")))
@@ -127,15 +135,18 @@ class Stack:
                               timeout=120)
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        """The engine last, as `model stop` does: the proxy saves its models' contexts."""
+        engine = [p for p in self.procs if p.args[-1] == "services.engine"]
+        for group in ([p for p in self.procs if p not in engine], engine):
+            for proc in group:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGTERM)
+            for proc in group:
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
         self.procs.clear()
 
 

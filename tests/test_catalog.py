@@ -112,18 +112,22 @@ models:
     sampler_args: "--temp 1.5"
     ctx_size: 512
 """)
-    cat = catalog_mod.build(settings_for(tmp_path, models_dir, config_dir))
+    settings = settings_for(tmp_path, models_dir, config_dir)
+    cat = catalog_mod.build(settings)
     tiny = cat.entries["ms/tiny:0.2m-f32"]
-    # its prompt cache: twice its KV cache (512 bytes a token, 4096 tokens) in MiB
+    # its prompt cache: twice its KV cache (512 bytes a token, 4096 tokens) in MiB; and where
+    # its slots are saved before it leaves
+    saves = ["--slot-save-path", str(settings.context_cache_dir)]
     assert tiny.args == ["--temp", "0.3", "--top-nsigma", "1.5", "--min-p", "0.05",
-                         "--cache-ram", "4"]
+                         "--cache-ram", "4", *saves]
     assert (tiny.ttl, tiny.pin) == (60, True)
     other = cat.entries["ms/other:0.2m-f32"]
     assert (other.ctx_size, other.parallel) == (1024, 2)
     assert cat.resolve("other:latest") is other
     creative = cat.entries["ms/creative"]
     assert creative.path == tiny.path and creative.base_model == tiny.id
-    assert creative.args == ["--temp", "1.5", "--cache-ram", "1"] and creative.ctx_size == 512
+    assert creative.args == ["--temp", "1.5", "--cache-ram", "1", *saves]
+    assert creative.ctx_size == 512
     assert cat.resolve("ms/creative") is creative
     assert cat.resolve("ms/tiny-0.2m-f32") is tiny
 

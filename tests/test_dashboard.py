@@ -98,6 +98,10 @@ def test_dashboard_follows_the_stack_live(stack_factory, tmp_path: Path) -> None
                                             {"model": TINY}))[0] == 200
             await page.until(f"{row_state(TINY)} === 'unloaded'")
             await page.until(event_shown("unloaded", TINY, "manual"))
+            # its conversation was saved before it left, for its next load
+            await page.until(event_shown("context_saved", TINY, "tokens"))
+            assert "tokens" in await page.until(
+                f"document.querySelector('tr[data-model=\"{TINY}\"] .saved').textContent")
 
             # the buttons: load, then unload, from the page
             await click(page, OTHER, "load")

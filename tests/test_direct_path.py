@@ -109,6 +109,7 @@ class LateEngine:
     ones say nothing is (the model has been unloaded)."""
 
     starts_on_request = False
+    headers: dict[str, str] = {}
 
     def __init__(self) -> None:
         self.asked, self.answer = asyncio.Event(), asyncio.Event()

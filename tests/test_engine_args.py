@@ -184,11 +184,13 @@ models:
 def test_bad_sampler_args_are_problems_naming_file_model_and_key(
         tmp_path, models_dir, config_dir, sampler_args, problem) -> None:
     write_config(config_dir, f"models:\n  tiny:0.2m-f32:\n    sampler_args: {sampler_args!r}\n")
-    catalog = catalog_mod.build(settings_for(tmp_path, models_dir, config_dir))
+    settings = settings_for(tmp_path, models_dir, config_dir)
+    catalog = catalog_mod.build(settings)
     where = f"{config_dir / 'custom_models.yaml'}: models.tiny:0.2m-f32.sampler_args: "
     assert any(n.startswith(where + problem) for n in catalog.notices), catalog.notices
-    # served with the defaults, its prompt cache among them
-    assert catalog.entries["ms/tiny:0.2m-f32"].options == [["--cache-ram", "4"]]
+    # served with the defaults, its prompt cache and where its slots are saved among them
+    assert catalog.entries["ms/tiny:0.2m-f32"].options == [
+        ["--cache-ram", "4"], ["--slot-save-path", str(settings.context_cache_dir)]]
 
 
 def test_cmd_is_one_llama_server_command(tmp_path, models_dir, config_dir) -> None:
@@ -211,7 +213,8 @@ models:
     settings = settings_for(tmp_path, models_dir, config_dir)
     catalog = catalog_mod.build(settings)
     tiny = catalog.entries["ms/tiny:0.2m-f32"]
-    assert tiny.options == [["--temp", "0.1"], ["-ot", "blk.*=CPU"], ["--cache-ram", "1"]]
+    assert tiny.options == [["--temp", "0.1"], ["-ot", "blk.*=CPU"], ["--cache-ram", "1"],
+                            ["--slot-save-path", str(settings.context_cache_dir)]]
     assert tiny.binary == find_llama_server(settings) and tiny.ctx_size == 256
     notices = "\n".join(catalog.notices)
     assert "models.shell.cmd: &&: shell syntax; no shell runs `cmd`" in notices
@@ -456,7 +459,8 @@ def test_catalog_json_keeps_the_options_and_reads_old_files(awkward) -> None:
     again = Catalog.from_json(catalog.to_json())
     assert again.entries == catalog.entries
     assert again.entries[PLAIN].args == ["--temp", "0.7", "--top-k", "40", "--jinja",
-                                         "-ot", "blk.*=CPU", "--cache-ram", "4"]
+                                         "-ot", "blk.*=CPU", "--cache-ram", "4",
+                                         "--slot-save-path", str(awkward.context_cache_dir)]
     old = ('{"entries": [{"id": "ms/x", "path": "/x.gguf", "args": ["--temp", "0.3"], '
            '"cmd": null}]}')
     assert Catalog.from_json(old).entries["ms/x"].options == []

@@ -13,7 +13,7 @@ import psutil
 
 from shared.catalog import Catalog
 from shared.engines.base import section_name
-from shared.memory import prompt_cache_bytes
+from shared.memory import full_size, prompt_cache_bytes
 from tests.governed import (
     MIB,
     A,
@@ -24,6 +24,7 @@ from tests.governed import (
     custom,
     events,
     governor_health,
+    held,
     measured,
     need,
     running,
@@ -81,7 +82,7 @@ def test_admission_makes_room_then_refuses_when_busy_models_leave_none_in_time(
     stack = gov_stack(LOAD_WAIT="3")
     use(stack, A)
     use(stack, B)
-    sizes = measured(stack)
+    sizes = held(stack)
     r = max(sizes.values())
     # A and B fit; D (300 MiB file) fits only if one of them leaves
     limit = 1.5 * r + need(stack, D)
@@ -255,11 +256,13 @@ def test_footprints_are_learned_and_kept_for_the_next_estimate(gov_stack) -> Non
     key = f"engine:{A}"
     wait(lambda: file.exists() and key in json.loads(file.read_text()))
     assert json.loads(file.read_text())[key]["bytes"] >= real * 0.9
-    # the footprint at load, and the prompt cache the stack lets it grow (--cache-ram)
+    # the footprint at load or, while its KV pages are untouched, its whole context's
+    # size, and the prompt cache the stack lets it grow (--cache-ram)
     entry = Catalog.from_json((stack.state_dir / "catalog.json").read_text()).entries[A]
     assert prompt_cache_bytes(entry) > 0
+    at_load = json.loads(file.read_text())[key]["bytes"]
     assert running(stack)[A]["memory"]["estimated"] == \
-        json.loads(file.read_text())[key]["bytes"] + prompt_cache_bytes(entry)
+        max(at_load, full_size(entry)) + prompt_cache_bytes(entry)
 
 
 def test_serving_goes_on_without_the_governor_and_it_picks_up_again(gov_stack,

@@ -75,10 +75,7 @@ def start_governor(stack, limit_bytes: int, baseline: dict | None = None,
     assert s["governor"] == "down" and s["models_reclaimable"] == 0
     stack.env["MEMORY_PRESSURE_THRESHOLD"] = limit_threshold(s, limit_bytes)
     if admission:
-        proxy = stack.procs.pop(1)
-        proxy.terminate()
-        proxy.wait(30)
-        stack.start("proxy")
+        stack.restart("proxy")
     stack.start("governor", wait=False)
     wait(lambda: system(stack)["governor"] == "up")
 

@@ -15,13 +15,16 @@ import psutil
 
 from shared.engines.base import section_name
 from tests.governed import (
+    MIB,
     A,
     B,
     C,
     D,
     Stream,
+    custom,
     events,
     governor_health,
+    held,
     measured,
     need,
     running,
@@ -49,7 +52,7 @@ def room_for_two(stack, machine) -> dict[str, int]:
     both) has left."""
     use(stack, A)
     use(stack, B)
-    sizes = measured(stack)
+    sizes = held(stack)
     machine(total=int((sizes[B] + need(stack, C) + 0.25 * sizes[A]) / 0.75))
     return sizes
 
@@ -104,6 +107,24 @@ def test_a_load_waits_at_most_load_wait_then_says_what_held_the_memory(gov_stack
     assert err["needed"] > err["available"]
     assert set(running(stack)) == {A, B}
     done(streams)
+
+
+def test_a_load_is_not_admitted_into_room_a_loaded_models_conversations_may_fill(
+        gov_stack, machine, config_dir) -> None:
+    """Right after its load a model's KV pages and prompt cache are still empty; they fill
+    as its conversations go on, so admission counts it at what it may grow to."""
+    custom(config_dir, "  alpha-pinned:\n    base_model: alpha:40.0m-f32\n    pin: true\n")
+    stack = gov_stack()
+    pinned = "ms/alpha-pinned"
+    use(stack, pinned)
+    now, full = measured(stack)[pinned], held(stack)[pinned]
+    assert full - now > 32 * MIB  # what its conversations may still fill
+    # C fits beside what the pinned model holds now, not beside what it may grow to
+    machine(total=int((now + need(stack, C) + (full - now) // 2) / 0.75))
+    status, body = http("POST", stack.url + "/v1/chat/completions", chat(C))
+    assert status == 503, body
+    assert "does not fit even with every unpinned model unloaded" in body["error"]["message"]
+    assert set(running(stack)) == {pinned}
 
 
 def test_a_load_that_could_never_fit_is_refused_at_once(gov_stack, machine) -> None:

@@ -132,8 +132,19 @@ def test_the_estimate_counts_the_prompt_cache(tmp_path, models_dir, config_dir) 
     assert first_estimate(tiny) == first_estimate(replace(tiny, options=[])) + 4 * MIB
     footprints = Footprints(tmp_path / "footprints.json")
     assert footprints.estimate("engine:" + TINY, tiny, "engine") == first_estimate(tiny)
-    footprints.learn("engine:" + TINY, shape(tiny, "engine"), 30 * MIB)
-    assert footprints.estimate("engine:" + TINY, tiny, "engine") == 34 * MIB
+    footprints.learn("engine:" + TINY, shape(tiny, "engine"), 300 * MIB)
+    assert footprints.estimate("engine:" + TINY, tiny, "engine") == 304 * MIB
+
+
+def test_a_load_measured_small_keeps_room_for_its_whole_context(tmp_path, models_dir,
+                                                                 config_dir) -> None:
+    """Right after a load its KV pages are untouched: the reading is smaller than the model
+    will be once a long conversation fills them, so it does not lower the estimate."""
+    settings = settings_for(tmp_path, models_dir, config_dir)
+    tiny = catalog_mod.build(settings).entries[TINY]
+    footprints = Footprints(tmp_path / "footprints.json")
+    footprints.learn("engine:" + TINY, shape(tiny, "engine"), 1 * MIB)
+    assert footprints.estimate("engine:" + TINY, tiny, "engine") == first_estimate(tiny)
 
 
 def test_learning_replaces_an_old_larger_footprint(tmp_path, models_dir, config_dir) -> None:
@@ -146,10 +157,10 @@ def test_learning_replaces_an_old_larger_footprint(tmp_path, models_dir, config_
 
     footprints = Footprints(file)
     assert footprints.estimate(key, tiny, "engine") == 40 * GIB + 4 * MIB
-    assert footprints.learn(key, shape(tiny, "engine"), 30 * MIB)
-    assert not footprints.learn(key, shape(tiny, "engine"), 30 * MIB)  # nothing to save
+    assert footprints.learn(key, shape(tiny, "engine"), 300 * MIB)
+    assert not footprints.learn(key, shape(tiny, "engine"), 300 * MIB)  # nothing to save
     footprints.save()
-    assert Footprints(file).estimate(key, tiny, "engine") == 34 * MIB
+    assert Footprints(file).estimate(key, tiny, "engine") == 304 * MIB
     # another context: what was learned for the old one no longer counts
     tiny.ctx_size = 1024
     assert Footprints(file).estimate(key, tiny, "engine") == first_estimate(tiny)

@@ -167,7 +167,10 @@ def make_app(settings: Settings, engine: Engine | None = None) -> web.Applicatio
     async def end_feeds(app: web.Application) -> None:
         events.close()
 
-    app.on_shutdown.extend([end_feeds, drain])
+    async def keep_contexts(app: web.Application) -> None:
+        await app[CTX].owner.keep_contexts()
+
+    app.on_shutdown.extend([end_feeds, drain, keep_contexts])
     app.on_response_prepare.extend([cors_headers, _mark_prepared])
     engine = engine or make_engine(settings)
 
@@ -200,6 +203,7 @@ def make_app(settings: Settings, engine: Engine | None = None) -> web.Applicatio
                 return (await measure.running_models(ctx))[0]
 
             owner.measure = rows
+            await asyncio.to_thread(owner.contexts.tidy, holder.catalog)
             tasks = [asyncio.create_task(holder.follow()), asyncio.create_task(owner.follow()),
                      asyncio.create_task(owner.run())]
             yield

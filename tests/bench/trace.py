@@ -8,8 +8,8 @@ request runs every layer and touches all of a model's mapped weights). Both runs
 the same way, every 0.25 s: what the system counts as used plus the mapped weights of the
 engine's model processes (shared/os_memory, as the governor counts them). The budget is that
 figure before any model loads plus room for three and a half models (a model's file + 48 MiB),
-and the stack's governor gets the same limit (MEMORY_PRESSURE_THRESHOLD); everything else in the
-stack is at its defaults.
+and the stack's admission and governor get the same limit (MEMORY_PRESSURE_THRESHOLD);
+everything else in the stack is at its defaults.
 
 How to read the table:
   failed      requests not answered 200, then status/error code: count
@@ -221,6 +221,7 @@ def stack_run(tmp: Path, root: Path, ids: list[str], room: int, order: list[int]
     try:
         system = http("GET", stack.url + "/running")[1]["system"]
         stack.env["MEMORY_PRESSURE_THRESHOLD"] = limit_threshold(system, room)
+        stack.restart("proxy")  # its admission goes by the same limit
         stack.start("governor", wait=False)
         while http("GET", stack.url + "/running")[1]["system"]["governor"] != "up":
             time.sleep(0.1)

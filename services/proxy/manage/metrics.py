@@ -32,6 +32,8 @@ _GENERATED = (re.compile(rb'"predicted_n":\s*(\d+)'),
               re.compile(rb'"(?:completion_tokens|output_tokens|eval_count)":\s*(\d+)'))
 _RATE = re.compile(rb'"predicted_per_second":\s*([0-9.eE+-]+)')
 _PROMPT_MS = re.compile(rb'"prompt_ms":\s*([0-9.eE+-]+)')
+_PROMPT_N = re.compile(rb'"prompt_n":\s*(\d+)')
+_CACHE_N = re.compile(rb'"cache_n":\s*(\d+)')
 END_BYTES = 4096
 
 
@@ -148,9 +150,25 @@ class Metrics:
                                "ended unasked), engine-reload (the engine stopped it to "
                                "take up a new config), expired (Ollama's keep_alive)",
                                [*MODEL, "reason", "signal"], registry=reg)
+        self.context_saves = Counter("model_serve_context_saves", "Slots saved to "
+                                     "CONTEXT_CACHE_DIR before their model left", MODEL[:1],
+                                     registry=reg)
+        self.context_restores = Counter("model_serve_context_restores", "Saved slots read "
+                                        "back after a load, and proven", MODEL[:1],
+                                        registry=reg)
+        self.context_restored_tokens = Counter("model_serve_context_restored_tokens",
+                                               "Tokens of context restored, not prefilled",
+                                               MODEL[:1], registry=reg)
+        self.context_restore_failures = Counter(
+            "model_serve_context_restore_failures", "Saved slots not restored, by reason: "
+            "refused (llama-server would not read the file), not_in_cache (read, but not "
+            "found by the next request), error", [*MODEL[:1], "reason"], registry=reg)
         self.live = Live()
         reg.register(self.live)
         self._series: dict[tuple[str, str], Series] = {}
+        # each model's last context (tokens) and prefill speed (tokens/s), as its engine
+        # timed them: what bringing that context back without a saved cache would cost
+        self.contexts: dict[str, tuple[int, float]] = {}
         self._requests: dict[tuple[str, str, str, int], Counter] = {}
 
     # ---- the hot path: a few updates per request ------------------------------------------
@@ -190,6 +208,11 @@ class Metrics:
         prompt_ms = _number(_PROMPT_MS, t.end)
         if prompt_ms is not None:
             series.prefill.observe(prompt_ms / 1000)
+            prompt_n = _number(_PROMPT_N, t.end) or 0
+            if prompt_ms > 0 and prompt_n:
+                context = prompt_n + (_number(_CACHE_N, t.end) or 0) + \
+                    (_number(_GENERATED[0], t.end) or 0)
+                self.contexts[t.model] = (int(context), prompt_n * 1000 / prompt_ms)
         elif t.sent is not None:
             series.prefill.observe(first - t.sent)
         generated = _number(_GENERATED[0], t.end) or _number(_GENERATED[1], t.end)
@@ -218,6 +241,24 @@ class Metrics:
         self.unloads.labels(model, key[0], reason, signal).inc()
         self.events.emit("unloaded", model, key[0], reason=reason, detail=detail,
                          signal=signal)
+
+    def context_saved(self, model: str, slot: int, tokens: int, size: int,
+                      seconds: float) -> None:
+        self.context_saves.labels(model).inc()
+        self.events.emit("context_saved", model, "engine", slot=slot, tokens=tokens,
+                         bytes=size, seconds=round(seconds, 2))
+
+    def context_restored(self, model: str, slot: int, tokens: int, seconds: float) -> None:
+        self.context_restores.labels(model).inc()
+        self.context_restored_tokens.labels(model).inc(tokens)
+        self.events.emit("context_restored", model, "engine", slot=slot, tokens=tokens,
+                         seconds=round(seconds, 2))
+
+    def context_restore_failed(self, model: str, slot: int, reason: str,
+                               message: str) -> None:
+        self.context_restore_failures.labels(model, reason).inc()
+        self.events.emit("context_restore_failed", model, "engine", slot=slot, reason=reason,
+                         message=message)
 
     def export(self, models: list[dict], system: dict, queues: dict[str, dict]) -> web.Response:
         """The text format, with the gauges of this scrape (`models` as /running lists them,

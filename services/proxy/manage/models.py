@@ -22,6 +22,7 @@ from services.proxy.serve.forward import find, forward, not_found
 from shared.catalog import Entry
 from shared.engine_key import HEADER
 from shared.errors import error_response
+from shared.proxy_client import HOLD_SAVE_SECONDS
 from shared.room import others
 
 log = logging.getLogger("model-serve.proxy")
@@ -48,7 +49,8 @@ async def running_state(ctx: Context) -> tuple[list[dict], bool, dict]:
 async def running(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     models, ollama_up, system = await running_state(ctx)
-    return web.json_response({"models": models, "system": system,
+    contexts = await asyncio.to_thread(ctx.owner.contexts.state, ctx.holder.catalog)
+    return web.json_response({"models": models, "system": system, "contexts": contexts,
                               "ollama": {"url": ctx.settings.ollama_base, "ok": ollama_up}})
 
 
@@ -151,6 +153,10 @@ async def hold_engine(request: web.Request) -> web.StreamResponse:
         if left:
             log.warning("engine config change: %d request(s) still under way after %gs "
                         "(DRAIN_SECONDS); the engine's restart cuts them", left, drain)
+        # the reload stops every model: their conversations go on after it
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(HOLD_SAVE_SECONDS):
+                await owner.keep_contexts()
         resp = web.StreamResponse()
         resp.content_type = "application/json"
         await resp.prepare(request)

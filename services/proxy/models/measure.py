@@ -85,6 +85,7 @@ async def running_models(ctx: Context) -> tuple[list[dict], bool]:
             "context_length": entry.ctx_size if entry else None,
             "parallel": entry.parallel if entry else None,
             "queue": ctx.limits.stats(mid),
+            "reload": ctx.owner.reload_cost((backend, name), entry),
         })
 
     for mid, r in engine.items():
@@ -105,10 +106,12 @@ async def running_models(ctx: Context) -> tuple[list[dict], bool]:
     return out, ollama_up
 
 
-async def accounting(settings: Settings, rows: list[dict], reserved: int) -> Accounting:
+async def accounting(settings: Settings, rows: list[dict], reserved: int,
+                     growth: int = 0) -> Accounting:
     """The machine's memory by the stack's count: what the system calls used, the models'
-    mapped weights it leaves out, and what loads under way have reserved."""
+    mapped weights it leaves out, what loads under way have reserved and (for admission)
+    what loaded models may still grow by."""
     sim = settings.memory_simulation
     system = await asyncio.to_thread(
         (lambda: simulated_system(sim, rows)) if sim else system_memory)
-    return account(system, rows, reserved, settings.pressure_threshold)
+    return account(system, rows, reserved, settings.pressure_threshold, growth)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 import aiohttp
 
 from services.proxy.manage.metrics import Metrics
+from services.proxy.models.context_cache import ContextCache
 from services.proxy.models.engine_hold import Hold
 from services.proxy.models.measure import accounting
 from services.proxy.models.usage import Usage
@@ -56,6 +57,7 @@ class Life:
     need: int = 0  # reserved while it loads and until its footprint is measured
     queued_at: float = 0.0
     loaded_at: float = 0.0
+    load_seconds: float | None = None  # its last load's
     left_at: float = 0.0
     waiting_for: str = ""
     outcome: asyncio.Future | None = None  # the load's: None, or the LoadError its waiters get
@@ -75,6 +77,7 @@ class Owner:
         self.queue: list[Life] = []  # loads waiting for room, first come first served
         self.hold = Hold()  # closed while the engine takes up a config that stops its models
         self.footprints = Footprints(settings.footprints_file)
+        self.contexts = ContextCache(settings, session, metrics, engine.headers)
         self.memory: Accounting | None = None  # the last accounting a decision used
         self.problem: str | None = None  # the last failure to decide, until one succeeds
         # the backends' rows with memory (measure.running_models), wired in by the app
@@ -234,8 +237,7 @@ class Owner:
 
     def _make_room(self, life: Life, acct: Accounting, rows: list[dict]) -> None:
         leaving = {lf.key[1] for lf in self.lives.values() if lf.state in (DRAINING, UNLOADING)}
-        short = life.need - acct.room - sum(room.measured(r) for r in rows
-                                            if r["id"] in leaving)
+        short = life.need - acct.room - sum(room.held(r) for r in rows if r["id"] in leaving)
         for victim in room.idle_lru(rows, self.settings.min_model_age, leaving):
             if short <= 0:
                 break
@@ -245,7 +247,7 @@ class Owner:
             why = (f"making room for {life.key[1]} (needs {room.size(life.need)}, "
                    f"{room.size(max(acct.room, 0))} free)")
             if self._leave(key, victim["id"], "admission", why):
-                short -= room.measured(victim)
+                short -= room.held(victim)
         life.waiting_for = room.holding(rows, self.settings.min_model_age) \
             if short > 0 else "models leaving"
 
@@ -255,15 +257,21 @@ class Owner:
         self._ended(life, error)
 
     async def _account(self, rows: list[dict]) -> Accounting:
-        return await accounting(self.settings, rows, self.reserved(rows))
+        promised = self._promised(rows)
+        return await accounting(self.settings, rows, self.reserved(rows, promised),
+                                room.growth(rows, {lf.key for lf in promised}))
 
-    def reserved(self, rows: list[dict]) -> int:
+    def _promised(self, rows: list[dict]) -> list[Life]:
+        got = {(r["backend"], r["name"]): room.measured(r) for r in rows}
+        return [lf for lf in self.lives.values()
+                if lf.state == LOADING or (lf.state == WARM and lf.need and not got.get(lf.key))]
+
+    def reserved(self, rows: list[dict], promised: list[Life] | None = None) -> int:
         """Memory promised to loads under way, and to loads just done until their own
         memory has been measured."""
         got = {(r["backend"], r["name"]): room.measured(r) for r in rows}
-        return sum(max(0, lf.need - got.get(lf.key, 0)) for lf in self.lives.values()
-                   if lf.state == LOADING or (lf.state == WARM and lf.need
-                                              and not got.get(lf.key)))
+        return sum(max(0, lf.need - got.get(lf.key, 0))
+                   for lf in (self._promised(rows) if promised is None else promised))
 
     # ---- loads and unloads, each beside the loop ------------------------------------------
 
@@ -283,6 +291,8 @@ class Owner:
                 await loading.load(life.key, life.entry, self.engine, self.ollama, self.session)
                 if life.key[0] == "engine":
                     life.address = await self._address(life.key[1])
+                    # before its first request: a conversation that goes on finds its cache
+                    await self.contexts.restore(life.model, life.entry, life.address)
         except LoadError as e:
             self._ended(life, e)
             return
@@ -290,7 +300,7 @@ class Owner:
             self._ended(life, LoadError(500, f"loading {life.key[1]} failed: "
                                         f"{str(e) or e.__class__.__name__}", "load_failed"))
             return
-        seconds = time.monotonic() - start
+        seconds = life.load_seconds = time.monotonic() - start
         log.info("loaded %s on %s in %.1fs", life.key[1], life.key[0], seconds)
         self.metrics.loaded(life.key, life.model, "admission" if self.settings.memory_admission
                             else "no-admission", seconds)
@@ -334,6 +344,18 @@ class Owner:
         life.need = 0  # its own memory shows it now
         self.wake()
 
+    def reload_cost(self, key: Key, entry: Entry | None) -> dict:
+        """What bringing the model back would cost: its last load, and the prefill of its last
+        context unless a saved context restores it (which counts in the choice of which
+        model leaves; every model pays a load)."""
+        life = self.lives.get(key)
+        tokens, rate = self.metrics.contexts.get(life.model if life else key[1], (0, 0.0))
+        saved = self.contexts.kept_for(entry)
+        load = life.load_seconds if life and life.load_seconds is not None else None
+        return {"load": round(load, 1) if load is not None else None,
+                "prefill": 0.0 if saved or not rate else round(tokens / rate, 1),
+                "context_saved": saved}
+
     def busy(self, model: str) -> int:
         use = self.usage.models.get(model)
         return use.in_flight if use else 0
@@ -344,7 +366,7 @@ class Owner:
         life = self.life(key, model)
         if life.state != WARM or self.busy(model):
             return False
-        life.state, life.address = DRAINING, None
+        life.state = DRAINING  # its address stays for the save
         life.settled.clear()
         self._spawn(self._unload(life, cause, detail, signal))
         return True
@@ -373,7 +395,7 @@ class Owner:
         if use and use.in_flight and not force:
             return LoadError(409, f"{model} is serving {use.in_flight} request(s); unload it "
                              "anyway with force (`model unload --force`)", "model_busy")
-        life.state, life.address = DRAINING, None
+        life.state = DRAINING  # its address stays for the save
         life.settled.clear()
         return await self._unload(life, cause, detail, signal)
 
@@ -387,13 +409,15 @@ class Owner:
         backend, name = life.key
         life.state = UNLOADING
         try:
+            entry = life.entry or self.holder.catalog.entries.get(name)
+            if backend == "engine" and cause != "crash":  # bounded by its own timeouts
+                await self.contexts.save(life.model, entry, life.address, self.holder.catalog)
             async with asyncio.timeout(UNLOAD_TIMEOUT):
                 if backend == "ollama":
                     await self.ollama.unload(name)
+                elif entry is None:
+                    raise EngineError(f"{name} is no longer in the catalog")
                 else:
-                    entry = life.entry or self.holder.catalog.entries.get(name)
-                    if entry is None:
-                        raise EngineError(f"{name} is no longer in the catalog")
                     await self.engine.unload(self.session, entry)
                 while await self._listed(life.key):
                     await asyncio.sleep(0.1)
@@ -407,7 +431,7 @@ class Owner:
             log.warning("unloading %s from %s failed: %s", name, backend, why)
             code = "ollama_unavailable" if isinstance(e, OllamaUnavailable) else "engine_error"
             return LoadError(503, f"{backend}: {why}", code)
-        life.state, life.need, life.entry = COLD, 0, None
+        life.state, life.need, life.entry, life.address = COLD, 0, None, None
         life.left_at = time.monotonic()
         life.settled.set()
         self.metrics.unloaded(life.key, life.model, cause, detail, signal)
@@ -415,6 +439,13 @@ class Owner:
                  f": {detail}" if detail else "")
         self.wake()
         return None
+
+    async def keep_contexts(self) -> None:
+        """At a stack stop, once requests have drained: each warm model's slots saved, as
+        before any planned leaving, so that its conversations go on after the restart."""
+        await asyncio.gather(*(
+            self.contexts.save(lf.model, lf.entry, lf.address, self.holder.catalog)
+            for lf in self.lives.values() if lf.key[0] == "engine" and lf.state == WARM))
 
     async def _safe_address(self, life: Life) -> str | None:
         if life.key[0] != "engine":

@@ -180,7 +180,7 @@ function modelRow(id) {
   if (!row) {
     const cells = Array.from({ length: 9 }, () => el("td"));
     cells[0].append(el("div", { className: "model-id", textContent: id }),
-      el("div", { className: "aliases" }));
+      el("div", { className: "aliases" }), el("div", { className: "saved" }));
     for (const i of [4, 5, 6, 7]) cells[i].className = "num";
     cells[3].className = "memory";
     const button = el("button");
@@ -213,7 +213,11 @@ function renderModels() {
 
     tr.className = live ? "" : "unloaded";
     tr.dataset.state = m.state;
-    cells[0].lastChild.textContent = m.aliases.length ? `also: ${m.aliases.join(", ")}` : "";
+    cells[0].children[1].textContent = m.aliases.length ? `also: ${m.aliases.join(", ")}` : "";
+    // its conversations kept on disk for its next load (CONTEXT_CACHE_DIR)
+    const kept = running.contexts?.models?.[m.id];
+    cells[0].children[2].textContent = kept ? `saved context: ${kept.tokens.toLocaleString()} ` +
+      `tokens, ${gib(kept.bytes)}, ${duration(Date.now() / 1000 - kept.saved_at)} ago` : "";
     cells[1].className = `state ${m.state}`;
     cells[1].textContent = m.state === "queued" ? "waiting" : m.state;
     cells[1].title = m.waiting_for ? `waits for room: ${m.waiting_for}` : "";
@@ -255,6 +259,9 @@ function describe(e) {
     case "loaded": return `in ${e.seconds}s` + (e.by === "no-admission" ? ", without memory admission (MEMORY_ADMISSION=off)" : "");
     case "unloaded": return e.reason + (e.detail ? ` (${e.detail})` : "");
     case "refused": case "load_failed": return e.message;
+    case "context_saved": return `slot ${e.slot}: ${e.tokens.toLocaleString()} tokens, ${gib(e.bytes)} in ${e.seconds}s`;
+    case "context_restored": return `slot ${e.slot}: ${e.tokens.toLocaleString()} tokens in ${e.seconds}s`;
+    case "context_restore_failed": return `slot ${e.slot}: ${e.reason}: ${e.message}`;
     default: return "";
   }
 }
