@@ -62,4 +62,5 @@ bench: install
 	$(BIN)/python -m tests.bench.proxy_overhead
 	$(BIN)/python -m tests.bench.sync_latency
 	$(BIN)/python -m tests.bench.governor
+	$(BIN)/python -m tests.bench.growth
 	$(BIN)/python -m tests.bench.trace
