@@ -28,7 +28,12 @@ class LoadError(Exception):
                 **self.extra}
 
     def response(self) -> web.Response:
-        return error_response(self.status, self.message, self.code, **self.extra)
+        resp = error_response(self.status, self.message, self.code, **self.extra)
+        if self.code == "insufficient_memory":
+            # it has already waited LOAD_WAIT, or could never fit: the OpenAI and Anthropic
+            # SDKs would otherwise send it twice more, each waiting as long again
+            resp.headers["x-should-retry"] = "false"
+        return resp
 
     @classmethod
     def from_dict(cls, data: dict) -> LoadError:

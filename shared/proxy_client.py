@@ -69,10 +69,13 @@ class ProxyClient:
         return await self._call("POST", "/models/load", {"model": model})
 
     @contextlib.asynccontextmanager
-    async def engine_held(self, drain_seconds: float) -> AsyncIterator[None]:
+    async def engine_held(self, drain_seconds: float, stop: bool = False
+                          ) -> AsyncIterator[None]:
         """The proxy holds new requests for the engine's models while this lasts; entered
-        once those under way have finished (or had DRAIN_SECONDS). Needs the stack key."""
+        once those under way have finished (or had DRAIN_SECONDS) and the models' contexts
+        are saved. `stop`: the engine service is stopping. Needs the stack key."""
         async with self.session.post(self.base + "/engine/hold", headers=self.headers,
+                                     params={"why": "stop"} if stop else None,
                                      timeout=aiohttp.ClientTimeout(
                                          total=None, sock_connect=5,
                                          sock_read=drain_seconds + HOLD_SAVE_SECONDS

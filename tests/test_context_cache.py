@@ -107,7 +107,7 @@ def test_a_conversation_goes_on_from_its_saved_cache_after_its_model_left(
     # restored within the load, so before any request went through
     assert kinds[-3:] == ["loading", "context_restored", "loaded"]
     metrics = http("GET", stack.url + "/metrics")[1]
-    assert f'model_serve_context_restores_total{{model="{ALPHA}"}} 1.0' in metrics
+    assert f'model_serve_context_restores_total{{backend="engine",model="{ALPHA}"}} 1.0' in metrics
     running = http("GET", stack.url + "/running")[1]
     assert running["contexts"]["models"][ALPHA]["tokens"] >= prefix
 
@@ -129,8 +129,8 @@ def test_a_corrupted_saved_cache_gives_a_normal_answer(stack_factory) -> None:
     assert failed["model"] == TINY and failed["reason"] == "refused"
     assert not (stack.state_dir / "context-cache" / name).exists()  # dropped
     metrics = http("GET", stack.url + "/metrics")[1]
-    assert f'model_serve_context_restore_failures_total{{model="{TINY}",reason="refused"}} 1.0' \
-        in metrics
+    assert (f'model_serve_context_restore_failures_total{{backend="engine",model="{TINY}",'
+            'reason="refused"} 1.0') in metrics
 
 
 def test_the_folder_stays_within_its_budget_least_recently_used_first(stack_factory) -> None:
@@ -159,8 +159,18 @@ def test_files_it_did_not_write_are_left_alone(stack_factory, tmp_path) -> None:
     assert all(p.read_text() == "mine" for p in theirs)
 
 
-def test_a_model_file_that_changed_loses_its_saved_cache(stack_factory, models_dir) -> None:
+def test_a_model_that_changed_loses_its_saved_cache(stack_factory, models_dir,
+                                                   config_dir) -> None:
     stack = stack_factory().start()
+    ask(stack, TINY, conversation(TINY), max_tokens=2)
+    http("POST", stack.url + "/models/unload", {"model": TINY})
+    assert len(saved(stack)) == 1
+    # another context: the saved cache does not fit it, and goes once the catalog has it
+    (config_dir / "custom_models.yaml").write_text("models:\n  tiny:0.2m-f32:\n"
+                                                   "    ctx_size: 3072\n")
+    assert stack.cli("sync").returncode == 0
+    wait(lambda: saved(stack) == [], 10)
+
     ask(stack, TINY, conversation(TINY), max_tokens=2)
     http("POST", stack.url + "/models/unload", {"model": TINY})
     assert len(saved(stack)) == 1
@@ -168,8 +178,8 @@ def test_a_model_file_that_changed_loses_its_saved_cache(stack_factory, models_d
     shutil.copyfile(path, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)  # rewritten: the same bytes, a new file
     os.utime(path, (time.time() + 10, time.time() + 10))
-    stack.restart("proxy")  # the proxy tidies the folder when it starts
-    assert saved(stack) == []
+    stack.restart("proxy")  # the proxy looks at the folder when it starts
+    wait(lambda: saved(stack) == [], 10)
 
 
 def test_a_stack_stop_saves_and_the_next_start_restores(stack_factory) -> None:
@@ -184,13 +194,23 @@ def test_a_stack_stop_saves_and_the_next_start_restores(stack_factory) -> None:
     assert second["timings"]["cache_n"] >= 0.9 * first["usage"]["prompt_tokens"]
 
 
-def test_context_cache_gb_0_saves_nothing(stack_factory) -> None:
-    stack = stack_factory(CONTEXT_CACHE_GB="0").start()
+def test_context_cache_gb_0_saves_nothing_and_keeps_what_was_saved(stack_factory) -> None:
+    stack = stack_factory().start()
     ask(stack, TINY, conversation(TINY), max_tokens=2)
     http("POST", stack.url + "/models/unload", {"model": TINY})
-    assert not (stack.state_dir / "context-cache").exists()
+    kept = saved(stack)
+    assert len(kept) == 1
+    stack.stop()
+
+    stack.env["CONTEXT_CACHE_GB"] = "0"  # turned off for a while
+    stack.start()
+    ask(stack, TINY, conversation(TINY), max_tokens=2)
+    http("POST", stack.url + "/models/unload", {"model": OTHER})
+    http("POST", stack.url + "/models/unload", {"model": TINY})
     assert not [e for e in events(stack) if e["kind"].startswith("context_")]
     assert "slot-save-path" not in (stack.state_dir / "presets.ini").read_text()
+    time.sleep(1.5)  # the proxy's first look at the catalog has come and gone
+    assert saved(stack) == kept  # nothing written, nothing removed
 
 
 @pytest.mark.parametrize("leave", ["by hand", "by a reload of its config"])
@@ -237,3 +257,16 @@ def test_memory_pressure_counts_what_bringing_a_context_back_would_cost(
     wait(lambda: len(running(stack)) == 1, 20)
     leaving = ALPHA if kept else bravo
     assert unloaded(stack) == [(leaving, "pressure")]
+
+
+def test_a_restart_of_the_engine_saves_and_says_so(stack_factory) -> None:
+    stack = stack_factory().start()
+    messages = conversation(TINY)
+    first = ask(stack, TINY, messages)
+    stack.restart("engine")  # as `model restart engine` does: the engine service alone
+    assert (TINY, "engine-restart") in unloaded(stack)
+    assert not [r for r in unloaded(stack) if r[1] in ("crash", "config-restart")]
+    assert len(saved(stack)) == 1
+    wait(lambda: http("GET", stack.url + "/health")[1]["engine"]["ok"], 30)
+    second = ask(stack, TINY, next_turn(messages, first))
+    assert second["timings"]["cache_n"] >= 0.9 * first["usage"]["prompt_tokens"]

@@ -103,8 +103,14 @@ def describe(event: dict) -> str:
             "unloaded": f"unloaded: {event.get('reason')}"
                         + (f" ({event['detail']})" if event.get("detail") else ""),
             "refused": f"refused: {event.get('message')}",
-            "load_failed": f"load failed: {event.get('message')}"}.get(event["kind"],
-                                                                        event["kind"])
+            "load_failed": f"load failed: {event.get('message')}",
+            "context_saved": f"context saved: slot {event.get('slot')}, "
+                             f"{event.get('tokens')} tokens",
+            "context_restored": f"context restored: slot {event.get('slot')}, "
+                                f"{event.get('tokens')} tokens",
+            "context_restore_failed": f"context not restored: {event.get('reason')}: "
+                                      f"{event.get('message')}"}.get(event["kind"],
+                                                                     event["kind"])
     at = time.strftime("%H:%M:%S", time.localtime(event["at"]))
     return f"{at}  {event['model']} ({event['backend']}) {what}"
 

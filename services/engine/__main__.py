@@ -9,6 +9,8 @@ service left behind is stopped when the service starts again. Nothing else is ev
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes
 import functools
 import json
@@ -20,13 +22,15 @@ import sys
 import threading
 from pathlib import Path
 
+import aiohttp
 import psutil
 
 from services.engine.output import OutputRouter
 from shared import logs
 from shared import settings as settings_mod
-from shared.engines import make_engine
+from shared.engines import Engine, make_engine
 from shared.files import write_if_possible
+from shared.proxy_client import ProxyClient, ProxyError
 from shared.settings import Settings
 from shared.sync import rebuild
 
@@ -65,6 +69,33 @@ def stop_leftover(settings: Settings) -> None:
         proc.kill()
 
 
+def hand_over(settings: Settings, engine: Engine, child: subprocess.Popen) -> None:
+    """Before the engine stops its models: the proxy lets the requests under way finish and
+    has the models' contexts saved (services/proxy/models/context_cache.py), then the child is
+    stopped; requests that come meanwhile wait at the proxy until it has. Without a proxy
+    (`model stop` stops it first) the child is stopped at once."""
+    async def held() -> None:
+        async with aiohttp.ClientSession() as session:
+            proxy = ProxyClient(settings.proxy_url, session, settings.api_key, engine.key)
+            with contextlib.suppress(ProxyError, aiohttp.ClientError, TimeoutError):
+                async with proxy.engine_held(settings.drain_seconds, stop=True):
+                    await asyncio.to_thread(end, child)
+                    return
+        end(child)
+
+    asyncio.run(held())
+
+
+def end(child: subprocess.Popen) -> None:
+    # a supervisor that signals the whole group has reached the child too, and a second
+    # signal would make it skip stopping its models gently: sent only if needed
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        child.wait(3)
+    if child.poll() is None:
+        child.terminate()
+    child.wait()
+
+
 def main() -> None:
     logs.setup("engine")
     settings = settings_mod.load()
@@ -92,12 +123,10 @@ def main() -> None:
     stopping = []
 
     def stop(signum, _frame) -> None:
-        # a supervisor that signals the whole group reaches the child too, and a second
-        # signal would make it skip stopping its models gently: pass it on only if needed
+        if stopping:
+            return
         stopping.append(signum)
-        later = threading.Timer(3.0, lambda: child.poll() is None and child.terminate())
-        later.daemon = True  # never what keeps this process from exiting
-        later.start()
+        threading.Thread(target=hand_over, args=(settings, engine, child), daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

@@ -98,6 +98,15 @@ class Policy:
             self.memory = {**(self.memory or {}), "note": None}
             return False
         victims = self.victims(rows)
+        # idle, but used moments ago (MIN_MODEL_AGE_SECONDS) or backing off: they may go soon
+        soon = [r for r in rows if r["state"] == "loaded" and not r.get("in_flight")
+                and not r.get("pinned") and r not in victims]
+        if sum(measured(r) for r in victims) < over and soon:
+            self.memory = {**(self.memory or {}), "note": (
+                f"memory {system['used_pct']}% > {threshold:g}%: waiting for "
+                f"{', '.join(r['id'] for r in soon)} (used moments ago) to be idle long "
+                "enough to leave")}
+            return False
         if sum(measured(r) for r in victims) < over:
             held = system.get("other_programs", 0)
             note = (f"memory {system['used_pct']}% > {threshold:g}%: other "

@@ -203,7 +203,6 @@ def make_app(settings: Settings, engine: Engine | None = None) -> web.Applicatio
                 return (await measure.running_models(ctx))[0]
 
             owner.measure = rows
-            await asyncio.to_thread(owner.contexts.tidy, holder.catalog)
             tasks = [asyncio.create_task(holder.follow()), asyncio.create_task(owner.follow()),
                      asyncio.create_task(owner.run())]
             yield

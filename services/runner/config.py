@@ -10,6 +10,7 @@ from pathlib import Path
 
 from honcho.environ import parse_procfile
 
+from shared.proxy_client import HOLD_SAVE_SECONDS
 from shared.settings import ROOT, Settings
 
 PROCFILE = ROOT / "Procfile"
@@ -27,6 +28,8 @@ START_RETRIES = 4
 def stop_wait(settings: Settings, name: str) -> int:
     if name == "proxy":  # room for DRAIN_SECONDS changed in .env after `model start`
         return int(max(settings.drain_seconds, 300)) + 15
+    if name == "engine":  # the proxy drains and saves the models' contexts first
+        return int(settings.drain_seconds + HOLD_SAVE_SECONDS) + STOP_WAIT["engine"]
     return STOP_WAIT.get(name, 15)
 
 
@@ -91,7 +94,8 @@ def render(settings: Settings) -> str:
             f"startretries={START_RETRIES}",
             "stopsignal=TERM",
             f"stopwaitsecs={stop_wait(settings, name)}",
-            "stopasgroup=true",  # the engine's models stop with it
+            # the engine stops its models itself, once the proxy has saved their contexts
+            f"stopasgroup={'false' if name == 'engine' else 'true'}",
             "killasgroup=true",
             "redirect_stderr=true",
             f"stdout_logfile={log_file(settings, name)}",

@@ -151,18 +151,18 @@ class Metrics:
                                "take up a new config), expired (Ollama's keep_alive)",
                                [*MODEL, "reason", "signal"], registry=reg)
         self.context_saves = Counter("model_serve_context_saves", "Slots saved to "
-                                     "CONTEXT_CACHE_DIR before their model left", MODEL[:1],
+                                     "CONTEXT_CACHE_DIR before their model left", MODEL,
                                      registry=reg)
         self.context_restores = Counter("model_serve_context_restores", "Saved slots read "
-                                        "back after a load, and proven", MODEL[:1],
+                                        "back after a load, and proven", MODEL,
                                         registry=reg)
         self.context_restored_tokens = Counter("model_serve_context_restored_tokens",
                                                "Tokens of context restored, not prefilled",
-                                               MODEL[:1], registry=reg)
+                                               MODEL, registry=reg)
         self.context_restore_failures = Counter(
             "model_serve_context_restore_failures", "Saved slots not restored, by reason: "
             "refused (llama-server would not read the file), not_in_cache (read, but not "
-            "found by the next request), error", [*MODEL[:1], "reason"], registry=reg)
+            "found by a request of its tokens), error", [*MODEL, "reason"], registry=reg)
         self.live = Live()
         reg.register(self.live)
         self._series: dict[tuple[str, str], Series] = {}
@@ -244,19 +244,19 @@ class Metrics:
 
     def context_saved(self, model: str, slot: int, tokens: int, size: int,
                       seconds: float) -> None:
-        self.context_saves.labels(model).inc()
+        self.context_saves.labels(model, "engine").inc()
         self.events.emit("context_saved", model, "engine", slot=slot, tokens=tokens,
                          bytes=size, seconds=round(seconds, 2))
 
     def context_restored(self, model: str, slot: int, tokens: int, seconds: float) -> None:
-        self.context_restores.labels(model).inc()
-        self.context_restored_tokens.labels(model).inc(tokens)
+        self.context_restores.labels(model, "engine").inc()
+        self.context_restored_tokens.labels(model, "engine").inc(tokens)
         self.events.emit("context_restored", model, "engine", slot=slot, tokens=tokens,
                          seconds=round(seconds, 2))
 
     def context_restore_failed(self, model: str, slot: int, reason: str,
                                message: str) -> None:
-        self.context_restore_failures.labels(model, reason).inc()
+        self.context_restore_failures.labels(model, "engine", reason).inc()
         self.events.emit("context_restore_failed", model, "engine", slot=slot, reason=reason,
                          message=message)
 

@@ -116,9 +116,6 @@ async def unload(request: web.Request) -> web.Response:
         if error := await ctx.owner.unload(key, mid, reason, _text(body.get("detail"))
                                            if governor else "", signal, forced, idle):
             return error.response()
-    if not governor:  # the governor logs its own, with the numbers
-        log.info("unloaded %s from %s at a client's request%s", mid,
-                 " and ".join(k[0] for k in held), " (forced)" if forced else "")
     return web.json_response({"model": mid, "unloaded": True,
                               "backends": [k[0] for k in held]})
 
@@ -139,35 +136,39 @@ async def load(request: web.Request) -> web.Response:
 
 
 async def hold_engine(request: web.Request) -> web.StreamResponse:
-    """POST /engine/hold (services/proxy/models/engine_hold.py): one JSON line once the requests
-    under way are done (`in_flight`: how many still go on after DRAIN_SECONDS), then held
-    until the caller closes the request."""
+    """POST /engine/hold[?why=stop] (services/proxy/models/engine_hold.py): one JSON line once
+    the requests under way are done (`in_flight`: how many still go on after DRAIN_SECONDS)
+    and the models' contexts are saved, then held until the caller closes the request."""
     ctx = request.app[CTX]
     if not hmac.compare_digest(request.headers.get(HEADER, ""), ctx.engine.key):
         return error_response(403, "only the stack's own sync holds the engine's requests",
                               "forbidden")
     owner, drain = ctx.owner, ctx.settings.drain_seconds
-    log.info("engine config change: requests for the engine's models wait until it serves "
-             "it; %d under way get up to %gs (DRAIN_SECONDS)", owner.hold.under_way, drain)
-    async with owner.hold.held(drain) as left:
+    # the engine service stopping (a restart of it), or a config llama-swap reloads
+    stopping = request.query.get("why") == "stop"
+    what = "engine stop" if stopping else "engine config change"
+    log.info("%s: requests for the engine's models wait until it is done; %d under way get "
+             "up to %gs (DRAIN_SECONDS)", what, owner.hold.under_way, drain)
+    async with owner.hold.held(drain, stopping) as left:
         if left:
-            log.warning("engine config change: %d request(s) still under way after %gs "
-                        "(DRAIN_SECONDS); the engine's restart cuts them", left, drain)
-        # the reload stops every model: their conversations go on after it
+            log.warning("%s: %d request(s) still under way after %gs (DRAIN_SECONDS); the "
+                        "engine's restart cuts them", what, left, drain)
+        # the engine stops every model: their conversations go on after it
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(HOLD_SAVE_SECONDS):
                 await owner.keep_contexts()
+        if stopping:
+            owner.engine_stopping()
         resp = web.StreamResponse()
         resp.content_type = "application/json"
         await resp.prepare(request)
         try:
             await resp.write(json.dumps({"held": True, "in_flight": left}).encode() + b"\n")
             await asyncio.sleep(LONGEST_HOLD)  # cancelled when the caller closes the request
-            log.warning("engine config change: the sync held requests for %gs; they go on",
-                        LONGEST_HOLD)
+            log.warning("%s: requests were held for %gs; they go on", what, LONGEST_HOLD)
         finally:
             # the models the engine's reload stopped are cold before anyone goes on
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(owner.look(), 5)
-            log.info("engine config change: requests go on")
+            log.info("%s: requests go on", what)
     return resp

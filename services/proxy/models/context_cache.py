@@ -184,7 +184,7 @@ class ContextCache:
         try:
             tokens = await asyncio.to_thread(saved_tokens, saved.path)
             if not tokens:
-                raise Refused("not a saved slot")
+                raise Refused("not a slot llama-server saved (unreadable header)")
             async with asyncio.timeout(RESTORE_SECONDS):
                 async with self.session.post(
                         f"{base}/slots/{saved.slot}", params={"action": "restore"},
@@ -201,7 +201,8 @@ class ContextCache:
         except Refused as e:
             await asyncio.to_thread(saved.path.unlink, missing_ok=True)
             self.metrics.context_restore_failed(model, saved.slot, e.reason, str(e))
-            log.warning("dropped %s's saved slot %d: %s", model, saved.slot, e)
+            log.warning("deleted %s's saved slot %d (%s): %s; the conversation is read "
+                        "again in full", model, saved.slot, saved.path.name, e)
             return
         except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as e:
             self.metrics.context_restore_failed(model, saved.slot, "error",
@@ -238,7 +239,10 @@ class ContextCache:
 
     def tidy(self, catalog: Catalog) -> None:
         """Removes the files of no model of `catalog` as it is now, then the least recently
-        used until the folder is within its budget."""
+        used until the folder is within its budget. Turned off (CONTEXT_CACHE_GB=0), it
+        leaves what is saved as it is, for when it is turned on again."""
+        if not self.budget:
+            return
         valid = {d for e in catalog.entries.values() if self.kept_for(e)
                  if (d := digest(e))}
         files = self.files()

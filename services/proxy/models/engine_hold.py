@@ -23,6 +23,8 @@ class Hold:
         self._idle = asyncio.Event()
         self._idle.set()
         self._one = asyncio.Lock()
+        # the hold is for the engine service stopping (its models with it), not for a config
+        self.stopping = False
 
     @property
     def holding(self) -> bool:
@@ -53,11 +55,12 @@ class Hold:
                 self._idle.set()
 
     @contextlib.asynccontextmanager
-    async def held(self, drain: float):
+    async def held(self, drain: float, stopping: bool = False):
         """New requests wait at the gate; yields once those inside have finished, or after
         `drain` seconds with how many have not."""
         async with self._one:
             self._open.clear()
+            self.stopping = stopping
             try:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(drain):

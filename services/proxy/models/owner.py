@@ -83,6 +83,7 @@ class Owner:
         # the backends' rows with memory (measure.running_models), wired in by the app
         self.measure: Callable[[], Awaitable[list[dict]]] | None = None
         self._wake = asyncio.Event()
+        self._tidied: Catalog | None = None  # the catalog the saved contexts were checked on
         self._tasks: set[asyncio.Task] = set()
         usage.on_idle = self.wake
 
@@ -159,11 +160,10 @@ class Owner:
 
     def _enqueue(self, life: Life, entry: Entry | None) -> None:
         life.entry, life.state = entry, QUEUED
-        life.queued_at, life.waiting_for = time.monotonic(), ""
+        life.queued_at, life.waiting_for = time.monotonic(), "its turn to be judged"
         life.outcome = asyncio.get_running_loop().create_future()
         life.need = 0 if life.key[0] == "ollama" and entry is None else \
             self._estimate(life.key, entry)
-        self.metrics.loading(life.key, life.model)
         if not self.settings.memory_admission:
             self._start(life)
             return
@@ -230,7 +230,8 @@ class Owner:
                 self._refuse(life, room.refusal(
                     life.key[1], life.need, acct, rows, f"it waited {waited:.0f}s "
                     f"(LOAD_WAIT={self.settings.load_wait:g}) for room; held by "
-                    f"{room.holding(rows, self.settings.min_model_age)}"))
+                    f"{room.holding(rows, self.settings.min_model_age)}; try again once "
+                    "they are done, or raise LOAD_WAIT or MEMORY_PRESSURE_THRESHOLD"))
                 continue
             self._make_room(life, acct, rows)
             return  # first come, first served: later loads wait behind this one
@@ -282,6 +283,7 @@ class Owner:
 
     def _start(self, life: Life) -> None:
         life.state, life.waiting_for = LOADING, ""
+        self.metrics.loading(life.key, life.model)
         self._spawn(self._load(life))
 
     async def _load(self, life: Life) -> None:
@@ -447,6 +449,14 @@ class Owner:
             self.contexts.save(lf.model, lf.entry, lf.address, self.holder.catalog)
             for lf in self.lives.values() if lf.key[0] == "engine" and lf.state == WARM))
 
+    def engine_stopping(self) -> None:
+        """The engine service is stopping (`model restart engine`), its models with it: each
+        warm one is cold now, for that reason, not taken for a crash once it has gone; until
+        the hold ends (the old engine has exited), looks leave the engine alone."""
+        for life in self.lives.values():
+            if life.key[0] == "engine" and life.state == WARM:
+                self._gone(life, "engine-restart", "the engine service was restarted")
+
     async def _safe_address(self, life: Life) -> str | None:
         if life.key[0] != "engine":
             return None
@@ -514,8 +524,13 @@ class Owner:
         loaded there by another client)."""
         await asyncio.to_thread(self.holder.refresh)  # a restart is judged on the new config
         catalog, began = self.holder.catalog, time.monotonic()
+        if catalog is not self._tidied:  # saved contexts of a model that changed go now
+            self._tidied = catalog
+            await asyncio.to_thread(self.contexts.tidy, catalog)
         seen: dict[str, dict[str, str | None]] = {}
         with contextlib.suppress(aiohttp.ClientError, ValueError, EngineError, TimeoutError):
+            if self.hold.holding and self.hold.stopping:
+                raise EngineError("the engine is stopping")  # its models are cold already
             async with asyncio.timeout(5):
                 running = await self.engine.running(self.session, catalog)
             seen["engine"] = {m: f"http://127.0.0.1:{r.port}" if r.port else None
