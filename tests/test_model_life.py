@@ -11,7 +11,9 @@ import socket
 import threading
 import time
 
+import openai
 import psutil
+import pytest
 
 from shared.engines.base import section_name
 from tests.governed import (
@@ -99,10 +101,17 @@ def test_a_load_waits_at_most_load_wait_then_says_what_held_the_memory(gov_stack
     room_for_two(stack, machine)
     streams = busy(stack, A, B)
     started = time.monotonic()
-    status, body = http("POST", stack.url + "/v1/chat/completions", chat(C), timeout=60)
+    client = openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=2)
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.chat.completions.create(**chat(C))
+    # the SDK does not send it again (x-should-retry: false): one wait, not three
+    assert time.monotonic() - started < 2 * 2 + 1
+    assert refused.value.response.headers["x-should-retry"] == "false"
+    status, body = refused.value.status_code, refused.value.body
     assert status == 503 and time.monotonic() - started < 30
-    err = body["error"]
+    err = body if "code" in body else body["error"]
     assert err["code"] == "insufficient_memory" and "LOAD_WAIT=2" in err["message"]
+    assert "raise LOAD_WAIT or MEMORY_PRESSURE_THRESHOLD" in err["message"]
     assert "busy" in err["message"] and set(err["busy"]) == {A, B}
     assert err["needed"] > err["available"]
     assert set(running(stack)) == {A, B}

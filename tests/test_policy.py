@@ -5,6 +5,7 @@ test_governor_memory.py."""
 
 import asyncio
 import time
+from dataclasses import replace
 
 import aiohttp
 import pytest
@@ -148,6 +149,24 @@ def test_pressure_from_other_programs_unloads_nothing_that_cannot_help(tmp_path)
         await asyncio.sleep(0.3)
         assert "/models/unload" not in fakes[0].calls  # 150 MiB over; A frees 100
         assert "other programs hold 0.78 GiB" in s.memory["note"]
+        await stop(s, task, fakes)
+
+    asyncio.run(go())
+
+
+def test_models_too_young_to_leave_are_waited_for_not_blamed_on_other_programs(
+        tmp_path) -> None:
+    async def go() -> None:
+        line = system(1000 * MIB, 900 * MIB)  # 150 MiB over; A, just used, holds 200
+        s, fakes = await governor(tmp_path, {
+            ("GET", "/running"): lambda r: answer(models=[row(A, 200, idle=0.5)], system=line),
+            ("POST", "/models/unload"): lambda r: answer(model=A, unloaded=True)})
+        s.settings = replace(s.settings, min_model_age=60)
+        task = asyncio.create_task(s.run())
+        await wait_for(lambda: (s.memory or {}).get("note"))
+        assert "/models/unload" not in fakes[0].calls
+        assert f"waiting for {A} (used moments ago)" in s.memory["note"]
+        assert "other programs" not in s.memory["note"]
         await stop(s, task, fakes)
 
     asyncio.run(go())
