@@ -29,7 +29,7 @@ MIB = 1024**2
 NAMES = ("grow-a", "grow-b", "grow-c")
 CTX = 8192
 NOISE = 32 * MIB  # what the baseline moves by on its own (the stack's processes, the OS)
-TURN = " ".join(f"item {i} of the list;" for i in range(45))  # about a thousand tokens
+TURN = " ".join(f"item {i} of the list;" for i in range(35))  # about a thousand tokens
 
 
 def converse(url: str, model: str, turns: int, failed: list[str]) -> None:
@@ -38,7 +38,7 @@ def converse(url: str, model: str, turns: int, failed: list[str]) -> None:
     talks: list[list[dict]] = [[], []]
     for n in range(turns):
         talk = talks[n % 2]
-        if len(talk) >= 12:  # ~6,000 tokens: the next turns would not fit
+        if len(talk) >= 10:  # ~5,500 tokens: the next turns would not fit
             talk.clear()
         talk.append({"role": "user", "content": f"{n}: {TURN}"})
         status, answer = http("POST", url + "/v1/chat/completions", {
@@ -58,7 +58,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         root = tmp / "models"
-        paths = [write(root, n, n_embd=512, n_head=8, n_layer=8, target_bytes=args.size_mib
+        paths = [write(root, n, n_embd=512, n_head=8, n_layer=8, context_length=CTX,
+                       target_bytes=args.size_mib
                        * MIB, seed=i) for i, n in enumerate(NAMES)]
         ids = [model_id(p) for p in paths]
         config = custom(tmp, [f"  {m.removeprefix('ms/')}:\n    ctx_size: {CTX}" for m in ids])
