@@ -217,6 +217,8 @@ def make_app(settings: Settings, engine: Engine | None = None) -> web.Applicatio
             app.router.add_route(route.method, route.path, forward.forward)
     app.router.add_get("/metrics", manage.scrape)
     app.router.add_get("/v1/models", info.list_models)
+    # ids hold `/` and `:` (`ms/gemma3:12.2b-q8_0`), sent as they are or encoded
+    app.router.add_get("/v1/models/{model:.+}", info.retrieve_model)
     app.router.add_get("/health", info.health)
     app.router.add_get("/running", manage.running)
     app.router.add_post("/models/unload", manage.unload)

@@ -1,21 +1,26 @@
-"""GET /v1/models and GET /health."""
+"""GET /v1/models, GET /v1/models/{model} and GET /health."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import time
+import re
+from datetime import datetime
+from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
 
 from services.proxy.context import CTX, Context
 from services.proxy.manage.governor_client import governor_health
+from services.proxy.serve.forward import not_found
+from shared.catalog import Catalog, Entry
 from shared.disk import state_dir_problem
 from shared.ollama import OllamaError, OllamaUnavailable
-from shared.settings import INSTANCE_ENV
+from shared.settings import INSTANCE_ENV, Settings
 
-CREATED = int(time.time())
+# Ollama writes nanoseconds; datetime reads at most microseconds
+_FRACTION = re.compile(r"(\.\d{6})\d+")
 
 
 async def engine_states(ctx: Context) -> dict[str, str] | None:
@@ -38,30 +43,77 @@ async def ollama_states(ctx: Context) -> tuple[list[dict], dict[str, str]] | Non
     return tags, loaded
 
 
-async def list_models(request: web.Request) -> web.Response:
-    ctx = request.app[CTX]
+def _mtime(path: str) -> int | None:
+    try:
+        return int(os.stat(os.path.realpath(path)).st_mtime)
+    except (OSError, ValueError):
+        return None
+
+
+def created_times(settings: Settings, entries: list[Entry]) -> dict[str, int]:
+    """Blocking: id → the Unix time of the model's file (a link's target: the time Ollama
+    or LM Studio downloaded it), so each model keeps its own `created` across restarts. A
+    `cmd` model has no file: the time of custom_models.yaml, which defines it."""
+    config = _mtime(str(settings.custom_models_file)) or 0
+    return {e.id: (_mtime(e.path) if e.path else None) or config for e in entries}
+
+
+def ollama_created(tag: dict) -> int:
+    """An Ollama /api/tags row's `modified_at` as a Unix time (0 when it has none)."""
+    try:
+        stamp = _FRACTION.sub(r"\1", str(tag.get("modified_at", "")).replace("Z", "+00:00"))
+        return int(datetime.fromisoformat(stamp).timestamp())
+    except ValueError:
+        return 0
+
+
+async def model_rows(ctx: Context) -> tuple[Catalog, list[dict]]:
+    """The catalog and its models as /v1/models lists them, with Ollama's own models that
+    no catalog entry serves."""
     await asyncio.to_thread(ctx.holder.refresh)  # a sync that just finished shows at once
     catalog = ctx.holder.catalog
-    states, ollama = await asyncio.gather(engine_states(ctx), ollama_states(ctx))
+    entries = list(catalog.entries.values())
+    states, ollama, created = await asyncio.gather(
+        engine_states(ctx), ollama_states(ctx),
+        asyncio.to_thread(created_times, ctx.settings, entries))
     tags, ollama_loaded = ollama or ([], {})
     data = []
-    for entry in catalog.entries.values():
+    for entry in entries:
         if entry.backend == "ollama":
             status = "unknown" if ollama is None else ollama_loaded.get(entry.ollama, "unloaded")
         else:
             status = "unknown" if states is None else states.get(entry.id, "unloaded")
         data.append({
-            "id": entry.id, "object": "model", "created": CREATED, "owned_by": "model-serve",
-            "status": status, "backend": entry.backend, "aliases": entry.aliases,
-            "context_length": entry.ctx_size,
+            "id": entry.id, "object": "model", "created": created[entry.id],
+            "owned_by": "model-serve", "status": status, "backend": entry.backend,
+            "aliases": entry.aliases, "context_length": entry.ctx_size,
         })
     for tag in tags:  # Ollama's own models that no catalog entry serves
         name = tag.get("name", "")
         if name and catalog.resolve(name) is None:
-            data.append({"id": name, "object": "model", "created": CREATED,
+            data.append({"id": name, "object": "model", "created": ollama_created(tag),
                          "owned_by": "ollama", "status": ollama_loaded.get(name, "unloaded"),
                          "backend": "ollama", "aliases": []})
+    return catalog, data
+
+
+async def list_models(request: web.Request) -> web.Response:
+    _, data = await model_rows(request.app[CTX])
     return web.json_response({"object": "list", "data": data})
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{model}, as OpenAI answers it: the model's object from the list, found
+    by any of its names (ids hold `/` and `:`, which the SDKs send encoded), or a 404."""
+    name = request.match_info["model"]
+    catalog, data = await model_rows(request.app[CTX])
+    rows = {row["id"]: row for row in data}
+    for asked in dict.fromkeys((name, unquote(name))):
+        entry = catalog.resolve(asked)
+        row = rows.get(entry.id if entry else asked) or rows.get(f"{asked}:latest")
+        if row:
+            return web.json_response(row)
+    return not_found(catalog, name)
 
 
 async def governor_state(ctx: Context) -> dict:

@@ -104,7 +104,10 @@ class ResponsesIndexes:
     """llama-server's Responses stream events lack the `sequence_number`, `output_index` and
     `content_index` the API defines, and the openai SDK's `responses.stream()` indexes by
     them: each event gets them, counted as the API counts (every event; each output item in
-    order of appearance; its one content part)."""
+    order of appearance; its one content part). The opening events' response gets the
+    `output: []` llama-server leaves out."""
+
+    OPENING = ("response.created", "response.in_progress")
 
     def __init__(self) -> None:
         self.pending = b""
@@ -135,6 +138,10 @@ class ResponsesIndexes:
 
     def _fill(self, data: dict) -> None:
         data.setdefault("sequence_number", self.sequence)
+        if data.get("type") in self.OPENING and isinstance(data.get("response"), dict):
+            # llama-server's response so far has no `output`, which the Node openai SDK's
+            # `responses.stream()` iterates
+            data["response"].setdefault("output", [])
         self.sequence += 1
         item = data.get("item")
         item_id = data.get("item_id") or (item.get("id") if isinstance(item, dict) else None)
