@@ -11,6 +11,9 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 # Set by `model supervise` for every process of one running stack; /health reports it.
 INSTANCE_ENV = "MODEL_SERVE_INSTANCE"
+# set by supervisord for the engine service alone, which it signals alone (stopasgroup=false):
+# its llama-server gets no signal of supervisord's, so the engine stops it at once
+STOPPED_ALONE_ENV = "MODEL_SERVE_STOPPED_ALONE"
 # Every variable load() reads (the installed service carries those set when it is installed).
 ENV_KEYS = (
     "ALLOWED_HOSTS", "API_KEY", "BRIDGE_SYNC_INTERVAL", "CACHE_RAM_MIB", "CONFIG_DIR",

@@ -1,6 +1,7 @@
 """`model sync`, `doctor`, `show` and `run` as a user runs them (start, stop, status and
 the runner are in test_runner.py)."""
 
+import re
 import signal
 import socket
 import subprocess
@@ -69,7 +70,9 @@ def test_doctor_passes_a_good_setup_and_names_the_setting_to_fix(stack_factory, 
     good = stack.cli("doctor")
     assert good.returncode == 0, good.stdout
     assert "OK    llama-server:" in good.stdout and "(router mode)" in good.stdout
-    assert "WARN  Ollama is not reachable" in good.stdout  # optional: a warning only
+    # optional, and no served model needs it: a note, not a warning
+    assert "NOTE  Ollama is not reachable" in good.stdout, good.stdout
+    assert "WARN  Ollama" not in good.stdout
     assert "OK    Harmony vocabulary" in good.stdout and "limit 75%" in good.stdout
 
     old = stack_factory(LLAMA_SERVER="/bin/true").cli("doctor")
@@ -91,6 +94,9 @@ def test_doctor_passes_a_good_setup_and_names_the_setting_to_fix(stack_factory, 
     bad = stack.cli("doctor")  # a warning: everything else is served meanwhile
     assert bad.returncode == 0 and "WARN  " in bad.stdout
     assert "custom_models.yaml: models.tiny:0.2m-f32.pin" in bad.stdout
+    warning = bad.stdout.split("custom_models.yaml: models.tiny:0.2m-f32.pin")[1]
+    assert warning.splitlines()[1].strip().startswith(
+        f"fix: correct it in {config_dir / 'custom_models.yaml'}"), bad.stdout
     assert "OK    config: 2 models served" in bad.stdout
 
     # a name the router's preset cannot hold is counted out, with the reason; a file whose
@@ -111,6 +117,17 @@ def test_show_reads_like_prose_and_gives_the_engines_own_arguments(stack_factory
         shown.stdout.split("runs it as")[0]
     assert "llama-server router runs it as" in shown.stdout
     assert "--alias ms_tiny_0.2m-f32 --ctx-size 4096" in shown.stdout
+    # not loaded: no port that looks like an address to call
+    assert "not loaded: no port yet" in shown.stdout and "--port" not in shown.stdout
+
+    assert http("POST", stack.url + "/v1/chat/completions", chat(TINY))[0] == 200
+    loaded = stack.cli("show", TINY).stdout
+    port = re.search(r"loaded now: its own llama-server at http://127\.0\.0\.1:(\d+)",
+                     loaded)
+    assert port, loaded
+    assert f"--port {port[1]}" in loaded  # its real address, as the engine reports it
+    status, _ = http("GET", f"http://127.0.0.1:{port[1]}/health")
+    assert status == 200
 
 
 def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(stack_factory, models_dir,
@@ -159,3 +176,41 @@ def test_run_takes_every_spelling_the_proxy_takes(stack_factory, config_dir) -> 
         assert result.returncode == 0, (name, result.stderr)
     result = stack.cli("run", "nosuch", input="/bye\n")
     assert result.returncode == 1 and "no model named 'nosuch'" in result.stderr
+
+
+def test_list_and_names_without_ollama_list_the_served_models(stack_factory) -> None:
+    """Someone who only uses LM Studio: Ollama is not running, the models are served."""
+    stack = stack_factory()
+    assert stack.cli("sync").returncode == 0
+    listed = stack.cli("list")
+    assert listed.returncode == 0, listed.stderr
+    assert TINY in listed.stdout and OTHER in listed.stdout and "CONTEXT" in listed.stdout
+    assert "note: Ollama is not reachable at " + stack.env["OLLAMA_BASE"] in listed.stderr
+    named = stack.cli("names")
+    assert named.returncode == 0, named.stderr
+    assert TINY in named.stdout and OTHER in named.stdout
+    assert "note: Ollama is not reachable" in named.stderr
+    assert stack.cli("names", "nosuch").returncode == 1  # a name that matches nothing
+
+
+def test_model_without_a_command_prints_the_usage_and_fails(stack_factory) -> None:
+    result = stack_factory().cli()
+    assert result.returncode == 2
+    assert "Usage:" in result.stderr and "doctor" in result.stderr
+
+
+def test_doctor_warns_of_ollama_only_for_the_embeddings_it_answers(stack_factory, models_dir,
+                                                                   config_dir) -> None:
+    write_model(models_dir / "pub" / "emb" / "emb-F32.gguf", name="emb", pooling_type=1)
+    stack = stack_factory()
+    served = stack.cli("doctor")  # the engine answers the embedding model itself
+    assert served.returncode == 0, served.stdout
+    assert "NOTE  Ollama is not reachable" in served.stdout and "WARN  Ollama" not in \
+        served.stdout
+    (config_dir / "custom_models.yaml").write_text(
+        "models:\n  emb:0.2m-f32:\n    backend: ollama\n    ollama_model: emb:1b\n")
+    routed = stack.cli("doctor")
+    assert routed.returncode == 0, routed.stdout
+    assert f"WARN  Ollama is not reachable at {stack.env['OLLAMA_BASE']}: embeddings with " \
+        "ms/emb:0.2m-f32" in routed.stdout, routed.stdout
+    assert "fix: start it (`ollama serve`)" in routed.stdout

@@ -383,9 +383,12 @@ def test_ollama_down_is_503_naming_ollama_base(stack_factory, models_dir) -> Non
     status, body = http("POST", stack.url + "/v1/chat/completions", chat("ms/tiny:0.2m-f32"))
     assert status == 503 and base in body["error"]["message"]
     assert "OLLAMA_BASE" in body["error"]["message"]
-    for args in (("list",), ("pull", "x:1b"), ("rm", "x:1b", "--yes")):
+    for args in (("pull", "x:1b"), ("rm", "x:1b", "--yes")):
         result = stack.cli(*args)
         assert result.returncode == 1 and base in result.stderr
+    listed = stack.cli("list")  # the served models, and Ollama's absence as a note
+    assert listed.returncode == 0 and base in listed.stderr and "ms/tiny:0.2m-f32" in \
+        listed.stdout
 
 
 def test_model_run_with_the_proxy_down_says_so(stack_factory) -> None:

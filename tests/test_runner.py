@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -18,7 +19,7 @@ import pytest
 
 from services.runner import client
 from shared.llama_server import find_llama_server
-from shared.settings import load
+from shared.settings import ROOT, load
 from shared.tiny_gguf import write_model
 from tests.harness import answers, free_port, http, wait
 from tests.streams import chat
@@ -271,3 +272,33 @@ def test_a_llama_server_we_did_not_start_lives_on(runner) -> None:
     finally:
         stranger.terminate()
         stranger.wait()
+
+
+def test_start_says_how_to_reach_model_and_restart_brings_every_process_back(runner) -> None:
+    stack = runner()
+    result = stack.cli("start")  # the last step of `make up`
+    assert result.returncode == 0, result.stderr
+    bindir = os.path.dirname(sys.executable)
+    assert f"the model command: {bindir}/model" in result.stdout
+    assert "(from the checkout: .venv/bin/model)" in result.stdout or \
+        not bindir.startswith(str(ROOT))
+    assert f'export PATH="{bindir}:$PATH"' in result.stdout
+    assert http("POST", stack.url + "/v1/chat/completions", chat(TINY))[0] == 200
+    before = pids(stack)
+    assert set(before) == {"engine", "proxy", "governor", "sync"}
+
+    again = stack.cli("restart")  # all of them: the proxy first, then the engine
+    assert again.returncode == 0, again.stderr
+    for name in before:
+        assert f"restarted {name}" in again.stdout
+    after = pids(stack)
+    assert set(after) == set(before) and not set(after.values()) & set(before.values())
+    assert http("POST", stack.url + "/v1/chat/completions", chat(TINY))[0] == 200
+    status = stack.cli("status")
+    assert status.returncode == 0, status.stdout
+
+    one = stack.cli("restart", "engine")
+    assert one.returncode == 0 and "restarted engine" in one.stdout, one.stderr
+    now = pids(stack)
+    assert now["engine"] != after["engine"] and now["proxy"] == after["proxy"]
+    assert http("POST", stack.url + "/v1/chat/completions", chat(TINY))[0] == 200

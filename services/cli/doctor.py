@@ -19,10 +19,12 @@ from lm_studio_ollama_bridge.links import LinkRecord
 from services.cli.stack import get_health, ours, port_holder, running_stack
 from shared import harmony_encoding
 from shared import settings as settings_mod
+from shared.catalog import Catalog
 from shared.disk import biggest, full, mount_point, size, state_dir_problem
 from shared.engines import make_engine
 from shared.llama_server import find_llama_server
 from shared.memory import first_estimate
+from shared.model_kinds import EMBEDDING, kind
 from shared.os_memory import system_memory
 from shared.settings import Settings
 from shared.sync import servable, sync_lock
@@ -62,15 +64,30 @@ def check_llama_server(settings: Settings) -> Finding:
     return Finding("ok", f"llama-server: {binary} (router mode)")
 
 
-def check_ollama(settings: Settings) -> Finding:
+def check_ollama(settings: Settings, catalog: Catalog) -> Finding:
+    """Ollama is optional: a warning only when served models route to it (Ollama's own
+    embedding names, MXFP4 models, `backend: ollama`); the engine's own embedding models (a
+    GGUF that pools, llama-server answers) need no Ollama."""
     try:
         with urllib.request.urlopen(settings.ollama_base + "/api/version", timeout=3) as r:
             version = json.loads(r.read()).get("version")
         return Finding("ok", f"Ollama {version} at {settings.ollama_base}")
     except (OSError, ValueError):
-        return Finding("warn", f"Ollama is not reachable at {settings.ollama_base}: pulls, and "
-                       "the models it answers (MXFP4, embeddings), will fail",
-                       "start it (`ollama serve`), or set OLLAMA_BASE; not needed otherwise")
+        pass
+    routed = [e for e in catalog.entries.values() if e.backend == "ollama"]
+    embeddings = [e.id for e in routed if kind(e.info, e.args) == EMBEDDING]
+    fix = "start it (`ollama serve`), or set OLLAMA_BASE"
+    if embeddings:
+        return Finding("warn", f"Ollama is not reachable at {settings.ollama_base}: embeddings "
+                       f"with {', '.join(embeddings[:3])} (answered by Ollama) will fail, and "
+                       "pulls", fix)
+    if routed:
+        return Finding("warn", f"Ollama is not reachable at {settings.ollama_base}: the "
+                       f"models it answers ({', '.join(e.id for e in routed[:3])}) will fail, "
+                       "and pulls", fix)
+    return Finding("note", f"Ollama is not reachable at {settings.ollama_base}: no served "
+                   "model needs it (the engine answers them all, embeddings too); `model "
+                   "pull` does", fix + " to pull models with it")
 
 
 def check_ports(settings: Settings) -> list[Finding]:
@@ -129,10 +146,15 @@ def check_links(settings: Settings) -> Finding:
     return Finding("ok", f"bridge links: {len(record.links)}, none broken")
 
 
-def check_config_and_memory(settings: Settings) -> list[Finding]:
+def served_catalog(settings: Settings) -> Catalog:
     with sync_lock(settings):  # the build updates STATE_DIR's ids and header cache
-        catalog = servable(settings, make_engine(settings))
-    out = [Finding("warn", notice) for notice in catalog.notices]
+        return servable(settings, make_engine(settings))
+
+
+def check_config_and_memory(settings: Settings, catalog: Catalog) -> list[Finding]:
+    fix = (f"correct it in {settings.custom_models_file} (docs/configuration.md lists each "
+           "setting), then run `model sync`; the rest is served meanwhile")
+    out = [Finding("warn", notice, fix) for notice in catalog.notices]
     out.append(Finding("ok", f"config: {len(catalog.entries)} models served"))
     memory = system_memory()
     limit = memory.total * settings.pressure_threshold / 100
@@ -175,9 +197,10 @@ def check_harmony() -> Finding:
                        "(`git checkout shared/data`); GPT-OSS models need it")
 
 
-CHECKS: list[Callable[[Settings], Finding | list[Finding]]] = [
-    check_llama_server, check_ollama, check_ports, check_folders, check_links,
-    check_config_and_memory, lambda _: check_harmony()]
+CHECKS: list[Callable[[Settings, Catalog], Finding | list[Finding]]] = [
+    lambda s, _: check_llama_server(s), check_ollama, lambda s, _: check_ports(s),
+    lambda s, _: check_folders(s), lambda s, _: check_links(s), check_config_and_memory,
+    lambda _, __: check_harmony()]
 
 
 @click.command()
@@ -189,8 +212,12 @@ def doctor() -> None:
         click.echo(f"FAIL  settings: {e}\n      fix: correct it in .env or the environment")
         raise SystemExit(1) from None
     failed = False
+    try:
+        catalog = served_catalog(settings)
+    except OSError as e:  # STATE_DIR unwritable: its check says so and how to fix it
+        catalog = Catalog(entries={}, notices=[f"the catalog cannot be built: {e}"])
     for check in CHECKS:
-        found = check(settings)
+        found = check(settings, catalog)
         for f in found if isinstance(found, list) else [found]:
             click.echo(f"{f.level.upper():5} {f.what}" + (f"\n      fix: {f.fix}" if f.fix and
                                                           f.level != "ok" else ""))

@@ -10,9 +10,15 @@ from services.cli import doctor, logs_cmd, memory_cmds, models, ollama_cmds, ser
 from services.cli.sync_cmd import sync
 
 
-@click.group()
-def cli() -> None:
+@click.group(invoke_without_command=True)
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """model-serve: every local GGUF model on one OpenAI-compatible port."""
+    if ctx.invoked_subcommand is None and not ctx.resilient_parsing:
+        # a missing command is a usage error (exit 2, as click >= 8.2 has it; click 8.1
+        # exited 0): the usage and the commands, on stderr
+        click.echo(ctx.get_help(), err=True)
+        ctx.exit(2)
 
 
 for command in (sync, stack.start, stack.stop, stack.status, stack.restart, stack.supervise,

@@ -16,6 +16,7 @@ import click
 from services.cli.common import load_catalog, load_settings
 from shared.catalog import Catalog, Entry, loose
 from shared.engines import EngineError, make_engine
+from shared.engines.base import Running
 from shared.model_flags import flatten
 
 
@@ -32,18 +33,35 @@ def _value(value) -> str:
     return str(value)
 
 
-def _arguments(settings, entry: Entry) -> list[str] | None:
-    """The engine's command line for the model, or None when the engine does not answer."""
+def _arguments(settings, entry: Entry) -> tuple[list[str], Running | None] | None:
+    """The engine's command line for the model and whether it runs now (loaded or loading,
+    with its own llama-server's port), or None when the engine does not answer."""
     engine = make_engine(settings)
 
-    async def ask() -> list[str]:
+    async def ask() -> tuple[list[str], Running | None]:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-            return await engine.arguments(session, entry)
+            args = await engine.arguments(session, entry)
+            running = await engine.running(session, Catalog(entries={entry.id: entry}))
+            return args, running.get(entry.id)
 
     try:
         return asyncio.run(ask())
     except (aiohttp.ClientError, EngineError, TimeoutError, ValueError):
         return None
+
+
+def without_port(args: list[str]) -> list[str]:
+    """The arguments but `--port N`: a model that is not loaded has no port (the engine picks
+    one at each load), and a number there would look like an address to call."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--port":
+            skip = True
+        elif not arg.startswith("--port="):
+            out.append(arg)
+    return out
 
 
 @click.command()
@@ -70,13 +88,22 @@ def show(name: str) -> None:
         click.echo(f"\nanswered by Ollama as {entry.ollama} ({settings.ollama_base})")
         return
     engine = make_engine(settings)
-    args = _arguments(settings, entry)
-    if args:
-        click.echo(f"\n{engine.name} runs it as (the port is chosen at each load):")
-        click.echo("  " + shlex.join(args))
+    found = _arguments(settings, entry)
+    if found:
+        args, running = found
+        if running and running.port:
+            click.echo(f"\n{running.state} now: its own llama-server at "
+                       f"http://127.0.0.1:{running.port} (a new port at each load)")
+            click.echo(f"{engine.name} runs it as:")
+            click.echo("  " + shlex.join(args))
+            return
+        click.echo(f"\n{running.state if running else 'not loaded'}: no port yet (the engine "
+                   "picks one at each load)")
+        click.echo(f"{engine.name} runs it as (without its port):")
+        click.echo("  " + shlex.join(without_port(args)))
         return
-    click.echo(f"\n{engine.name} config for this model (the engine is not running to say "
-               "more):")
+    click.echo(f"\nnot loaded as far as is known: the engine is not running to say more; "
+               f"{engine.name} config for this model:")
     one = engine.render(Catalog(entries={entry.id: entry}))
     click.echo("\n".join("  " + line for line in one.splitlines()
                          if line and not line.startswith(("#", ";"))))

@@ -81,20 +81,36 @@ def rm(name: str | None, filter_text: str | None, yes: bool) -> None:
     run_sync()
 
 
+def ollama_tags(settings) -> list[dict] | None:
+    """Ollama's models; None, with a note on stderr, when Ollama does not answer (it is
+    optional: the stack serves the catalog without it)."""
+    try:
+        return with_ollama(settings, lambda o: o.tags())
+    except click.ClickException as e:
+        click.echo(f"note: {e.message}; listing the models model-serve serves", err=True)
+        return None
+
+
+def served_rows(catalog, filter_text: str | None) -> list[tuple[str, ...]]:
+    rows = [("ID", "CONTEXT", "BACKEND", "FILE")]
+    for entry in catalog.entries.values():
+        if matching([entry.id, *entry.aliases], filter_text):
+            rows.append((entry.id, str(entry.ctx_size), entry.backend, entry.path))
+    return rows
+
+
 @click.command(name="list")
 @click.argument("filter_text", required=False)
 @click.option("--config", "served", is_flag=True, help="List served ids and their context.")
 def list_models(filter_text: str | None, served: bool) -> None:
-    """Ollama's models (or, with --config, the ids model-serve serves), filtered by TEXT."""
+    """Ollama's models (or, with --config or without Ollama, the ids model-serve serves),
+    filtered by TEXT."""
     settings = load_settings()
-    if served:
-        catalog = load_catalog(settings)
-        rows = [("ID", "CONTEXT", "BACKEND", "FILE")]
-        for entry in catalog.entries.values():
-            if matching([entry.id, *entry.aliases], filter_text):
-                rows.append((entry.id, str(entry.ctx_size), entry.backend, entry.path))
+    tags = None if served else ollama_tags(settings)
+    if tags is None:
+        served = True
+        rows = served_rows(load_catalog(settings), filter_text)
     else:
-        tags = with_ollama(settings, lambda o: o.tags())
         rows = [("NAME", "SIZE", "PARAMS", "QUANT", "MODIFIED")]
         for m in tags:
             if matching([m["name"]], filter_text):
@@ -113,13 +129,23 @@ def list_models(filter_text: str | None, served: bool) -> None:
 @click.command()
 @click.argument("filter_text", required=False)
 def names(filter_text: str | None) -> None:
-    """Ollama name → served id: the names clients may use for each model."""
-    catalog = load_catalog(load_settings())
-    rows = [("OLLAMA NAME", "SERVED ID", "BACKEND")]
+    """The names clients may use for each served model: its id, its aliases and the Ollama
+    name it was pulled as."""
+    settings = load_settings()
+    catalog = load_catalog(settings)
+    rows = [("OLLAMA NAME", "SERVED ID", "BACKEND", "ALIASES")]
     for entry in catalog.entries.values():
-        if entry.ollama and matching([entry.ollama, entry.id], filter_text):
-            rows.append((entry.ollama, entry.id, entry.backend))
+        if matching([entry.ollama or "", entry.id, *entry.aliases], filter_text):
+            rows.append((entry.ollama or "-", entry.id, entry.backend,
+                         ", ".join(entry.aliases) or "-"))
+    if not any(e.ollama for e in catalog.entries.values()):
+        try:
+            with_ollama(settings, lambda o: o.call("GET", "/api/version"))
+        except click.ClickException as e:
+            click.echo(f"note: {e.message}; its models are not served", err=True)
+    if len(rows) == 1 and filter_text:
+        raise click.ClickException(f"no model matches {filter_text!r}")
     if len(rows) == 1:
-        raise click.ClickException("no Ollama model is served yet" if not filter_text
-                                   else f"no model matches {filter_text!r}")
+        click.echo("no models served (put GGUF files in MODELS_DIR, then `model sync`)")
+        return
     table(rows)

@@ -150,6 +150,22 @@ def supervise() -> None:
                                str(config.conf_path(settings))], env)
 
 
+def command_lines() -> list[str]:
+    """How to reach the `model` command, which lives in the virtualenv (`make up` prints
+    these last): its path, and the line that puts it on PATH for a shell. Nothing is written
+    anywhere: the user's shell profile is the user's."""
+    bindir = Path(sys.executable).parent
+    model = bindir / "model"
+    try:
+        short = f" (from the checkout: {model.relative_to(config.PROCFILE.parent)})"
+    except ValueError:
+        short = ""
+    return [f"the model command: {model}{short}",
+            f'  for this shell: export PATH="{bindir}:$PATH"   (or: source {bindir}/activate)',
+            "  add that line to your shell's profile to keep it; then `model doctor` checks "
+            "the setup"]
+
+
 def _fail_start(settings: Settings, proc: subprocess.Popen, why: str) -> None:
     if proc.poll() is None:
         _shutdown(settings, psutil.Process(proc.pid))
@@ -167,6 +183,7 @@ def start(wait: int, quiet: bool) -> None:
         if not quiet:
             click.echo(f"already running (see `model status`; logs: "
                        f"{config.logs_dir(settings)})")
+            click.echo("\n".join(command_lines()))
         return
     _replace_leftovers(settings)
     if taken := taken_ports(settings):
@@ -195,6 +212,7 @@ def start(wait: int, quiet: bool) -> None:
         if started and health and health[0] == 200 and ours(settings, health):
             click.echo(f"model-serve is up on {settings.proxy_url} "
                        f"({health[1].get('models', 0)} models); logs: {logs}")
+            click.echo("\n".join(command_lines()))
             return
         time.sleep(0.3)
     raise click.ClickException(f"/health did not answer within {wait}s; see `model status` "
@@ -233,6 +251,38 @@ def stop() -> None:
         click.echo("stopped" if proc else "not running")
 
 
+def _states(server, names: list[str]) -> dict[str, str]:
+    return {p["name"]: p["statename"] for p in server.getAllProcessInfo() if p["name"] in names}
+
+
+def _until(server, names: list[str], done: tuple[str, ...], timeout: float) -> dict[str, str]:
+    """Each of `names` in one of the `done` states, or the timeout; the states then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = _states(server, names)
+        if all(states.get(n) in done for n in names) or time.monotonic() >= deadline:
+            return states
+        time.sleep(0.05)
+
+
+STOPPED = ("STOPPED", "EXITED", "FATAL")
+
+
+def _stop_together(settings: Settings, server, names: list[str]) -> None:
+    """Ask supervisord to stop each of `names` at once, then wait for them all: each within
+    its own stop wait (the proxy's includes DRAIN_SECONDS for the requests under way)."""
+    for n in names:
+        try:
+            server.stopProcess(n, False)
+        except xmlrpc.client.Fault as e:
+            if "NOT_RUNNING" not in e.faultString:
+                raise click.ClickException(f"{n}: {e.faultString}") from None
+    states = _until(server, names, STOPPED,
+                    max(config.stop_wait(settings, n) for n in names) + 5)
+    if stuck := [n for n in names if states.get(n) not in STOPPED]:
+        raise click.ClickException(f"{', '.join(stuck)} did not stop; see `model status`")
+
+
 @click.command()
 @click.argument("name", required=False)
 def restart(name: str | None) -> None:
@@ -247,14 +297,32 @@ def restart(name: str | None) -> None:
              "what it left running") if leftovers(settings) else
             "not running; start it with `model start`")
     server = client.connect(settings).supervisor
-    for n in [name] if name else names:
+    targets = [name] if name else sorted(names, key=lambda n: config.PRIORITY.get(n, 50))
+    began = time.monotonic()
+    # The processes that use the engine stop together, then the engine: the proxy saves the
+    # loaded models' contexts through it as it stops. An idle proxy stops at once; one with
+    # requests under way finishes them first (up to DRAIN_SECONDS).
+    for group in ([n for n in targets if n != "engine"], [n for n in targets if n == "engine"]):
+        if group:
+            _stop_together(settings, server, group)
+    for n in targets:  # in start order, without waiting in between, as supervisord starts
         try:
-            server.stopProcess(n)
+            server.startProcess(n, False)
         except xmlrpc.client.Fault as e:
-            if "NOT_RUNNING" not in e.faultString:
+            if "ALREADY_STARTED" not in e.faultString:
                 raise click.ClickException(f"{n}: {e.faultString}") from None
-        server.startProcess(n)
-        click.echo(f"restarted {n}")
+    # RUNNING once it has lived START_SECONDS; FATAL when it kept failing at start
+    states = _until(server, targets, ("RUNNING", "FATAL"),
+                    config.START_SECONDS * (config.START_RETRIES + 2) + 30)
+    for n in targets:
+        if states.get(n) == "RUNNING":
+            click.echo(f"restarted {n}")
+    if failed := [n for n in targets if states.get(n) != "RUNNING"]:
+        raise click.ClickException("; ".join(
+            f"{n} did not come back ({states.get(n)}); the last lines of "
+            f"{config.log_file(settings, n)}:\n" + tail(config.log_file(settings, n))
+            for n in failed))
+    click.echo(f"took {time.monotonic() - began:.1f}s")
 
 
 def _uptime(seconds: float) -> str:

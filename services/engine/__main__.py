@@ -31,7 +31,7 @@ from shared import settings as settings_mod
 from shared.engines import Engine, make_engine
 from shared.files import write_if_possible
 from shared.proxy_client import ProxyClient, ProxyError
-from shared.settings import Settings
+from shared.settings import STOPPED_ALONE_ENV, Settings
 from shared.sync import rebuild
 
 log = logging.getLogger("model-serve.engine")
@@ -87,10 +87,12 @@ def hand_over(settings: Settings, engine: Engine, child: subprocess.Popen) -> No
 
 
 def end(child: subprocess.Popen) -> None:
-    # a supervisor that signals the whole group has reached the child too, and a second
-    # signal would make it skip stopping its models gently: sent only if needed
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        child.wait(3)
+    # a supervisor that signals the whole group (honcho, Ctrl-C in a terminal) has reached
+    # the child too, and a second signal would make it skip stopping its models gently: sent
+    # only if needed. supervisord signals this process alone (STOPPED_ALONE_ENV): no wait.
+    if os.environ.get(STOPPED_ALONE_ENV) != "1":
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(3)
     if child.poll() is None:
         child.terminate()
     child.wait()

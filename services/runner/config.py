@@ -11,7 +11,7 @@ from pathlib import Path
 from honcho.environ import parse_procfile
 
 from shared.proxy_client import HOLD_SAVE_SECONDS
-from shared.settings import ROOT, Settings
+from shared.settings import ROOT, STOPPED_ALONE_ENV, Settings
 
 PROCFILE = ROOT / "Procfile"
 # start order (stop is the reverse): the engine first, so the proxy finds it
@@ -93,6 +93,7 @@ def render(settings: Settings) -> str:
             f"startsecs={START_SECONDS}",
             f"startretries={START_RETRIES}",
             "stopsignal=TERM",
+            *([f"environment={STOPPED_ALONE_ENV}=\"1\""] if name == "engine" else []),
             f"stopwaitsecs={stop_wait(settings, name)}",
             # the engine stops its models itself, once the proxy has saved their contexts
             f"stopasgroup={'false' if name == 'engine' else 'true'}",
