@@ -58,7 +58,9 @@ async def load(key: Key, entry: Entry | None, engine: Engine, ollama: Ollama,
     except OllamaError as e:
         raise LoadError(e.status if e.status < 500 else 502, f"ollama: {e}",
                         "ollama_error") from None
-    except aiohttp.ClientConnectorError:
+    except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+        # refused, reset or dropped before an answer: an engine starting or stopping (a
+        # restart), which a retry finds up; an answer it gave is the engine's error below
         raise LoadError(503, engine.unreachable(), "engine_unavailable") from None
     except (EngineError, aiohttp.ClientError, TimeoutError) as e:
         hint = f" (model file: {entry.path}; the engine log has the details)" if entry else ""

@@ -315,6 +315,9 @@ class Owner:
         if error:
             life.state, life.need = FAILED, 0
             self.metrics.load_failed(life.key, life.model, error)
+            if error.code != "insufficient_memory":  # a refusal is logged where it is made
+                log.warning("loading %s on %s failed: %s", life.key[1], life.key[0],
+                            error.message)
         else:
             life.state = WARM
         if life.outcome and not life.outcome.done():
