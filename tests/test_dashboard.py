@@ -71,6 +71,10 @@ def test_dashboard_follows_the_stack_live(stack_factory, tmp_path: Path) -> None
 
     async def scenario() -> None:
         async with Chromium() as browser:
+            # the first paint, before any data has come, says the models are on their way
+            status, html = await asyncio.to_thread(http, "GET", stack.url + "/", None,
+                                                   {"Accept": "text/html"})
+            assert status == 200 and "Loading the models" in html
             page = await browser.open(stack.url + "/")
             assert await page.until(row_state(TINY)) == "unloaded"
             assert await page.until("document.getElementById('governor').textContent") == \
