@@ -7,25 +7,26 @@ skipping arrays it does not need, with the package's own type and file-type tabl
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import struct
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from gguf import GGUFValueType, LlamaFileType
-
 # The bridge stands alone; its magic-byte check serves here too.
 from lm_studio_ollama_bridge.store import GGUF_MAGIC
 
-_SCALARS: dict[int, str] = {
-    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b",
-    GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
-    GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
-    GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?",
-    GGUFValueType.UINT64: "<Q", GGUFValueType.INT64: "<q",
-    GGUFValueType.FLOAT64: "<d",
-}
+
+@functools.cache
+def _scalars() -> dict[int, str]:
+    """The package's value types (imported on first use: it brings numpy, which the `model`
+    command would otherwise load on every start)."""
+    from gguf import GGUFValueType as T
+
+    return {T.UINT8: "<B", T.INT8: "<b", T.UINT16: "<H", T.INT16: "<h", T.UINT32: "<I",
+            T.INT32: "<i", T.FLOAT32: "<f", T.BOOL: "<?", T.UINT64: "<Q", T.INT64: "<q",
+            T.FLOAT64: "<d"}
 
 
 class GGUFError(ValueError):
@@ -70,8 +71,12 @@ class GGUFInfo:
 
 class _Cursor:
     def __init__(self, buf: mmap.mmap) -> None:
+        from gguf import GGUFValueType
+
         self.buf = buf
         self.pos = 0
+        self.scalars = _scalars()
+        self.string_type, self.array_type = GGUFValueType.STRING, GGUFValueType.ARRAY
 
     def unpack(self, fmt: str):
         value = struct.unpack_from(fmt, self.buf, self.pos)[0]
@@ -87,14 +92,14 @@ class _Cursor:
         return raw.decode("utf-8", "replace")
 
     def value(self, vtype: int, keep: bool):
-        if vtype in _SCALARS:
-            return self.unpack(_SCALARS[vtype])
-        if vtype == GGUFValueType.STRING:
+        if vtype in self.scalars:
+            return self.unpack(self.scalars[vtype])
+        if vtype == self.string_type:
             return self.string()
-        if vtype == GGUFValueType.ARRAY:
+        if vtype == self.array_type:
             itype, count = self.unpack("<I"), self.unpack("<Q")
-            if itype in _SCALARS and not keep:
-                self.pos += struct.calcsize(_SCALARS[itype]) * count
+            if itype in self.scalars and not keep:
+                self.pos += struct.calcsize(self.scalars[itype]) * count
                 return None
             items = [self.value(itype, keep) for _ in range(count)]
             return items if keep else None
@@ -172,6 +177,8 @@ def _number(kv: dict[str, object], key: str) -> int:
 def _file_type(kv: dict[str, object]) -> str:
     if "general.file_type" not in kv:
         return ""
+    from gguf import LlamaFileType
+
     ft = _number(kv, "general.file_type")
     try:
         name = LlamaFileType(ft).name

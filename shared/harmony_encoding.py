@@ -8,8 +8,10 @@ import functools
 import hashlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from openai_harmony import HarmonyEncoding, HarmonyEncodingName, load_harmony_encoding
+if TYPE_CHECKING:
+    from openai_harmony import HarmonyEncoding
 
 DATA = Path(__file__).resolve().parent / "data"
 VOCAB = "o200k_base.tiktoken"
@@ -30,7 +32,10 @@ def check_vocabulary(folder: Path = DATA) -> Path:
 
 @functools.cache
 def encoding() -> HarmonyEncoding:
-    """Blocking the first time (reads the vocabulary): call it once at start-up."""
+    """Blocking the first time (reads the vocabulary): call it once at start-up. The
+    package is imported here, not above: the `model` command should not pay for it."""
+    from openai_harmony import HarmonyEncodingName, load_harmony_encoding
+
     if not os.environ.get("TIKTOKEN_ENCODINGS_BASE"):
         check_vocabulary()
         os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(DATA)

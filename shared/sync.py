@@ -21,7 +21,6 @@ from shared.engines import Engine, EngineError
 from shared.files import write_if_changed
 from shared.proxy_client import ProxyClient, ProxyError
 from shared.settings import Settings
-from shared.tiny_gguf import write_model
 
 log = logging.getLogger("model-serve.sync")
 ENGINE_TIMEOUT = 30.0  # for the whole of a sync's talk with the engine and the proxy
@@ -66,6 +65,8 @@ def _ensure_demo(settings: Settings) -> Path:
     root = demo_root(settings)
     model = root / "demo" / "demo.gguf"
     if not model.is_file():
+        from shared.tiny_gguf import write_model  # numpy: only on the first start
+
         write_model(model, name="demo")
     return root
 

@@ -199,6 +199,24 @@ def test_model_without_a_command_prints_the_usage_and_fails(stack_factory) -> No
     assert "Usage:" in result.stderr and "doctor" in result.stderr
 
 
+def test_every_command_is_listed_and_one_loads_only_what_it_needs() -> None:
+    """Commands are imported when run: the help lists each by its own name, and the
+    everyday ones start without numpy, openai-harmony or supervisor (half a second)."""
+    probe = """
+import sys
+from click.testing import CliRunner
+from services.cli.main import COMMANDS, cli
+out = CliRunner().invoke(cli, ["names", "--help"], prog_name="model").output
+heavy = sorted(m for m in ("numpy", "openai_harmony", "supervisor") if m in sys.modules)
+ctx = cli.make_context("model", ["--help"], resilient_parsing=True)
+names = {n: cli.get_command(ctx, n).name for n in cli.list_commands(ctx)}
+print(heavy, "Usage: model names" in out, all(k == v for k, v in names.items()), len(names))
+"""
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            cwd=ROOT, check=True)
+    assert result.stdout.split() == ["[]", "True", "True", "19"], result.stdout + result.stderr
+
+
 def test_doctor_warns_of_ollama_only_for_the_embeddings_it_answers(stack_factory, models_dir,
                                                                    config_dir) -> None:
     write_model(models_dir / "pub" / "emb" / "emb-F32.gguf", name="emb", pooling_type=1)

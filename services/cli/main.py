@@ -2,15 +2,36 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
 
-from services.cli import doctor, logs_cmd, memory_cmds, models, ollama_cmds, service, stack, top
-from services.cli.sync_cmd import sync
+# Each command's module is imported only when that command runs: together they import
+# aiohttp, numpy (gguf), openai-harmony and supervisor, half a second before any work.
+COMMANDS = {
+    "doctor": "doctor:doctor", "list": "ollama_cmds:list_models", "load": "memory_cmds:load",
+    "logs": "logs_cmd:logs", "names": "ollama_cmds:names", "pull": "ollama_cmds:pull",
+    "restart": "stack:restart", "rm": "ollama_cmds:rm", "run": "models:run",
+    "service": "service:service", "show": "models:show", "start": "stack:start",
+    "stats": "memory_cmds:stats", "status": "stack:status", "stop": "stack:stop",
+    "supervise": "stack:supervise", "sync": "sync_cmd:sync", "top": "top:top",
+    "unload": "memory_cmds:unload",
+}
 
 
-@click.group(invoke_without_command=True)
+class Commands(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module, name = COMMANDS[cmd_name].split(":")
+        return getattr(importlib.import_module(f"services.cli.{module}"), name)
+
+
+@click.group(cls=Commands, invoke_without_command=True)
 @click.pass_context
 def cli(ctx: click.Context) -> None:
     """model-serve: every local GGUF model on one OpenAI-compatible port."""
@@ -19,14 +40,6 @@ def cli(ctx: click.Context) -> None:
         # exited 0): the usage and the commands, on stderr
         click.echo(ctx.get_help(), err=True)
         ctx.exit(2)
-
-
-for command in (sync, stack.start, stack.stop, stack.status, stack.restart, stack.supervise,
-                logs_cmd.logs, service.service, doctor.doctor, ollama_cmds.pull,
-                ollama_cmds.rm,
-                ollama_cmds.list_models, ollama_cmds.names, models.show, models.run,
-                memory_cmds.stats, memory_cmds.load, memory_cmds.unload, top.top):
-    cli.add_command(command)
 
 
 def main() -> None:

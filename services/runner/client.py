@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import xmlrpc.client
 
-from supervisor.xmlrpc import SupervisorTransport
-
 from services.runner.config import socket_path
 from shared.settings import Settings
 
@@ -13,6 +11,8 @@ RUNNING_STATES = ("RUNNING",)
 
 
 def connect(settings: Settings) -> xmlrpc.client.ServerProxy:
+    from supervisor.xmlrpc import SupervisorTransport  # slow to import; not every command asks
+
     transport = SupervisorTransport(None, None, f"unix://{socket_path(settings)}")
     return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
 
