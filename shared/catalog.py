@@ -49,6 +49,7 @@ class Entry:
     size_bytes: int = 0
     base_model: str | None = None
     ollama: str | None = None  # the Ollama name of the same model, when Ollama has it
+    ollama_tags: list[str] = field(default_factory=list)  # every tag Ollama has it under
     harmony: str = "off"  # proxy: the proxy speaks Harmony to it; native: the engine does
     reasoning_effort: str | None = None
     info: dict = field(default_factory=dict)
@@ -292,12 +293,14 @@ def _context_cache_dir(catalog: Catalog, settings: Settings) -> bool:
 def _add_ollama_names(entries: dict[str, Entry], settings: Settings) -> None:
     """The names a user pulled with Ollama become aliases of the model made from the same
     blob; a name matching ROUTE_TO_OLLAMA (e.g. mxfp4) is answered by Ollama itself."""
-    names = LinkRecord.load(settings.bridge_record).names_by_path()
+    record = LinkRecord.load(settings.bridge_record)
+    names, tags = record.names_by_path(), record.tags_by_path()
     for entry in entries.values():
         pulled = names.get(entry.path, [])
         if not pulled:
             continue
         entry.ollama = pulled[0]
+        entry.ollama_tags = tags.get(entry.path) or [pulled[0]]
         entry.aliases += [n for n in pulled if n not in entry.aliases]
         text = f"{entry.id} {entry.ollama}".lower()
         if any(word in text for word in settings.route_to_ollama):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lm_studio_ollama_bridge.lock import locked
-from lm_studio_ollama_bridge.store import DEFAULT_REGISTRY, OllamaModel
+from lm_studio_ollama_bridge.store import DEFAULT_REGISTRY, OllamaModel, listed_names
 
 
 @dataclass
@@ -80,6 +80,10 @@ class LinkRecord:
 
     def names_by_path(self) -> dict[str, list[str]]:
         return {path: rec.get("names", []) for path, rec in self.links.items()}
+
+    def tags_by_path(self) -> dict[str, list[str]]:
+        """Each link's Ollama names as `ollama list` shows them: every tag of the blob."""
+        return {path: listed_names(names) for path, names in self.names_by_path().items()}
 
     def owns(self, path: Path) -> bool:
         """Ours only while it is still the link we made, pointing where we pointed it."""

@@ -39,6 +39,13 @@ class OllamaModel:
         return names
 
 
+def listed_names(names: list[str]) -> list[str]:
+    """Of a link's names (every model's `aliases`), the ones Ollama lists, one per tag
+    (`gemma3:latest`, `gemma3:12b`): not the spellings without a tag or with the registry."""
+    return [n for n in names if ":" in n.rsplit("/", 1)[-1]
+            and not n.startswith(f"{DEFAULT_REGISTRY}/library/")]
+
+
 def ollama_name(registry: str, namespace: str, model: str, tag: str) -> str:
     if registry == DEFAULT_REGISTRY:
         base = model if namespace == "library" else f"{namespace}/{model}"

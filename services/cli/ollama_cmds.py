@@ -136,8 +136,8 @@ def names(filter_text: str | None) -> None:
     rows = [("OLLAMA NAME", "SERVED ID", "BACKEND", "ALIASES")]
     for entry in catalog.entries.values():
         if matching([entry.ollama or "", entry.id, *entry.aliases], filter_text):
-            rows.append((entry.ollama or "-", entry.id, entry.backend,
-                         ", ".join(entry.aliases) or "-"))
+            ollama = ", ".join(entry.ollama_tags) or entry.ollama or "-"  # each tag
+            rows.append((ollama, entry.id, entry.backend, ", ".join(entry.aliases) or "-"))
     if not any(e.ollama for e in catalog.entries.values()):
         try:
             with_ollama(settings, lambda o: o.call("GET", "/api/version"))

@@ -164,18 +164,19 @@ async def _ollama_list(ctx: Context, which: str) -> list[dict]:
 
 
 async def tags(request: web.Request) -> web.Response:
-    """Every model once: Ollama's rows as Ollama gives them (a file linked from Ollama is
-    listed there, under the name it was pulled as), and a row for each other catalog entry,
-    by id; while Ollama is down, a linked one's row is under its Ollama name, which still
-    answers."""
+    """Every model once, and a file Ollama has under several tags once per tag, as Ollama
+    lists it: Ollama's rows as Ollama gives them (a file linked from Ollama is listed there,
+    under the names it was pulled as), and a row for each other catalog entry, by id; while
+    Ollama is down, a linked one has a row per Ollama tag, each of which still answers."""
     ctx = request.app[CTX]
     await asyncio.to_thread(ctx.holder.refresh)  # a sync that just finished shows at once
     ollama = await _ollama_list(ctx, "tags")
     listed = {m.get("name") for m in ollama} - {None}
-    entries = [e for e in ctx.holder.catalog.entries.values() if e.ollama not in listed]
-    facts = await asyncio.to_thread(file_facts, entries)
-    return web.json_response({"models": ollama + [tag(e, e.ollama or e.id, facts[e.id])
-                                                  for e in entries]})
+    rows = [(e, [n for n in e.ollama_tags or [e.ollama or e.id] if n not in listed])
+            for e in ctx.holder.catalog.entries.values()]
+    facts = await asyncio.to_thread(file_facts, [e for e, names in rows if names])
+    return web.json_response({"models": ollama + [tag(e, name, facts[e.id])
+                                                  for e, names in rows for name in names]})
 
 
 async def ps(request: web.Request) -> web.Response:
