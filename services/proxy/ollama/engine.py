@@ -15,6 +15,7 @@ from aiohttp import web
 
 from services.proxy.context import CTX, Context
 from services.proxy.models.model_turn import with_model
+from services.proxy.ollama import truncate
 from services.proxy.ollama.convert import (
     Answer,
     BadRequest,
@@ -26,6 +27,7 @@ from services.proxy.ollama.convert import (
     keep_alive_zero,
     line,
 )
+from services.proxy.ollama.routes import WARNING_HEADER
 from services.proxy.serve import upstream
 from services.proxy.serve.engine_errors import engine_error
 from shared.catalog import Entry
@@ -46,26 +48,54 @@ async def unload(ctx: Context, entry: Entry) -> None:
         log.info("unloaded %s at a client's request (keep_alive 0)", entry.id)
 
 
-async def _post(request: web.Request, entry: Entry, path: str, body: dict,
-                read: Callable[[aiohttp.ClientResponse], Awaitable[web.StreamResponse]]
-                ) -> web.StreamResponse:
+# What fits a refused prompt: (the model, the body, the tokens it may have) → (body, note).
+Fit = Callable[[truncate.Model, dict, int], Awaitable[tuple[dict, str]]]
+Read = Callable[[aiohttp.ClientResponse, dict], Awaitable[web.StreamResponse]]
+
+
+async def _post(request: web.Request, entry: Entry, path: str, body: dict, read: Read,
+                fit: Fit | None = None, truncating: bool = True,
+                refusal: tuple[int, str] | None = None) -> web.StreamResponse:
+    """The engine's answer, read by `read` (with the headers to answer with). A prompt the
+    engine refuses for its length is cut to fit by `fit` and sent once more, as Ollama cuts
+    it; with `truncating` off (`truncate: false`), the refusal is Ollama's: `refusal`
+    (status, message), else llama-server's own error as the message, with its status."""
     ctx = request.app[CTX]
+    headers: dict[str, str] = {}
     try:
-        async with await upstream.post(ctx, entry, path, ctx.engine.route_url(entry, path),
-                                       body.get("stream") is True, json=body,
-                                       headers=ctx.engine.headers) as up:
-            if up.status >= 400:
-                return await engine_error(up, entry.path)
-            return await read(up)
+        for attempt in (1, 2):
+            async with await upstream.post(ctx, entry, path, ctx.engine.route_url(entry, path),
+                                           body.get("stream") is True, json=body,
+                                           headers=ctx.engine.headers) as up:
+                if up.status < 400:
+                    return await read(up, headers)
+                refused = truncate.overflow(up.status, await up.text(errors="replace")) \
+                    if fit and attempt == 1 else None
+                if refused is None:
+                    return await engine_error(up, entry.path)
+            status, message = refusal or (up.status, refused.text)
+            if not truncating:
+                return web.json_response({"error": message}, status=status)
+            try:
+                body, note = await fit(truncate.Model(ctx, entry), body, refused.limit)
+            except truncate.Unfit as e:
+                log.warning("%s: the prompt is longer than its context and was not cut: %s",
+                            entry.id, e)
+                return web.json_response({"error": message}, status=status)
+            log.info("%s: %s %s (Ollama's truncate; the engine said: %s)", entry.id,
+                     request.path, note, json.loads(refused.text)["error"].get("message"))
+            headers[WARNING_HEADER] = f"the prompt was longer than {entry.id}'s context " \
+                                      f"({refused.limit} tokens): {note}"
+        raise AssertionError("unreachable")  # the second attempt returns
     except aiohttp.ClientError as e:
         return upstream.failure(request, entry, e)
 
 
 async def _relay(request: web.Request, up: aiohttp.ClientResponse, stream: Stream,
-                 entry: Entry) -> web.StreamResponse:
+                 entry: Entry, headers: dict) -> web.StreamResponse:
     """Each engine event as it arrives becomes a line; a stream that breaks off ends with an
     error line, on which Ollama's clients raise."""
-    resp = web.StreamResponse()
+    resp = web.StreamResponse(headers=headers)
     resp.content_type = "application/x-ndjson"
     await resp.prepare(request)
     cut: str | None = "the engine ended the stream before it was complete"
@@ -133,14 +163,17 @@ async def generate(request: web.Request, entry: Entry, payload: dict,
     except BadRequest as e:
         return error_response(400, str(e), "invalid_request")
 
-    async def read(up: aiohttp.ClientResponse) -> web.StreamResponse:
+    async def read(up: aiohttp.ClientResponse, headers: dict) -> web.StreamResponse:
         if stream:
-            return await _relay(request, up, Stream(answer), entry)
-        return web.json_response(answer.whole(await up.json(content_type=None)))
+            return await _relay(request, up, Stream(answer), entry, headers)
+        return web.json_response(answer.whole(await up.json(content_type=None)),
+                                 headers=headers)
+
+    fit = truncate.fit_chat if path == "/v1/chat/completions" else truncate.fit_completion
 
     async def call(load: float) -> web.StreamResponse:
         answer.stats = Stats(load)
-        return await _post(request, entry, path, body, read)
+        return await _post(request, entry, path, body, read, fit, truncate.allowed(payload))
 
     resp = await with_model(request, ("engine", entry.id), entry, entry.id, call)
     if unloading:
@@ -160,13 +193,17 @@ async def embed(request: web.Request, entry: Entry, payload: dict,
     body = {"model": entry.id, "input": given}
 
     async def call(load: float) -> web.StreamResponse:
-        async def read(up: aiohttp.ClientResponse) -> web.StreamResponse:
+        async def read(up: aiohttp.ClientResponse, headers: dict) -> web.StreamResponse:
             answer = embed_answer(await up.json(content_type=None), payload["model"],
                                   Stats(load))
             if legacy:
-                return web.json_response({"embedding": (answer["embeddings"] or [[]])[0]})
-            return web.json_response(answer)
-        return await _post(request, entry, "/v1/embeddings", body, read)
+                return web.json_response({"embedding": (answer["embeddings"] or [[]])[0]},
+                                         headers=headers)
+            return web.json_response(answer, headers=headers)
+        # Ollama cuts nothing for the older route, and refuses with a 500 there
+        return await _post(request, entry, "/v1/embeddings", body, read, truncate.fit_embed,
+                           not legacy and truncate.allowed(payload),
+                           (500 if legacy else 400, truncate.TOO_LONG))
 
     resp = await with_model(request, ("engine", entry.id), entry, entry.id, call)
     if keep_alive_zero(payload.get("keep_alive")):
