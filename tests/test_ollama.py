@@ -6,6 +6,7 @@ processes. A pull needs the internet, so `model pull`'s progress is shown by the
 
 import json
 import re
+import shutil
 import time
 import urllib.error
 import urllib.request
@@ -410,3 +411,20 @@ def test_a_models_folder_created_after_the_start_is_watched(stack_factory, tmp_p
     log = (stack.root / "sync.log").read_text()
     assert f"{later} does not exist (yet); watching for it" in log
     assert log.count("synced in") <= 4  # the start, the folder, each model: not the noise
+
+
+def test_a_watched_folder_removed_and_made_again_is_watched_again(stack_factory,
+                                                                   tmp_path) -> None:
+    """As Ollama does with its manifests folder: removed once emptied, made again later."""
+    folder = tmp_path / "again" / "models"
+    write_model(folder / "pub" / "first-GGUF" / "first-F32.gguf", name="first")
+    stack = stack_factory(MODELS_DIR=str(folder)).start("engine", "proxy", "sync")
+    wait_for(lambda: "ms/first:0.2m-f32" in models(stack), 30)
+    shutil.rmtree(folder)
+    wait_for(lambda: "ms/first:0.2m-f32" not in models(stack), 30)
+    write_model(folder / "pub" / "second-GGUF" / "second-F32.gguf", name="second")
+    wait_for(lambda: "ms/second:0.2m-f32" in models(stack), 30)
+    write_model(folder / "pub" / "third-GGUF" / "third-F32.gguf", name="third", seed=3)
+    wait_for(lambda: "ms/third:0.2m-f32" in models(stack), 30)  # watched, not just seen once
+    assert f"{folder} was removed; watching for it again" in \
+        (stack.root / "sync.log").read_text()

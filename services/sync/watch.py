@@ -1,7 +1,8 @@
 """Which folders the sync watches: Ollama's manifests and MODELS_DIR, each recursively once it
 exists. One that does not exist yet (a new MODELS_DIR, Ollama not yet run) is waited for from
 its nearest existing parent, without creating it: that is Ollama's or LM Studio's to do, or
-the user's."""
+the user's. A watched folder that is removed (Ollama removes an emptied manifests folder, and
+makes it again at its next start or pull) ends its watch: it is waited for again."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ class Watcher:
         self.observer = Observer()
         # folder not there yet → the watch on its nearest existing parent
         self.waiting: dict[Path, ObservedWatch | None] = {}
+        self.watched: dict[Path, ObservedWatch] = {}
         for folder in folders:
             if folder.is_dir():
                 self._watch(folder)
@@ -45,12 +47,24 @@ class Watcher:
         self.observer.start()
 
     def _watch(self, folder: Path) -> None:
-        self.observer.schedule(self.changes, str(folder), recursive=True)
+        self.watched[folder] = self.observer.schedule(self.changes, str(folder), recursive=True)
         log.info("watching %s", folder)
+
+    def _ended(self) -> None:
+        """Watches whose folder was removed (the removal is an event, so a sync follows):
+        their folders are waited for again, from the parent."""
+        alive = {e.watch for e in self.observer.emitters if e.is_alive()}
+        for folder, watch in list(self.watched.items()):
+            if watch not in alive and self.observer.is_alive():
+                log.warning("%s was removed; watching for it again", folder)
+                self.observer.unschedule(watch)
+                del self.watched[folder]
+                self.waiting[folder] = None
 
     def refresh(self) -> None:
         """Called before each sync: a waited-for folder that now exists is watched, and the
         sync that follows reads what it already holds."""
+        self._ended()
         for folder in list(self.waiting):
             # after each new watch, look again: what was created before it raised no event
             while folder in self.waiting:
