@@ -5,6 +5,7 @@ answer, and serves them again once B is back, without a restart."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import time
@@ -17,6 +18,7 @@ from shared.llama_server import find_llama_server
 from shared.peers import load_peers
 from shared.settings import load
 from shared.tiny_gguf import write_model
+from tests.browser import Chromium
 from tests.harness import Stack, free_port, http, make_stack, wait
 
 ALPHA, BETA, BOTH = "ms/alpha:0.2m-f32", "ms/beta:0.2m-f32", "ms/both:0.2m-f32"
@@ -173,9 +175,21 @@ def test_an_openai_server_as_a_peer(stacks, tmp_path) -> None:
         status, err = http("POST", a.url + "/api/chat", chat("bare-tiny"))
         assert status == 400 and "peer bare" in err["error"] and "/v1/" in err["error"]
         assert "peers.broken.url" in a.logs()  # the bad entry is named, the rest used
+        asyncio.run(_dashboard_shows(a.url))
     finally:
         server.terminate()
         server.wait(10)
+
+
+async def _dashboard_shows(url: str) -> None:
+    """The dashboard's Peers section, and the peer's model in the table, marked with it."""
+    async with Chromium() as browser:
+        page = await browser.open(url + "/")
+        peer = "document.querySelector('#peer-table tr[data-peer=\"bare\"]')"
+        assert await page.until(f"{peer}?.dataset.up") == "true"
+        assert await page.js(f"{peer}.children[3].textContent") == "1"
+        cell = "document.querySelector('tr[data-model=\"bare-tiny\"] td:nth-child(3)')"
+        assert await page.until(f"{cell}?.textContent") == "peer bare"
 
 
 def _answers(url: str) -> bool:
