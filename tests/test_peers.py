@@ -214,3 +214,19 @@ def test_peers_config_problems_name_file_key_and_reason(tmp_path: Path, monkeypa
     assert notices == [f"{tmp_path / 'peers.yaml'}: peers.bad.kind: expected one of "
                        "model-serve, llama-swap, ollama, openai, got 'vllm'; this peer is "
                        "left out"]
+
+
+def test_an_ollama_as_a_peer(stacks, real_ollama) -> None:
+    real_ollama.create("olla:1b")
+    a = stacks("a", ("alpha",), f"peers:\n  lan:\n    url: {real_ollama.url}\n"
+               "    kind: ollama\n")
+    a.env["PEER_POLL_SECONDS"] = "1"
+    a.start()
+    wait(lambda: "olla:1b" in _peer_row(a, "lan")["models"], 30)
+    _, tags = http("GET", a.url + "/api/tags")
+    assert [t["peer"]["name"] for t in tags["models"] if t["name"] == "olla:1b"] == ["lan"]
+    status, reply = http("POST", a.url + "/api/chat", {**chat("olla:1b"), "stream": False})
+    assert status == 200 and reply["done"] is True and reply["model"] == "olla:1b", reply
+    status, answer = http("POST", a.url + "/v1/chat/completions", chat("lan/olla:1b"))
+    assert status == 200 and answer["model"] == "lan/olla:1b", answer
+    wait(lambda: "olla:1b" in _peer_row(a, "lan")["loaded"], 30)
