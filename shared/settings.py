@@ -24,7 +24,8 @@ ENV_KEYS = (
     "MEMORY_ADMISSION",
     "MEMORY_PRESSURE_THRESHOLD", "MEMORY_SIMULATION_FILE", "MIN_MODEL_AGE_SECONDS",
     "MODELS_DIR", "MODEL_PREFIX", "MODEL_SERVE_ENV_FILE", "MODEL_TTL", "OLLAMA_BASE",
-    "OLLAMA_MODELS", "PRESSURE_CHECK_INTERVAL", "PRESSURE_MACOS_LEVEL",
+    "OLLAMA_MODELS", "PEERS", "PEER_POLL_SECONDS", "PRESSURE_CHECK_INTERVAL",
+    "PRESSURE_MACOS_LEVEL",
     "PRESSURE_PAGING_MIB_S", "PRESSURE_PSI_LEVEL", "READ_TIMEOUT", "REQUEST_READ_TIMEOUT",
     "ROUTE_TO_OLLAMA",
     "STATE_DIR", "SYNC_DEBOUNCE_SECONDS", "WRITE_TIMEOUT")
@@ -80,6 +81,9 @@ class Settings:
     cache_ram_mib: int  # the most one model's prompt cache may take
     context_cache_dir: Path  # where models' slots are saved when they leave
     context_cache_bytes: int  # the most that folder may hold; 0: nothing is saved
+    # peers (shared/peers.py): other stacks' base URLs, and how often each is asked
+    peers: tuple[str, ...] = ()
+    peer_poll_seconds: float = 5.0
 
     @property
     def engine_url(self) -> str:
@@ -266,4 +270,6 @@ def load(environ: dict[str, str] | None = None, env_file: Path | None = None,
         cache_ram_mib=_int(env, "CACHE_RAM_MIB", cache_ram, 0),
         context_cache_dir=_path(env, "CONTEXT_CACHE_DIR", state_dir / "context-cache"),
         context_cache_bytes=int(_number(env, "CONTEXT_CACHE_GB", 8.0) * 1024**3),
+        peers=tuple(u.strip() for u in env.get("PEERS", "").split(",") if u.strip()),
+        peer_poll_seconds=max(0.5, _number(env, "PEER_POLL_SECONDS", 5.0)),
     )

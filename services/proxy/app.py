@@ -24,6 +24,7 @@ from services.proxy.models.owner import Owner
 from services.proxy.models.usage import Usage
 from services.proxy.ollama import api as ollama_api
 from services.proxy.ollama.routes import OllamaModels
+from services.proxy.peers.registry import Registry
 from services.proxy.serve import forward, routes
 from shared import harmony_encoding
 from shared.catalog_holder import CatalogHolder
@@ -197,7 +198,7 @@ def make_app(settings: Settings, engine: Engine | None = None) -> web.Applicatio
             owner = Owner(settings, engine, session, ollama, usage, meters, holder)
             ctx = app[CTX] = Context(settings, engine, holder, usage, session, ollama,
                                      OllamaModels(ollama), owner, Limits(settings.max_queue),
-                                     meters)
+                                     meters, Registry(settings, session))
 
             async def rows() -> list[dict]:
                 return (await measure.running_models(ctx))[0]
@@ -205,6 +206,8 @@ def make_app(settings: Settings, engine: Engine | None = None) -> web.Applicatio
             owner.measure = rows
             tasks = [asyncio.create_task(holder.follow()), asyncio.create_task(owner.follow()),
                      asyncio.create_task(owner.run())]
+            if ctx.peers:
+                tasks.append(asyncio.create_task(ctx.peers.follow()))
             yield
             for task in tasks:
                 task.cancel()

@@ -12,6 +12,7 @@ from services.proxy.models.limits import Limits
 from services.proxy.models.owner import Owner
 from services.proxy.models.usage import Usage
 from services.proxy.ollama.routes import OllamaModels
+from services.proxy.peers.registry import Registry
 from shared.catalog_holder import CatalogHolder
 from shared.engines import Engine
 from shared.ollama import Ollama
@@ -30,6 +31,7 @@ class Context:
     owner: Owner
     limits: Limits
     metrics: Metrics
+    peers: Registry | None = None  # other stacks' models (services/proxy/peers/)
 
 
 CTX = web.AppKey("ctx", Context)

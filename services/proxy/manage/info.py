@@ -13,6 +13,7 @@ from aiohttp import web
 
 from services.proxy.context import CTX, Context
 from services.proxy.manage.governor_client import governor_health
+from services.proxy.peers import listing
 from services.proxy.serve.forward import not_found
 from shared.catalog import Catalog, Entry
 from shared.disk import state_dir_problem
@@ -98,7 +99,9 @@ async def model_rows(ctx: Context) -> tuple[Catalog, list[dict]]:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    _, data = await model_rows(request.app[CTX])
+    ctx = request.app[CTX]
+    _, data = await model_rows(ctx)
+    data = listing.model_rows(ctx, request, data)
     return web.json_response({"object": "list", "data": data})
 
 
@@ -107,6 +110,7 @@ async def retrieve_model(request: web.Request) -> web.Response:
     by any of its names (ids hold `/` and `:`, which the SDKs send encoded), or a 404."""
     name = request.match_info["model"]
     catalog, data = await model_rows(request.app[CTX])
+    data = listing.model_rows(request.app[CTX], request, data)
     rows = {row["id"]: row for row in data}
     for asked in dict.fromkeys((name, unquote(name))):
         entry = catalog.resolve(asked)

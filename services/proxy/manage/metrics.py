@@ -260,14 +260,17 @@ class Metrics:
         self.events.emit("context_restore_failed", model, "engine", slot=slot, reason=reason,
                          message=message)
 
-    def export(self, models: list[dict], system: dict, queues: dict[str, dict]) -> web.Response:
+    def export(self, models: list[dict], system: dict, queues: dict[str, dict],
+               peers: list[dict] | None = None) -> web.Response:
         """The text format, with the gauges of this scrape (`models` as /running lists them,
-        `system` its memory accounting, `queues` limits' stats by model)."""
+        `system` its memory accounting, `queues` limits' stats by model, `peers` /running's
+        peer rows)."""
         self.live.now = (models, system, queues)
+        self.live.peers = peers or []
         try:
             body = generate_latest(self.registry)
         finally:
-            self.live.now = ([], {}, {})
+            self.live.now, self.live.peers = ([], {}, {}), []
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -277,6 +280,7 @@ class Live:
 
     def __init__(self) -> None:
         self.now: tuple[list[dict], dict, dict[str, dict]] = ([], {}, {})
+        self.peers: list[dict] = []
 
     def describe(self) -> list:
         return []  # the families are only known at scrape time
@@ -312,3 +316,20 @@ class Live:
         governor = GaugeMetricFamily("model_serve_governor_up", "1 when the governor answers")
         governor.add_metric([], 1 if system.get("governor") == "up" else 0)
         yield from (state, memory, queued, longest, system_memory, governor)
+        yield from self._peers()
+
+    def _peers(self):
+        if not self.peers:
+            return
+        up = GaugeMetricFamily("model_serve_peer_up", "1 when the peer answered its last "
+                               "poll", labels=["peer"])
+        latency = GaugeMetricFamily("model_serve_peer_latency_seconds", "How long the "
+                                    "peer's last poll took", labels=["peer"])
+        count = GaugeMetricFamily("model_serve_peer_models", "The peer's models served "
+                                  "here (after its filter)", labels=["peer"])
+        for p in self.peers:
+            up.add_metric([p["name"]], 1 if p["up"] else 0)
+            if p["latency_ms"] is not None:
+                latency.add_metric([p["name"]], p["latency_ms"] / 1000)
+            count.add_metric([p["name"]], len(p["models"]))
+        yield from (up, latency, count)

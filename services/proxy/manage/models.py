@@ -18,6 +18,7 @@ from services.proxy.manage.governor_client import governor_health
 from services.proxy.manage.metrics import unload_reason
 from services.proxy.models.engine_hold import LONGEST_HOLD
 from services.proxy.models.measure import accounting, running_models
+from services.proxy.peers import listing
 from services.proxy.serve.forward import find, forward, not_found
 from shared.catalog import Entry
 from shared.engine_key import HEADER
@@ -39,7 +40,7 @@ async def running_state(ctx: Context) -> tuple[list[dict], bool, dict]:
     system = {**acct.to_dict(), "other_programs": others(acct, models),
               **{k: signals[k] for k in ("signals", "firing", "missing", "note")
                  if k in signals},
-              "governor": "up" if health else "down"}
+              "room": acct.room, "governor": "up" if health else "down"}
     listed = {(m["backend"], m["name"]) for m in models}
     changing = [{**w, "queue": ctx.limits.stats(w["id"])} for w in ctx.owner.waiting()
                 if (w["backend"], w["name"]) not in listed]
@@ -51,7 +52,8 @@ async def running(request: web.Request) -> web.Response:
     models, ollama_up, system = await running_state(ctx)
     contexts = await asyncio.to_thread(ctx.owner.contexts.state, ctx.holder.catalog)
     return web.json_response({"models": models, "system": system, "contexts": contexts,
-                              "ollama": {"url": ctx.settings.ollama_base, "ok": ollama_up}})
+                              "ollama": {"url": ctx.settings.ollama_base, "ok": ollama_up},
+                              "peers": listing.running_rows(ctx)})
 
 
 async def scrape(request: web.Request) -> web.StreamResponse:
@@ -62,7 +64,8 @@ async def scrape(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX]
     models, _, system = await running_state(ctx)
     return ctx.metrics.export(models, system,
-                              {mid: ctx.limits.stats(mid) for mid in ctx.limits.lanes})
+                              {mid: ctx.limits.stats(mid) for mid in ctx.limits.lanes},
+                              listing.running_rows(ctx))
 
 
 def _text(given: object) -> str:

@@ -128,6 +128,22 @@ class Owner:
                  "parallel": lf.entry.parallel if lf.entry else None}
                 for lf in self.lives.values() if lf.state in shown]
 
+    async def starts_now(self, key: Key, entry: Entry | None) -> bool:
+        """Whether a request for the model would be served without waiting for room: it is
+        warm or loading, or it is cold, nothing is queued ahead, and its estimate fits in the
+        room now. Changes nothing (peers ask it to choose where a request goes)."""
+        life = self.lives.get(key)
+        if life and life.state in (WARM, LOADING):
+            return True
+        if life and life.state in (QUEUED, DRAINING, UNLOADING):
+            return False
+        if not self.settings.memory_admission or self.measure is None:
+            return True
+        if self.queue:
+            return False
+        rows = await self.measure()
+        return self._estimate(key, entry) <= (await self._account(rows)).room
+
     async def ensure(self, key: Key, entry: Entry | None, use_id: str) -> LoadError | None:
         """None once the model is warm; otherwise the error this client gets. Bounded: a
         model leaving is waited for up to UNLOAD_TIMEOUT, a queued load up to LOAD_WAIT, a

@@ -23,6 +23,8 @@ from services.proxy.ollama import engine as ollama_engine
 from services.proxy.ollama.convert import keep_alive_zero
 from services.proxy.ollama.routes import fixed_context
 from services.proxy.ollama.show import file_facts, header_kv, ps_row, show, tag
+from services.proxy.peers import forward as peer_forward
+from services.proxy.peers import listing, pick
 from services.proxy.serve import routes, upstream
 from services.proxy.serve.forward import find, ollama_target, unable
 from services.proxy.serve.relay import ModelRenamer
@@ -141,9 +143,16 @@ async def model_route(request: web.Request) -> web.StreamResponse:
     if entry is None:
         target = await ctx.ollama_models.lookup(name)
         if target is None:
-            return not_found(ctx, name)
+            return await _to_peer(request, payload) or not_found(ctx, name)
+        if to := await pick.instead(ctx, request, name, ("ollama", target), None,
+                                    request.path):
+            return await peer_forward.answer(request, to, name, None, payload, None)
         return await _to_ollama(request, payload, None, target)
-    if target := ollama_target(ctx.settings, entry, MODEL_ROUTES[request.path]):
+    target = ollama_target(ctx.settings, entry, MODEL_ROUTES[request.path])
+    key = ("ollama", target) if target else ("engine", entry.id)
+    if to := await pick.instead(ctx, request, name, key, entry, request.path):
+        return await peer_forward.answer(request, to, name, None, payload, None)
+    if target:
         return await _to_ollama(request, payload, entry, target)
     if problem := unable(ctx, routes.ROUTES[MODEL_ROUTES[request.path]], entry, name,
                          request.path):
@@ -152,6 +161,14 @@ async def model_route(request: web.Request) -> web.StreamResponse:
         return await ollama_engine.embed(request, entry, payload,
                                          request.path == "/api/embeddings")
     return await ollama_engine.generate(request, entry, payload, request.path == "/api/chat")
+
+
+async def _to_peer(request: web.Request, payload: dict) -> web.StreamResponse | None:
+    """A model only a peer serves: its answer (or why not), else None."""
+    to = await pick.remote(request.app[CTX], request, payload["model"], request.path)
+    if isinstance(to, pick.ToPeer):
+        return await peer_forward.answer(request, to, payload["model"], None, payload, None)
+    return to
 
 
 async def _ollama_list(ctx: Context, which: str) -> list[dict]:
@@ -175,8 +192,8 @@ async def tags(request: web.Request) -> web.Response:
     rows = [(e, [n for n in e.ollama_tags or [e.ollama or e.id] if n not in listed])
             for e in ctx.holder.catalog.entries.values()]
     facts = await asyncio.to_thread(file_facts, [e for e, names in rows if names])
-    return web.json_response({"models": ollama + [tag(e, name, facts[e.id])
-                                                  for e, names in rows for name in names]})
+    return web.json_response({"models": listing.tag_rows(ctx, request, ollama + [
+        tag(e, name, facts[e.id]) for e, names in rows for name in names])})
 
 
 async def ps(request: web.Request) -> web.Response:
@@ -204,7 +221,7 @@ async def show_model(request: web.Request) -> web.StreamResponse:
         return web.json_response(show(entry, kv, facts[entry.id][0]))
     target = entry.ollama if entry else await ctx.ollama_models.lookup(name)
     if target is None:
-        return not_found(ctx, name)
+        return await _to_peer(request, payload) or not_found(ctx, name)
     return await relay(request, ctx, json.dumps({**payload, "model": target}).encode())
 
 

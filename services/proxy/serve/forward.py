@@ -15,6 +15,8 @@ from services.proxy.http import request_body
 from services.proxy.models.model_turn import with_model
 from services.proxy.ollama import passthrough as ollama_passthrough
 from services.proxy.ollama import routes as ollama_routes
+from services.proxy.peers import forward as peer_forward
+from services.proxy.peers import pick
 from services.proxy.serve import routes, upstream
 from services.proxy.serve.engine_errors import engine_error
 from services.proxy.serve.relay import MessageStart, ModelRenamer, ResponsesIndexes, relay, whole
@@ -24,10 +26,7 @@ from shared.errors import error_response
 from shared.model_kinds import EMBEDDING, RERANK, kind
 from shared.settings import Settings
 
-# Headers that describe one hop, or that are ours (the API key), never the engine's.
-_DROP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive",
-         "authorization", "x-api-key", "accept-encoding", "upgrade", "te", "trailer",
-         "origin", "cookie"}
+_DROP = upstream.DROP
 
 
 def _model_problem(payload: dict) -> web.Response | None:
@@ -147,13 +146,20 @@ async def forward(request: web.Request) -> web.StreamResponse:
     if entry is None:
         target = await ctx.ollama_models.lookup(name)
         if target is None:
-            return not_found(ctx.holder.catalog, name)
+            to = await pick.remote(ctx, request, name, request.path)
+            if isinstance(to, pick.ToPeer):
+                return await peer_forward.answer(request, to, name, route, asked.payload,
+                                                 asked.body or None)
+            return to or not_found(ctx.holder.catalog, name)
     if problem := _refusal(ctx, route, entry, target, name):
         return problem
     if target and asked.payload is not None and \
             (problem := ollama_routes.fixed_context(asked.payload, entry, target)):
         return problem
     key = ("ollama", target) if target else ("engine", entry.id)
+    if to := await pick.instead(ctx, request, name, key, entry, request.path):
+        return await peer_forward.answer(request, to, name, route, asked.payload,
+                                         asked.body or None)
     return await with_model(request, key, entry, entry.id if entry else target,
                             lambda _: _answer(request, route, asked, entry, target))
 

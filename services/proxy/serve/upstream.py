@@ -17,6 +17,11 @@ from shared.engines.base import EngineError
 from shared.errors import error_response
 
 log = logging.getLogger("model-serve.proxy")
+# Headers that describe one hop, or that are ours (the API key), never sent on to a backend
+# or a peer.
+DROP = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive",
+                  "authorization", "x-api-key", "accept-encoding", "upgrade", "te", "trailer",
+                  "origin", "cookie"})
 # how long an engine may take to notice that a model's server has ended
 SETTLE_SECONDS = 5.0
 

@@ -165,7 +165,7 @@ function renderSystem() {
 function modelRows() {
   const held = new Map(running.models.map((m) => [m.id, m]));
   const rows = catalog.map((entry) => ({ id: entry.id, backend: entry.backend, state: entry.status,
-    ...held.get(entry.id), aliases: entry.aliases || [] }));
+    ...held.get(entry.id), aliases: entry.aliases || [], peer: entry.peer, peers: entry.peers }));
   const listed = new Set(catalog.map((entry) => entry.id));
   for (const m of running.models) if (!listed.has(m.id)) rows.push({ ...m, aliases: [] });
   return rows;
@@ -213,7 +213,8 @@ function renderModels() {
 
     tr.className = live ? "" : "unloaded";
     tr.dataset.state = m.state;
-    cells[0].children[1].textContent = m.aliases.length ? `also: ${m.aliases.join(", ")}` : "";
+    cells[0].children[1].textContent = [m.aliases.length ? `also: ${m.aliases.join(", ")}` : "",
+      m.peers?.length && !m.peer ? `also on peers: ${m.peers.join(", ")}` : ""].filter(Boolean).join("; ");
     // its conversations kept on disk for its next load (CONTEXT_CACHE_DIR)
     const kept = running.contexts?.models?.[m.id];
     cells[0].children[2].textContent = kept ? `saved context: ${kept.tokens.toLocaleString()} ` +
@@ -221,7 +222,10 @@ function renderModels() {
     cells[1].className = `state ${m.state}`;
     cells[1].textContent = m.state === "queued" ? "waiting" : m.state;
     cells[1].title = m.waiting_for ? `waits for room: ${m.waiting_for}` : "";
-    cells[2].textContent = m.backend;
+    // a peer's model: served by that peer, which loads and unloads it itself
+    cells[2].textContent = m.peer ? `peer ${m.peer.name}` : m.backend;
+    cells[2].title = m.peer ? m.peer.url : "";
+    button.hidden = Boolean(m.peer);
     if (live && size != null) {
       cells[3].replaceChildren(bar(size, limit, measured == null),
         el("span", { textContent: `${measured == null ? "~" : ""}${gib(size)}` +
@@ -286,11 +290,29 @@ function renderEvents() {
   }));
 }
 
+// Each peer (PEERS): up or down, the latency of its last poll, how many of its models are served.
+function renderPeers() {
+  const peers = running.peers || [];
+  $("peers").hidden = !peers.length;
+  $("peer-table").tBodies[0].replaceChildren(...peers.map((p) => {
+    const tr = el("tr", {},
+      el("td", { textContent: p.name, title: `${p.url} (${p.kind})` }),
+      el("td", { className: `state ${p.up ? "loaded" : "failed"}`, textContent: p.up ? "up" : "down",
+        title: p.error || "" }),
+      el("td", { className: "num", textContent: p.latency_ms == null ? "–" : `${Math.round(p.latency_ms)} ms` }),
+      el("td", { className: "num", textContent: String(p.models.length) }));
+    tr.dataset.peer = p.name;
+    tr.dataset.up = String(p.up);
+    return tr;
+  }));
+}
+
 function render() {
   renderTrouble();
   if (running) {
     renderSystem();
     renderModels();
+    renderPeers();
   } else {
     note(trouble ? `No data: ${trouble}.` : "Asking the proxy…");
   }

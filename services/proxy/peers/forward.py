@@ -1,0 +1,71 @@
+"""A request sent on to a peer, with the peer's key (never ours) and the hop mark, its
+answer relayed chunk by chunk (serve/relay.py), its `model` renamed to the name the client
+asked for. A peer that does not answer is a 503 naming it, within CONNECT_TIMEOUT."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+from aiohttp import web
+
+from services.proxy.context import CTX
+from services.proxy.manage import metrics
+from services.proxy.peers.pick import ToPeer
+from services.proxy.peers.registry import CONNECT_TIMEOUT, headers
+from services.proxy.serve import upstream
+from services.proxy.serve.relay import ModelRenamer, relay, whole
+from services.proxy.serve.routes import ANTHROPIC_PATHS, Route
+from shared.errors import error_response
+
+_STREAMS = ("text/event-stream", "application/x-ndjson")
+# what ends a whole Ollama stream (/api/chat, /api/generate)
+_OLLAMA_DONE = b'"done":true'
+
+
+def _route(path: str, route: Route | None) -> Route:
+    return route or Route(path, stream_end=_OLLAMA_DONE)
+
+
+async def answer(request: web.Request, to: ToPeer, asked: str, route: Route | None,
+                 payload: dict | None, body: bytes | None) -> web.StreamResponse:
+    """The peer's answer to this request for `asked` (the name the client gave)."""
+    ctx = request.app[CTX]
+    state, peer = to.state, to.state.peer
+    if turn := metrics.turn():
+        turn.model, turn.backend = f"{peer.name}/{to.model}", "peer"
+    sent = {k: v for k, v in request.headers.items() if k.lower() not in upstream.DROP}
+    sent.update(headers(peer))
+    if peer.api_key and request.path in ANTHROPIC_PATHS:
+        sent["x-api-key"] = peer.api_key
+    params = dict(request.query)
+    if "model" in params:
+        params["model"] = to.model
+    if payload is not None and (body is None or payload.get("model") != to.model):
+        body = json.dumps({**payload, "model": to.model}).encode()
+    renamer = ModelRenamer(to.model, asked) if asked != to.model else None
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT,
+                                    connect=CONNECT_TIMEOUT,
+                                    sock_read=ctx.settings.read_timeout)
+    where = f"peer {peer.name} ({peer.url})"
+    try:
+        async with ctx.session.request(request.method, peer.url + request.path,
+                                       params=params, data=body, headers=sent,
+                                       timeout=timeout) as up:
+            if up.content_type not in _STREAMS:
+                return await whole(up, renamer)
+            return await relay(request, up, [renamer] if renamer else [],
+                               _route(request.path, route), where,
+                               f"{where} may have stopped; its logs say why")
+    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
+        if upstream.the_client_left(request):
+            raise
+        ctx.peers.mark_down(state, f"{e.__class__.__name__}: {e}")
+        return error_response(503, f"{asked} is served by {where}, which is not answering "
+                              f"({e.__class__.__name__}); this stack's own models still "
+                              "answer", "peer_unavailable", peer=peer.name)
+    except aiohttp.ClientError as e:
+        if upstream.the_client_left(request):
+            raise
+        return error_response(502, f"{where} broke off before it answered for {asked}: "
+                              f"{e.__class__.__name__}: {e}", "peer_error", peer=peer.name)

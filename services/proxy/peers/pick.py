@@ -1,0 +1,107 @@
+"""Which serves a request: this stack, or a peer. A model served here stays here unless it
+cannot start here now (admission would wait); then a peer that has it loaded, else one that
+tells it has room. A model only peers have goes to one of them (loaded first). A request
+that came from a peer (the hop mark) is never sent on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from services.proxy.context import Context
+from services.proxy.peers.registry import HOP, PeerState
+from shared.errors import error_response
+from shared.loading import Key
+from shared.peers import LLAMA_SWAP, MODEL_SERVE, OLLAMA, OPENAI
+
+# The Ollama routes served here that a peer of the kind answers too.
+OLLAMA_NATIVE = ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/show")
+_LLAMA_SWAP = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank",
+               "/v1/reranking", "/rerank", "/infill", "/completion", "/v1/audio/transcriptions")
+_OLLAMA = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages",
+           "/v1/responses", *OLLAMA_NATIVE)
+
+
+def answers(kind: str, path: str) -> bool:
+    """Whether a peer of `kind` answers `path` for its models."""
+    if kind == MODEL_SERVE:
+        return True
+    if kind == LLAMA_SWAP:
+        return path in _LLAMA_SWAP
+    if kind == OLLAMA:
+        return path in _OLLAMA
+    return kind == OPENAI and path.startswith("/v1/")
+
+
+def _answered(kind: str) -> str:
+    from services.proxy.serve.routes import ROUTES  # the route table, for the message
+    paths = [p for p in (*ROUTES, *OLLAMA_NATIVE) if answers(kind, p)]
+    return ", ".join(paths)
+
+
+@dataclass
+class ToPeer:
+    state: PeerState
+    model: str  # the model's id on the peer
+
+
+def came_from_peer(request: web.Request) -> bool:
+    return HOP in request.headers
+
+
+def _best(states: list[PeerState], model: str) -> PeerState | None:
+    up = [s for s in states if s.up]
+    loaded = [s for s in up if model in s.loaded]
+    return (loaded or up or [None])[0]
+
+
+def down(state: PeerState, name: str) -> web.Response:
+    return error_response(503, f"{name} is served by peer {state.name} ({state.peer.url}), "
+                          f"which is not answering: {state.error or 'down'}; this stack's "
+                          "own models still answer", "peer_unavailable", peer=state.name)
+
+
+def _unanswered(state: PeerState, name: str, path: str) -> web.Response:
+    return error_response(400, f"{name} is served by peer {state.name}, a {state.peer.kind} "
+                          f"server, which does not answer {path}; it answers "
+                          f"{_answered(state.peer.kind)}", "unsupported_route",
+                          peer=state.name)
+
+
+async def remote(ctx: Context, request: web.Request, name: str,
+                 path: str) -> ToPeer | web.Response | None:
+    """For a model not served here: the peer to send it to, an error (its peer is down, or
+    does not answer the route), or None (no peer has it)."""
+    registry = ctx.peers
+    if not registry or came_from_peer(request):
+        return None
+    if named := registry.named(name):
+        state, model = named
+        holders = [state]
+    else:
+        model, holders = name, registry.holders(name)
+    if not holders:
+        return None
+    state = _best(holders, model)
+    if state is None:
+        return down(holders[0], name)
+    if not answers(state.peer.kind, path):
+        return _unanswered(state, name, path)
+    return ToPeer(state, model)
+
+
+async def instead(ctx: Context, request: web.Request, name: str, key: Key, entry,
+                  path: str) -> ToPeer | None:
+    """For a model served here: a peer to serve it instead, when it cannot start here now
+    and an up peer has it loaded, or has room for it."""
+    registry = ctx.peers
+    if not registry or came_from_peer(request):
+        return None
+    holders = [s for s in registry.holders(name) if s.up and answers(s.peer.kind, path)]
+    if not holders or await ctx.owner.starts_now(key, entry):
+        return None
+    loaded = [s for s in holders if name in s.loaded]
+    roomy = [s for s in holders if s.room is not None and s.room > 0]
+    state = (loaded or roomy or [None])[0]
+    return ToPeer(state, name) if state else None

@@ -1,0 +1,156 @@
+"""Each peer's state, asked every PEER_POLL_SECONDS: up or down, the latency of the last
+poll, its models (after its filter), which are loaded, its room when it tells it (a
+model-serve peer's /running), and the last error. A peer that comes back is up again at
+the next poll, without a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import logging
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from shared.peers import LLAMA_SWAP, MODEL_SERVE, OLLAMA, Peer, load_peers
+from shared.settings import Settings
+
+log = logging.getLogger("model-serve.proxy")
+# carried by every request and poll sent to a peer: a model-serve that gets it answers with
+# its own models only, and forwards nothing to its own peers (A ↔ B never loops)
+HOP = "X-Model-Serve-Peer-Hop"
+POLL_TIMEOUT = 3.0  # one poll, all its requests
+CONNECT_TIMEOUT = 4.0  # a request forwarded to a peer, until its connection is made
+
+
+@dataclass
+class PeerState:
+    peer: Peer
+    up: bool | None = None  # None: not asked yet
+    latency: float | None = None  # seconds, the last poll's
+    models: list[str] = field(default_factory=list)  # ids as the peer gives them
+    loaded: set[str] = field(default_factory=set)
+    room: int | None = None  # bytes it can still load, when it says
+    error: str | None = None
+    checked: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.peer.name
+
+    def has(self, model: str) -> bool:
+        return model in self.models
+
+    def row(self) -> dict:
+        return {**self.peer.public(), "up": bool(self.up),
+                "latency_ms": round(self.latency * 1000, 1) if self.latency is not None
+                else None, "models": list(self.models), "loaded": sorted(self.loaded),
+                "room": self.room, "error": self.error}
+
+
+def headers(peer: Peer) -> dict[str, str]:
+    """What every request to the peer carries: the hop mark and the peer's own key."""
+    out = {HOP: "1", "Accept-Encoding": "identity"}
+    if peer.api_key:
+        out["Authorization"] = f"Bearer {peer.api_key}"
+    return out
+
+
+class Registry:
+    def __init__(self, settings: Settings, session: aiohttp.ClientSession) -> None:
+        self.settings, self.session = settings, session
+        peers, self.notices = load_peers(settings)
+        for notice in self.notices:
+            log.warning("peers: %s", notice)
+        self.states = {p.name: PeerState(p) for p in peers}
+
+    def __bool__(self) -> bool:
+        return bool(self.states)
+
+    # ---- what the request path asks -------------------------------------------------------
+
+    def named(self, name: str) -> tuple[PeerState, str] | None:
+        """`<peer>/<id>`: that peer, and the model's id there."""
+        head, sep, rest = name.partition("/")
+        state = self.states.get(head)
+        return (state, rest) if sep and state and rest else None
+
+    def holders(self, model: str) -> list[PeerState]:
+        """The peers that have the model, whether up or down (when last asked)."""
+        return [s for s in self.states.values() if s.has(model)]
+
+    def mark_down(self, state: PeerState, error: str) -> None:
+        if state.up is not False:
+            log.warning("peer %s (%s) is down: %s", state.name, state.peer.url, error)
+        state.up, state.error = False, error
+
+    # ---- the poll loop --------------------------------------------------------------------
+
+    async def follow(self) -> None:
+        while True:
+            try:
+                await self.poll()
+            except Exception as e:  # noqa: BLE001 - no failure may end the loop
+                log.warning("peers: cannot poll now: %s", e)
+            await asyncio.sleep(self.settings.peer_poll_seconds)
+
+    async def poll(self) -> None:
+        await asyncio.gather(*(self._poll(s) for s in self.states.values()))
+
+    async def _poll(self, state: PeerState) -> None:
+        start = time.monotonic()
+        try:
+            async with asyncio.timeout(POLL_TIMEOUT):
+                models, loaded, room = await self._ask(state.peer)
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError,
+                AttributeError) as e:
+            self.mark_down(state, _why(e))
+            state.checked = time.monotonic()
+            return
+        if state.up is not True:
+            log.info("peer %s (%s) is up: %d model(s)", state.name, state.peer.url,
+                     len(models))
+        globs = state.peer.models
+        state.models = [m for m in models
+                        if not globs or any(fnmatch.fnmatchcase(m, g) for g in globs)]
+        state.loaded, state.room = loaded & set(state.models), room
+        state.up, state.error = True, None
+        state.latency = state.checked = time.monotonic()
+        state.latency -= start
+
+    async def _get(self, peer: Peer, path: str):
+        async with self.session.get(peer.url + path, headers=headers(peer)) as r:
+            if r.status >= 400:
+                raise aiohttp.ClientResponseError(r.request_info, (), status=r.status,
+                                                  message=f"GET {path} answered {r.status}")
+            return await r.json(content_type=None)
+
+    async def _ask(self, peer: Peer) -> tuple[list[str], set[str], int | None]:
+        if peer.kind == OLLAMA:
+            tags, ps = await asyncio.gather(self._get(peer, "/api/tags"),
+                                            self._get(peer, "/api/ps"))
+            return ([m["name"] for m in tags.get("models") or []],
+                    {m["name"] for m in ps.get("models") or []}, None)
+        listed = await self._get(peer, "/v1/models")
+        models = [m["id"] for m in listed.get("data") or []]
+        if peer.kind == MODEL_SERVE:
+            running = await self._get(peer, "/running")
+            loaded = {m["id"] for m in running.get("models") or [] if m.get("state") == "loaded"}
+            system = running.get("system") or {}
+            room = system.get("limit", 0) - system.get("used", 0) \
+                if isinstance(system.get("limit"), int) else None
+            return models, loaded, room
+        if peer.kind == LLAMA_SWAP:
+            running = await self._get(peer, "/running")
+            return models, {m.get("model") for m in running.get("running") or []
+                            if m.get("state") == "ready"} - {None}, None
+        return models, set(), None
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, TimeoutError):
+        return f"no answer within {POLL_TIMEOUT:g}s"
+    if isinstance(e, aiohttp.ClientResponseError):
+        return e.message
+    return f"{e.__class__.__name__}: {e}" if str(e) else e.__class__.__name__

@@ -1,0 +1,232 @@
+"""Peers (issue 24): two real stacks on loopback, A with B as its peer, and a bare
+llama-server as a peer of kind `openai`. A lists B's models, answers for them through B
+(with B's key, never its own), says which peer is down within 10 s while its own models
+answer, and serves them again once B is back, without a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from shared.llama_server import find_llama_server
+from shared.peers import load_peers
+from shared.settings import load
+from shared.tiny_gguf import write_model
+from tests.browser import Chromium
+from tests.harness import Stack, free_port, http, make_stack, wait
+
+ALPHA, BETA, BOTH = "ms/alpha:0.2m-f32", "ms/beta:0.2m-f32", "ms/both:0.2m-f32"
+A_KEY, B_KEY = {"Authorization": "Bearer a-key"}, {"Authorization": "Bearer b-key"}
+
+
+def chat(model: str, **extra) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4, **extra}
+
+
+def _stack(tmp: Path, models: tuple[str, ...], peers: str = "", **env: str) -> Stack:
+    root = tmp / "models"
+    for seed, name in enumerate(models):
+        write_model(root / "pub" / f"{name}-GGUF" / f"{name}-F32.gguf", name=name, seed=seed)
+    config = tmp / "config"
+    config.mkdir(parents=True)
+    if peers:
+        (config / "peers.yaml").write_text(peers)
+    return make_stack(tmp, root, config, **env)
+
+
+@pytest.fixture
+def stacks(tmp_path: Path):
+    made: list[Stack] = []
+
+    def make(name: str, models: tuple[str, ...], peers: str = "", **env: str) -> Stack:
+        stack = _stack(tmp_path / name, models, peers, **env)
+        made.append(stack)
+        return stack
+
+    yield make
+    for stack in made:
+        stack.stop()
+
+
+def _loaded(stack: Stack, headers: dict) -> set[str]:
+    status, body = http("GET", stack.url + "/running", headers=headers)
+    assert status == 200, body
+    return {m["id"] for m in body["models"] if m["state"] == "loaded"}
+
+
+def _peer_row(stack: Stack, name: str) -> dict:
+    _, body = http("GET", stack.url + "/running", headers=A_KEY)
+    return next(p for p in body["peers"] if p["name"] == name)
+
+
+def test_a_peers_models_are_listed_served_and_survive_its_restart(stacks) -> None:
+    b = stacks("b", ("beta", "both"), API_KEY="b-key").start()
+    a = stacks("a", ("alpha", "both"), f"peers:\n  b:\n    url: {b.url}\n    api_key: b-key\n",
+               API_KEY="a-key").start()
+    wait(lambda: _peer_row(a, "b")["up"], 30)
+
+    # listed, marked with its peer; a model on both is A's row, which names the peer
+    status, body = http("GET", a.url + "/v1/models", headers=A_KEY)
+    assert status == 200, body
+    rows = {r["id"]: r for r in body["data"]}
+    assert rows[BETA]["owned_by"] == "peer:b"
+    assert rows[BETA]["peer"] == {"name": "b", "url": b.url, "kind": "model-serve"}
+    assert rows[ALPHA]["owned_by"] == "model-serve" and "peer" not in rows[ALPHA]
+    assert rows[BOTH]["owned_by"] == "model-serve" and rows[BOTH]["peers"] == ["b"]
+    status, tags = http("GET", a.url + "/api/tags", headers=A_KEY)
+    assert {"name": "b", "url": b.url, "kind": "model-serve"} in \
+        [t.get("peer") for t in tags["models"] if t["name"] == BETA]
+    # B, asked by A (the hop mark), lists its own models only: no loop
+    _, own = http("GET", b.url + "/v1/models",
+                  headers={**B_KEY, "X-Model-Serve-Peer-Hop": "1"})
+    assert all(r.get("backend") != "peer" for r in own["data"])
+
+    # chat and a stream through A, with the official SDK; B loads it
+    client = openai.OpenAI(base_url=a.url + "/v1", api_key="a-key", max_retries=0)
+    answer = client.chat.completions.create(**chat(BETA))
+    assert answer.model == BETA and answer.choices[0].message.content is not None
+    chunks = list(client.chat.completions.create(**chat(BETA, stream=True)))
+    assert chunks and all(c.model == BETA for c in chunks)
+    assert BETA in _loaded(b, B_KEY) and BETA not in _loaded(a, A_KEY)
+    # the peer's name picks it explicitly
+    assert client.chat.completions.create(**chat(f"b/{BETA}")).model == f"b/{BETA}"
+    # Anthropic's Messages and Ollama's chat, through A to B
+    status, msg = http("POST", a.url + "/v1/messages", {**chat(BETA), "max_tokens": 4},
+                       headers={"x-api-key": "a-key"})
+    assert status == 200 and msg["type"] == "message", msg
+    status, reply = http("POST", a.url + "/api/chat", {**chat(BETA), "stream": False},
+                         headers=A_KEY)
+    assert status == 200 and reply["done"] is True and reply["model"] == BETA, reply
+    # a model served here is served here
+    assert http("POST", a.url + "/v1/chat/completions", chat(BOTH), A_KEY)[0] == 200
+    assert BOTH in _loaded(a, A_KEY) and BOTH not in _loaded(b, B_KEY)
+
+    # the peer's state in /running and /metrics
+    row = _peer_row(a, "b")
+    assert row["up"] and row["latency_ms"] is not None and BETA in row["models"]
+    _, metrics = http("GET", a.url + "/metrics", headers=A_KEY)
+    assert 'model_serve_peer_up{peer="b"} 1.0' in metrics
+    assert 'model_serve_peer_models{peer="b"} 2.0' in metrics
+    assert 'backend="peer"' in metrics
+
+    # B stopped: 503 naming the peer within 10 s; A's own model answers
+    b.stop()
+    start = time.monotonic()
+    status, err = http("POST", a.url + "/v1/chat/completions", chat(BETA), A_KEY)
+    assert time.monotonic() - start < 10
+    assert status == 503 and "peer b" in err["error"]["message"] and b.url in \
+        err["error"]["message"], err
+    status, err = http("POST", a.url + "/v1/messages", chat(BETA),
+                       headers={"x-api-key": "a-key"})
+    assert status == 503 and err["type"] == "error" and "peer b" in err["error"]["message"]
+    assert http("POST", a.url + "/v1/chat/completions", chat(ALPHA), A_KEY)[0] == 200
+    wait(lambda: not _peer_row(a, "b")["up"], 10)
+    _, body = http("GET", a.url + "/v1/models", headers=A_KEY)
+    assert BETA not in {r["id"] for r in body["data"]}  # a down peer's models are left out
+
+    # B back: it answers again within 30 s, A never restarted
+    b.start()
+    back = time.monotonic()
+    wait(lambda: http("POST", a.url + "/v1/chat/completions", chat(BETA), A_KEY)[0] == 200,
+         30)
+    assert time.monotonic() - back < 30
+
+
+def test_a_model_that_cannot_start_here_now_is_served_by_a_peer(stacks, tmp_path) -> None:
+    machine = tmp_path / "memory.json"  # A: a machine too small for any model
+    machine.write_text(json.dumps({"total": 1000, "base_used": 0}))
+    b = stacks("b", ("both",)).start()
+    a = stacks("a", ("both",), f"peers:\n  b:\n    url: {b.url}\n",
+               MEMORY_SIMULATION_FILE=str(machine), PEER_POLL_SECONDS="1").start()
+    assert http("POST", b.url + "/v1/chat/completions", chat(BOTH))[0] == 200  # loaded on B
+    wait(lambda: BOTH in _peer_row(a, "b")["loaded"], 30)
+    status, body = http("POST", a.url + "/v1/chat/completions", chat(BOTH))
+    assert status == 200 and body["model"] == BOTH, body
+    assert BOTH not in _loaded(a, {})
+
+
+def test_an_openai_server_as_a_peer(stacks, tmp_path) -> None:
+    model = tmp_path / "bare" / "bare.gguf"
+    write_model(model, name="bare")
+    port = free_port()
+    log = open(tmp_path / "bare.log", "wb")  # noqa: SIM115 - lives with the process
+    server = subprocess.Popen([find_llama_server(load({})), "-m", str(model), "--port",
+                               str(port), "--host", "127.0.0.1", "--alias", "bare-tiny",
+                               "-c", "256"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait(lambda: _answers(url + "/health"), 60)
+        a = stacks("a", ("alpha",), f"peers:\n  bare:\n    url: {url}\n    kind: openai\n"
+                   "  broken:\n    url: nowhere\n    kind: llama-swap\n").start()
+        wait(lambda: _peer_row(a, "bare")["up"], 30)
+        _, body = http("GET", a.url + "/v1/models")
+        rows = {r["id"]: r for r in body["data"]}
+        assert rows["bare-tiny"]["owned_by"] == "peer:bare"
+        status, answer = http("POST", a.url + "/v1/chat/completions", chat("bare-tiny"))
+        assert status == 200 and answer["choices"], answer
+        # a route an OpenAI server does not answer: 400 naming the peer, in Ollama's shape
+        status, err = http("POST", a.url + "/api/chat", chat("bare-tiny"))
+        assert status == 400 and "peer bare" in err["error"] and "/v1/" in err["error"]
+        assert "peers.broken.url" in a.logs()  # the bad entry is named, the rest used
+        asyncio.run(_dashboard_shows(a.url))
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+async def _dashboard_shows(url: str) -> None:
+    """The dashboard's Peers section, and the peer's model in the table, marked with it."""
+    async with Chromium() as browser:
+        page = await browser.open(url + "/")
+        peer = "document.querySelector('#peer-table tr[data-peer=\"bare\"]')"
+        assert await page.until(f"{peer}?.dataset.up") == "true"
+        assert await page.js(f"{peer}.children[3].textContent") == "1"
+        cell = "document.querySelector('tr[data-model=\"bare-tiny\"] td:nth-child(3)')"
+        assert await page.until(f"{cell}?.textContent") == "peer bare"
+
+
+def _answers(url: str) -> bool:
+    try:
+        return http("GET", url, timeout=2)[0] == 200
+    except OSError:
+        return False
+
+
+def test_peers_config_problems_name_file_key_and_reason(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "peers.yaml").write_text(
+        "peers:\n  good:\n    url: http://studio.local:5846/\n    api_key_env: STUDIO_KEY\n"
+        "    models: ['qwen*']\n  bad:\n    url: http://x:1\n    kind: vllm\n")
+    settings = load({"CONFIG_DIR": str(tmp_path),
+                     "MODEL_SERVE_ENV_FILE": str(tmp_path / "no.env"),
+                     "PEERS": "http://studio.local:5846,http://other.lan:5846"})
+    monkeypatch.setenv("STUDIO_KEY", "k")
+    peers, notices = load_peers(settings)
+    assert [(p.name, p.url, p.kind, p.api_key, p.models) for p in peers] == [
+        ("good", "http://studio.local:5846", "model-serve", "k", ("qwen*",)),
+        ("other.lan", "http://other.lan:5846", "model-serve", "", ())]
+    assert notices == [f"{tmp_path / 'peers.yaml'}: peers.bad.kind: expected one of "
+                       "model-serve, llama-swap, ollama, openai, got 'vllm'; this peer is "
+                       "left out"]
+
+
+def test_an_ollama_as_a_peer(stacks, real_ollama) -> None:
+    real_ollama.create("olla:1b")
+    a = stacks("a", ("alpha",), f"peers:\n  lan:\n    url: {real_ollama.url}\n"
+               "    kind: ollama\n")
+    a.env["PEER_POLL_SECONDS"] = "1"
+    a.start()
+    wait(lambda: "olla:1b" in _peer_row(a, "lan")["models"], 30)
+    _, tags = http("GET", a.url + "/api/tags")
+    assert [t["peer"]["name"] for t in tags["models"] if t["name"] == "olla:1b"] == ["lan"]
+    status, reply = http("POST", a.url + "/api/chat", {**chat("olla:1b"), "stream": False})
+    assert status == 200 and reply["done"] is True and reply["model"] == "olla:1b", reply
+    status, answer = http("POST", a.url + "/v1/chat/completions", chat("lan/olla:1b"))
+    assert status == 200 and answer["model"] == "lan/olla:1b", answer
+    wait(lambda: "olla:1b" in _peer_row(a, "lan")["loaded"], 30)
