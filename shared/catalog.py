@@ -290,6 +290,16 @@ def _context_cache_dir(catalog: Catalog, settings: Settings) -> bool:
     return True
 
 
+def embeddings_by_ollama(settings: Settings, entry: Entry) -> bool:
+    """Whether Ollama answers this model's embeddings: a model Ollama has under a name
+    matching EMBEDDINGS_TO_OLLAMA (e.g. nomic-embed-text), or one Ollama answers in all."""
+    if entry.backend == "ollama":
+        return True
+    names = (entry.id.lower(), (entry.ollama or "").lower())
+    return bool(entry.ollama) and any(word in n for word in settings.embeddings_to_ollama
+                                      for n in names)
+
+
 def _add_ollama_names(entries: dict[str, Entry], settings: Settings) -> None:
     """The names a user pulled with Ollama become aliases of the model made from the same
     blob; a name matching ROUTE_TO_OLLAMA (e.g. mxfp4) is answered by Ollama itself."""

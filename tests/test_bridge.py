@@ -119,3 +119,16 @@ def test_dry_run_prints_and_changes_nothing(dirs) -> None:
     out = subprocess.run([sys.executable, "-m", "lm_studio_ollama_bridge",
                           "--record", str(record)], env=env, capture_output=True, text=True)
     assert "1 linked" in out.stdout and (models_dir / "ollama/tiny").is_dir()
+
+
+def test_model_sync_dry_run_uses_the_stacks_settings(stack_factory, tmp_path) -> None:
+    """`model sync --dry-run` reads .env like every `model` command, and changes nothing."""
+    store = tmp_path / "store"
+    add_model(store, "tiny:1b")
+    stack = stack_factory(OLLAMA_MODELS=str(store))
+    before = sorted(p.name for p in Path(stack.env["MODELS_DIR"]).rglob("*"))
+    out = stack.cli("sync", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert f"Ollama's store {store} → {stack.env['MODELS_DIR']}" in out.stdout
+    assert "would link" in out.stdout and "1 to link" in out.stdout, out.stdout
+    assert sorted(p.name for p in Path(stack.env["MODELS_DIR"]).rglob("*")) == before

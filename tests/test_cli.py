@@ -232,3 +232,9 @@ def test_doctor_warns_of_ollama_only_for_the_embeddings_it_answers(stack_factory
     assert f"WARN  Ollama is not reachable at {stack.env['OLLAMA_BASE']}: embeddings with " \
         "ms/emb:0.2m-f32" in routed.stdout, routed.stdout
     assert "fix: start it (`ollama serve`)" in routed.stdout
+    # served by the engine, but Ollama has it under a name EMBEDDINGS_TO_OLLAMA matches
+    (config_dir / "custom_models.yaml").write_text(
+        "models:\n  emb:0.2m-f32:\n    ollama_model: nomic-embed-text:latest\n")
+    named = stack.cli("doctor")
+    assert "WARN  Ollama is not reachable" in named.stdout and "ms/emb:0.2m-f32" in \
+        named.stdout, named.stdout

@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dry-run", action="store_true", help="print what it would do, do nothing")
     args = ap.parse_args(argv)
     record = args.record or _path("STATE_DIR", "~/.local/state/model-serve") / "bridge-links.json"
+    print(f"Ollama's store {args.ollama_models} → {args.models_dir} (record {record})")
     models, notices = read_store(args.ollama_models)
     report = Bridge(args.models_dir, record).sync(models, dry_run=args.dry_run)
     for line in [f"note: {n}" for n in notices] + report.lines(args.dry_run):

@@ -19,7 +19,7 @@ from lm_studio_ollama_bridge.links import LinkRecord
 from services.cli.stack import get_health, ours, port_holder, running_stack
 from shared import harmony_encoding
 from shared import settings as settings_mod
-from shared.catalog import Catalog
+from shared.catalog import Catalog, embeddings_by_ollama
 from shared.disk import biggest, full, mount_point, size, state_dir_problem
 from shared.engines import make_engine
 from shared.llama_server import find_llama_server
@@ -74,8 +74,9 @@ def check_ollama(settings: Settings, catalog: Catalog) -> Finding:
         return Finding("ok", f"Ollama {version} at {settings.ollama_base}")
     except (OSError, ValueError):
         pass
+    embeddings = [e.id for e in catalog.entries.values() if kind(e.info, e.args) == EMBEDDING
+                  and embeddings_by_ollama(settings, e)]
     routed = [e for e in catalog.entries.values() if e.backend == "ollama"]
-    embeddings = [e.id for e in routed if kind(e.info, e.args) == EMBEDDING]
     fix = "start it (`ollama serve`), or set OLLAMA_BASE"
     if embeddings:
         return Finding("warn", f"Ollama is not reachable at {settings.ollama_base}: embeddings "

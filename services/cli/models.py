@@ -14,6 +14,7 @@ import aiohttp
 import click
 
 from services.cli.common import load_catalog, load_settings
+from services.cli.ollama_cmds import file_size
 from shared.catalog import Catalog, Entry, loose
 from shared.engines import EngineError, make_engine
 from shared.engines.base import Running
@@ -77,7 +78,7 @@ def show(name: str) -> None:
                                    (f"; closest: {', '.join(close)}" if close else ""))
     for key, value in asdict(entry).items():
         if key == "size_bytes":
-            click.echo(f"{'size':16} {value / 1e9:.2f} GB")
+            click.echo(f"{'size':16} {file_size(value)}")
         elif key != "info":
             click.echo(f"{key.replace('_', ' '):16} {_value(value)}")
     info = entry.info

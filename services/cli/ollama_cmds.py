@@ -9,7 +9,7 @@ from services.cli.sync_cmd import run_sync
 from shared.ollama import Ollama
 
 
-def _size(n: int) -> str:
+def file_size(n: int) -> str:
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
         if n >= size:
             return f"{n / size:.1f} {unit}"
@@ -115,7 +115,7 @@ def list_models(filter_text: str | None, served: bool) -> None:
         for m in tags:
             if matching([m["name"]], filter_text):
                 d = m.get("details") or {}
-                rows.append((m["name"], _size(m.get("size", 0)), d.get("parameter_size", ""),
+                rows.append((m["name"], file_size(m.get("size", 0)), d.get("parameter_size", ""),
                              d.get("quantization_level", ""), m.get("modified_at", "")[:16]))
     if len(rows) == 1 and filter_text:
         raise click.ClickException(f"no model matches {filter_text!r}")

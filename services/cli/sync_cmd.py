@@ -6,7 +6,7 @@ import click
 
 from services.cli.common import load_settings
 from shared.engines import make_engine
-from shared.sync import sync_all
+from shared.sync import run_bridge, sync_all
 
 
 def run_sync() -> None:
@@ -39,7 +39,18 @@ def run_sync() -> None:
 
 
 @click.command()
-def sync() -> None:
+@click.option("--dry-run", is_flag=True,
+              help="Only print the links the bridge would make or remove; change nothing.")
+def sync(dry_run: bool) -> None:
     """Link Ollama's models, rescan models and custom_models.yaml, and reload the engine if
     its config changed or it has not taken up the last one."""
-    run_sync()
+    if not dry_run:
+        run_sync()
+        return
+    settings = load_settings()
+    click.echo(f"Ollama's store {settings.ollama_models} → {settings.models_dir}")
+    report = run_bridge(settings, dry_run=True)
+    for line in report.lines(dry_run=True):
+        click.echo(line, err=line.startswith("note:"))
+    click.echo(f"{len(report.created)} to link, {len(report.replaced)} to relink, "
+               f"{len(report.removed)} to remove, {len(report.kept)} unchanged (dry run)")

@@ -21,7 +21,7 @@ from services.proxy.serve import routes, upstream
 from services.proxy.serve.engine_errors import engine_error
 from services.proxy.serve.relay import MessageStart, ModelRenamer, ResponsesIndexes, relay, whole
 from services.proxy.serve.routes import ANTHROPIC, FORM, QUERY, Route
-from shared.catalog import Catalog, Entry
+from shared.catalog import Catalog, Entry, embeddings_by_ollama
 from shared.errors import error_response
 from shared.model_kinds import EMBEDDING, RERANK, kind
 from shared.settings import Settings
@@ -50,10 +50,8 @@ def ollama_target(settings: Settings, entry: Entry, path: str) -> str | None:
     """The Ollama name to send this request to, or None for the engine."""
     if entry.backend == "ollama":
         return entry.ollama
-    if path == "/v1/embeddings" and entry.ollama:
-        names = (entry.id.lower(), entry.ollama.lower())
-        if any(word in n for word in settings.embeddings_to_ollama for n in names):
-            return entry.ollama
+    if path == "/v1/embeddings" and embeddings_by_ollama(settings, entry):
+        return entry.ollama
     return None
 
 
