@@ -1,0 +1,114 @@
+"""The RPC workers the catalog's models name (custom_models.yaml `rpc:`): /running's
+`rpc_workers` and /metrics' `model_serve_rpc_worker_up`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+
+import psutil
+
+from shared.catalog import Catalog
+from shared.rpc import BINARY, DEFAULT_PORT, is_loopback, parse_address, reachable
+
+
+def named(catalog: Catalog) -> dict[str, list[str]]:
+    """Each worker address → the ids of the models that use it, in the catalog's order."""
+    out: dict[str, list[str]] = {}
+    for entry in catalog.entries.values():
+        if entry.backend == "engine":
+            for address in entry.rpc:
+                out.setdefault(address, []).append(entry.id)
+    return out
+
+
+def _own_addresses() -> set[str]:
+    out = {socket.gethostname(), "localhost"}
+    with contextlib.suppress(OSError):
+        for addrs in psutil.net_if_addrs().values():
+            out.update(a.address.split("%")[0] for a in addrs)
+    return out
+
+
+def _listen(cmdline: list[str]) -> tuple[str, int]:
+    """The host and port an rpc-server command line listens on (its defaults without)."""
+    host, port = "127.0.0.1", DEFAULT_PORT
+    for flag, value in zip(cmdline, cmdline[1:], strict=False):
+        if flag in ("-p", "--port") and value.isdigit():
+            port = int(value)
+        elif flag in ("-H", "--host"):
+            host = value
+    return host, port
+
+
+def _rpc_servers() -> list[psutil.Process]:
+    out = []
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error, IndexError):
+            if os.path.basename((proc.info["cmdline"] or [""])[0]) == BINARY:
+                out.append(proc)
+    return out
+
+
+def local_workers() -> dict[int, int]:
+    """Port → resident memory of each rpc-server process on this machine."""
+    out: dict[int, int] = {}
+    for proc in _rpc_servers():
+        with contextlib.suppress(psutil.Error):
+            out[_listen(proc.info["cmdline"])[1]] = proc.memory_info().rss
+    return out
+
+
+def local_workers_listening() -> list[str]:
+    """host:port of each rpc-server process on this machine, as its command line has it."""
+    out = []
+    for proc in _rpc_servers():
+        host, port = _listen(proc.info["cmdline"])
+        out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    return out
+
+
+def _rows(catalog: Catalog) -> list[dict]:
+    workers = named(catalog)
+    if not workers:
+        return []
+    local = local_workers()
+    mine = _own_addresses()
+    rows = []
+    for address, models in workers.items():
+        host, port = parse_address(address)
+        here = is_loopback(host) or host.strip("[]") in mine
+        rows.append({"address": address, "up": reachable(address, 1.0), "models": models,
+                     "on_this_machine": here,
+                     # its process's memory: only where it runs here
+                     "memory": local.get(port) if here else None})
+    return rows
+
+
+async def rpc_workers(catalog: Catalog) -> list[dict]:
+    """/running's `rpc_workers`: each worker's address, whether it accepts a connection
+    within a second, the models that use it, and its memory when it runs on this machine."""
+    return await asyncio.to_thread(_rows, catalog)
+
+
+def exposition(rows: list[dict]) -> bytes:
+    """model_serve_rpc_worker_up, in Prometheus' text format."""
+    if not rows:
+        return b""
+    lines = ["# HELP model_serve_rpc_worker_up 1 when an RPC worker a model names accepts a "
+             "connection", "# TYPE model_serve_rpc_worker_up gauge"]
+    lines += [f'model_serve_rpc_worker_up{{worker="{_label(r["address"])}"}} {int(r["up"])}'
+              for r in rows]
+    memory = [r for r in rows if r["memory"] is not None]
+    if memory:
+        lines += ["# HELP model_serve_rpc_worker_memory_bytes Resident memory of an RPC worker "
+                  "running on this machine", "# TYPE model_serve_rpc_worker_memory_bytes gauge"]
+        lines += [f'model_serve_rpc_worker_memory_bytes{{worker="{_label(r["address"])}"}} '
+                  f'{r["memory"]}' for r in memory]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _label(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
