@@ -18,6 +18,8 @@ from shared.settings import Settings
 
 DEFAULT_PORT = 50052
 BINARY = "rpc-server"
+# the names it has: llama.cpp's build target (and binary) is ggml-rpc-server since 2026
+NAMES = (BINARY, "ggml-rpc-server")
 HOW_TO_GET = ("run `make install` (it builds llama-server and rpc-server with llama.cpp's "
               "RPC backend into ~/.cache/model-serve), or install a llama.cpp built with "
               "-DGGML_RPC=ON and put its rpc-server on PATH")
@@ -69,12 +71,11 @@ def find_rpc_server(settings: Settings) -> str:
     candidates: list[Path] = []
     try:
         server = Path(find_llama_server(settings))
-        candidates.append(Path(shutil.which(str(server)) or server).resolve().parent / BINARY)
+        here = Path(shutil.which(str(server)) or server).resolve().parent
+        candidates += [here / name for name in NAMES]
     except FileNotFoundError:
         pass
-    on_path = shutil.which(BINARY)
-    if on_path:
-        candidates.append(Path(on_path))
+    candidates += [Path(p) for name in NAMES if (p := shutil.which(name))]
     candidates.append(built_path().parent / BINARY)
     for path in candidates:
         if path.is_file():

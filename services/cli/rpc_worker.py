@@ -14,7 +14,7 @@ from shared.rpc import DEFAULT_PORT, find_rpc_server, has_mem_option, is_loopbac
 MIB = 1024**2
 # What rpc-server itself takes besides the buffers it is asked for (its code's data, the
 # heap, a thread stack per core), counted by RLIMIT_DATA too
-OWN_DATA_MIB = 64
+OWN_DATA_MIB = 32
 THREAD_STACK_MIB = 8
 
 NO_AUTH = ("llama.cpp's RPC has no authentication: anyone who can reach {address} can "

@@ -11,7 +11,7 @@ import socket
 import psutil
 
 from shared.catalog import Catalog
-from shared.rpc import BINARY, DEFAULT_PORT, is_loopback, parse_address, reachable
+from shared.rpc import DEFAULT_PORT, NAMES, is_loopback, parse_address, reachable
 
 
 def named(catalog: Catalog) -> dict[str, list[str]]:
@@ -47,7 +47,7 @@ def _rpc_servers() -> list[psutil.Process]:
     out = []
     for proc in psutil.process_iter(["cmdline"]):
         with contextlib.suppress(psutil.Error, IndexError):
-            if os.path.basename((proc.info["cmdline"] or [""])[0]) == BINARY:
+            if os.path.basename((proc.info["cmdline"] or [""])[0]) in NAMES:
                 out.append(proc)
     return out
 
