@@ -18,6 +18,7 @@ from shared.catalog import params_label
 from shared.custom_models import load
 from shared.gguf_header import read_header
 from shared.llama_server import find_llama_server
+from shared.memory import RPC_MEASURED
 from shared.rpc import find_rpc_server, reachable
 from shared.tiny_gguf import write_model
 from tests.harness import ROOT, free_ports, http, wait
@@ -128,14 +129,24 @@ def test_a_model_over_two_local_workers_answers_and_they_hold_its_weights(
     rows = {w["address"]: w for w in running["rpc_workers"]}
     for p in (p1, p2):
         row = rows[f"127.0.0.1:{p}"]
-        assert row["up"] and row["models"] == [mid] and row["on_this_machine"]
+        assert row["up"] and row["models"] == row["in_use_by"] == [mid]
+        assert row["on_this_machine"]
         assert row["memory"] and row["memory"] > 0
     [model] = [m for m in running["models"] if m["id"] == mid]
     # before its first load the whole model was counted, and the row says what it counts
     assert model["memory_note"].startswith("rpc:")
     assert model["memory"]["measured"]
+    # once its load is measured, the part here counts: far less than the file
+    def learned() -> dict:
+        rows = http("GET", stack.url + "/running")[1]["models"]
+        return next(m for m in rows if m["id"] == mid)
+    wait(lambda: learned()["memory_note"] == RPC_MEASURED, 60)
+    model = learned()
+    assert model["memory"]["measured"] < size / 2, model
+    assert model["memory"]["estimated"] < size, model
     metrics = http("GET", stack.url + "/metrics")[1]
-    assert f'model_serve_rpc_worker_up{{worker="127.0.0.1:{p1}"}} 1' in metrics
+    assert f"model_serve_rpc_worker_up{{worker=\"127.0.0.1:{p1}\"}} 1" in metrics, [
+        line for line in metrics.splitlines() if "rpc_worker" in line]
     assert "uses the RPC workers" in stack.logs()
 
 
@@ -172,3 +183,29 @@ def test_a_worker_listening_wider_than_loopback_is_warned_about(
     assert f"RPC worker 192.0.2.7:50052 (used by ms/{name})" in text, text
     assert "is reached over the network: llama.cpp's RPC has no authentication" in text
     assert f"this machine's rpc-worker listens on 0.0.0.0:{port}" in text, text
+
+
+@needs_rpc
+def test_a_worker_capped_by_mem_refuses_a_model_bigger_than_the_cap(
+        stack_factory, config_dir, big_model, workers) -> None:
+    [port] = free_ports(1)
+    mid = model_id(big_model)
+    (config_dir / "custom_models.yaml").write_text(
+        f"models:\n  {mid.removeprefix('ms/')}:\n    rpc: [127.0.0.1:{port}]\n")
+    stack = stack_factory(MODELS_DIR=str(big_model.parents[2]), DEFAULT_CTX_SIZE="512")
+    worker = workers(stack.env, "--port", str(port), "--mem", "64")
+    said = worker.stderr_until("rpc-worker: /")
+    if sys.platform.startswith("linux"):
+        assert "capped at" in said and "RLIMIT_DATA" in said
+    else:
+        assert "NOT enforced" in said
+        pytest.skip("--mem is enforced on Linux only")
+    wait(lambda: reachable(f"127.0.0.1:{port}"), 30)
+    stack.start("engine", "proxy")
+    status, body = http("POST", stack.url + "/v1/chat/completions", chat(mid, max_tokens=4),
+                        timeout=300)
+    assert status >= 500, body
+    assert worker.proc.poll() is None  # the worker refused the buffer and lives on
+    # the model's own log names the worker that could not take its part
+    [log] = (stack.state_dir / "logs" / "models").glob("*spread*.log")
+    assert f"unable to allocate RPC0[127.0.0.1:{port}] buffer" in log.read_text(), body

@@ -51,7 +51,7 @@ async def running(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     models, ollama_up, system = await running_state(ctx)
     contexts = await asyncio.to_thread(ctx.owner.contexts.state, ctx.holder.catalog)
-    workers = await rpc_workers(ctx.holder.catalog)
+    workers = await rpc_workers(ctx.holder.catalog, models)
     return web.json_response({"models": models, "system": system, "contexts": contexts,
                               "ollama": {"url": ctx.settings.ollama_base, "ok": ollama_up},
                               "rpc_workers": workers})
@@ -66,7 +66,7 @@ async def scrape(request: web.Request) -> web.StreamResponse:
     models, _, system = await running_state(ctx)
     response = ctx.metrics.export(models, system,
                                   {mid: ctx.limits.stats(mid) for mid in ctx.limits.lanes})
-    if workers := await rpc_workers(ctx.holder.catalog):
+    if workers := await rpc_workers(ctx.holder.catalog, models):
         response.body = response.body + exposition(workers)
     return response
 

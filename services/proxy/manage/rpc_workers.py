@@ -70,7 +70,7 @@ def local_workers_listening() -> list[str]:
     return out
 
 
-def _rows(catalog: Catalog) -> list[dict]:
+def _rows(catalog: Catalog, loaded: set[str]) -> list[dict]:
     workers = named(catalog)
     if not workers:
         return []
@@ -80,17 +80,24 @@ def _rows(catalog: Catalog) -> list[dict]:
     for address, models in workers.items():
         host, port = parse_address(address)
         here = is_loopback(host) or host.strip("[]") in mine
-        rows.append({"address": address, "up": reachable(address, 1.0), "models": models,
+        in_use = [m for m in models if m in loaded]
+        # rpc-server serves one client at a time and queues one more (listen backlog 1): a
+        # worker a loaded model holds is up, and a probe would only wait in its queue
+        up = bool(in_use) or reachable(address, 1.0)
+        rows.append({"address": address, "up": up, "models": models, "in_use_by": in_use,
                      "on_this_machine": here,
                      # its process's memory: only where it runs here
                      "memory": local.get(port) if here else None})
     return rows
 
 
-async def rpc_workers(catalog: Catalog) -> list[dict]:
-    """/running's `rpc_workers`: each worker's address, whether it accepts a connection
-    within a second, the models that use it, and its memory when it runs on this machine."""
-    return await asyncio.to_thread(_rows, catalog)
+async def rpc_workers(catalog: Catalog, models: list[dict]) -> list[dict]:
+    """/running's `rpc_workers`: each worker's address, whether it is up (held by a loaded
+    model, or accepting a connection within a second), the models that name it and the
+    loaded ones that hold it, and its memory when it runs on this machine. `models`:
+    /running's model rows."""
+    loaded = {m["id"] for m in models if m.get("state") in ("loaded", "loading", "unloading")}
+    return await asyncio.to_thread(_rows, catalog, loaded)
 
 
 def exposition(rows: list[dict]) -> bytes:
