@@ -209,3 +209,17 @@ def test_a_worker_capped_by_mem_refuses_a_model_bigger_than_the_cap(
     # the model's own log names the worker that could not take its part
     [log] = (stack.state_dir / "logs" / "models").glob("*spread*.log")
     assert f"unable to allocate RPC0[127.0.0.1:{port}] buffer" in log.read_text(), body
+
+
+def test_both_engines_start_the_model_with_its_workers(tmp_path) -> None:
+    from shared.catalog import Catalog, Entry
+    from shared.engines.llama_swap import LlamaSwap
+    from shared.engines.router import Router
+    from shared.settings import load as load_settings
+
+    settings = load_settings({"STATE_DIR": str(tmp_path / "state")}, env_file=tmp_path / "no")
+    entry = Entry(id="ms/a:1m-f32", path=str(tmp_path / "a.gguf"),
+                  rpc=["127.0.0.1:50052", "[::1]:50053"])
+    catalog = Catalog(entries={entry.id: entry})
+    assert "rpc = 127.0.0.1:50052,[::1]:50053" in Router(settings).render(catalog)
+    assert "--rpc '127.0.0.1:50052,[::1]:50053'" in LlamaSwap(settings).render(catalog)
