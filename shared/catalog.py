@@ -52,6 +52,7 @@ class Entry:
     ollama_tags: list[str] = field(default_factory=list)  # every tag Ollama has it under
     harmony: str = "off"  # proxy: the proxy speaks Harmony to it; native: the engine does
     reasoning_effort: str | None = None
+    rpc: list[str] = field(default_factory=list)  # rpc-server workers (host:port)
     info: dict = field(default_factory=dict)
 
     @property
@@ -185,6 +186,7 @@ def _apply(entry: Entry, custom: CustomModel, settings: Settings) -> None:
     entry.cmd = custom.get("cmd", entry.cmd)
     entry.harmony = custom.get("harmony", entry.harmony)
     entry.reasoning_effort = custom.get("reasoning_effort", entry.reasoning_effort)
+    entry.rpc = [a.strip() for a in custom.get("rpc", entry.rpc)]
     for alias in custom.get("aliases", []):
         if alias not in entry.aliases:
             entry.aliases.append(alias)

@@ -35,6 +35,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "aliases": (list,),
     "harmony": (str,),
     "reasoning_effort": (str,),
+    "rpc": (list,),
 }
 HARMONY = ("proxy", "native", "off")
 EFFORTS = ("low", "medium", "high")
@@ -91,6 +92,23 @@ def _check(file: Path, name: str, key: str, value, problems: list[str]) -> None:
             problems.append(f"{where}: cannot split into arguments: {e}")
     elif key == "aliases" and not all(isinstance(a, str) and a for a in value):
         problems.append(f"{where}: expected a list of names")
+    elif key == "rpc":
+        _check_rpc(where, value, problems)
+
+
+def _check_rpc(where: str, value: list, problems: list[str]) -> None:
+    from shared.rpc import parse_address
+
+    if not value:
+        problems.append(f"{where}: expected a list of rpc-server addresses (host:port), "
+                        "got an empty list")
+    for i, item in enumerate(value):
+        try:
+            parse_address(item)
+        except ValueError as e:
+            problems.append(f"{where}[{i}]: {e}")
+    if len(set(value)) != len(value) and not problems:
+        problems.append(f"{where}: a worker is named twice")
 
 
 def read_yaml(file: Path) -> object:

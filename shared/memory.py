@@ -84,9 +84,16 @@ def first_estimate(entry: Entry) -> int:
     return base + prompt_cache_bytes(entry)
 
 
+RPC_NOTE = ("rpc: the part on this machine is known after its first load; until then the "
+            "whole model is counted")
+RPC_MEASURED = "rpc: only the part on this machine (the workers hold the rest)"
+
+
 def shape(entry: Entry, backend: str) -> list:
-    """What a learned footprint depends on: the backend, the file, the context, the slots."""
-    return [backend, entry.path, entry.ctx_size, entry.parallel]
+    """What a learned footprint depends on: the backend, the file, the context, the slots,
+    and the RPC workers that hold part of it."""
+    base = [backend, entry.path, entry.ctx_size, entry.parallel]
+    return [*base, sorted(entry.rpc)] if entry.rpc else base
 
 
 class Footprints:
@@ -128,7 +135,17 @@ class Footprints:
         learned = self.learned(key, shape(entry, backend))
         if not learned:
             return first_estimate(entry)
+        if entry.rpc:
+            # its workers hold most of the weights: what its shape says this machine needs
+            # cannot be told apart from theirs, so what its load took here counts
+            return learned + prompt_cache_bytes(entry)
         return max(learned, full_size(entry) or 0) + prompt_cache_bytes(entry)
+
+    def memory_note(self, key: str, entry: Entry, backend: str) -> str | None:
+        """What a model's memory row counts, where it is not simply its process here."""
+        if not entry.rpc:
+            return None
+        return RPC_MEASURED if self.learned(key, shape(entry, backend)) else RPC_NOTE
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ OWNED: dict[str, str] = {
     "--parallel": "set `parallel:` instead (memory estimates use it)",
     "--models-dir": _ROUTER, "--models-preset": _ROUTER, "--models-max": _ROUTER,
     "--models-autoload": _ROUTER, "--no-models-autoload": _ROUTER,
+    "--rpc": "set `rpc:` instead (the stack watches the workers and counts memory by it)",
 }
 _MODEL_FLAGS = ("-m", "--model")
 _SHELL = set("();<>|&")

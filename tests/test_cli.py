@@ -214,7 +214,7 @@ print(heavy, "Usage: model names" in out, all(k == v for k, v in names.items()),
 """
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                             cwd=ROOT, check=True)
-    assert result.stdout.split() == ["[]", "True", "True", "19"], result.stdout + result.stderr
+    assert result.stdout.split() == ["[]", "True", "True", "20"], result.stdout + result.stderr
 
 
 def test_doctor_warns_of_ollama_only_for_the_embeddings_it_answers(stack_factory, models_dir,

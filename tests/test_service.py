@@ -151,3 +151,53 @@ def test_without_a_systemd_user_manager_cron_is_the_default(env, tmp_path) -> No
     result = model(env, "service", "install", "--no-start")
     assert result.returncode == 0, result.stderr
     assert "cron line" in result.stdout
+
+
+def with_real_cache(env: dict) -> dict:
+    """The real build cache, where rpc-server is (HOME is a test folder)."""
+    cache = os.environ.get("LLAMA_BUILD_CACHE", str(Path.home() / ".cache/model-serve"))
+    return {**env, "LLAMA_BUILD_CACHE": cache}
+
+
+def test_an_rpc_worker_service_sits_beside_the_stacks_and_uninstall_removes_only_it(
+        env, tmp_path) -> None:
+    env = with_real_cache(env)
+    stack_unit = Path(env["HOME"]) / ".config/systemd/user" / service.UNIT
+    worker_unit = Path(env["HOME"]) / ".config/systemd/user" / service.RPC_WORKER.unit
+    assert model(env, "service", "install", "--platform", "systemd", "--no-start").returncode == 0
+    result = model(env, "service", "install", "--rpc-worker", "--platform", "systemd",
+                   "--no-start", "--host", "0.0.0.0", "--port", "50099", "--mem", "2048")
+    if "rpc-server not found" in result.stderr:
+        pytest.skip(result.stderr)
+    assert result.returncode == 0, result.stderr
+    assert "WARNING: rpc-worker listens on 0.0.0.0:50099" in result.stderr
+    text = worker_unit.read_text()
+    assert (f"ExecStart={Path(sys.executable).parent / 'model'} rpc-worker --host 0.0.0.0 "
+            "--port 50099 --mem 2048") in text
+    assert "Restart=always" in text and "rpc-worker.log" in text
+    if shutil.which("systemd-analyze"):
+        checked = subprocess.run(["systemd-analyze", "verify", str(worker_unit)],
+                                 capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stderr
+    status = model(env, "service", "status", "--rpc-worker").stdout
+    assert "listening on 0.0.0.0:50099" in status and "(as installed)" in status
+    assert "--host" in model(env, "service", "install", "--host", "0.0.0.0").stderr
+    assert model(env, "service", "uninstall", "--rpc-worker").returncode == 0
+    assert not worker_unit.exists() and stack_unit.is_file()
+    assert f"disable --now {service.RPC_WORKER.unit}" in (tmp_path / "calls").read_text()
+    assert model(env, "service", "status").returncode == 0
+
+
+def test_an_rpc_worker_cron_line_starts_it_only_when_it_is_not_running(env, tmp_path) -> None:
+    env = with_real_cache(env)
+    if not shutil.which("flock"):
+        pytest.skip("needs flock")
+    result = model(env, "service", "install", "--rpc-worker", "--platform", "cron")
+    if "rpc-server not found" in result.stderr:
+        pytest.skip(result.stderr)
+    assert result.returncode == 0, result.stderr
+    cron = (tmp_path / "crontab").read_text()
+    assert service.RPC_WORKER.cron_begin in cron and "flock -n" in cron
+    assert "rpc-worker --host 127.0.0.1 --port 50052" in cron
+    assert model(env, "service", "uninstall", "--rpc-worker").returncode == 0
+    assert service.RPC_WORKER.cron_begin not in (tmp_path / "crontab").read_text()

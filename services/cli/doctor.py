@@ -189,6 +189,53 @@ def check_wired_limit(need: int, model: str) -> Finding:
     return Finding("ok", f"GPU wired limit {limit / GIB:.1f} GiB holds the largest model")
 
 
+def check_rpc_workers(settings: Settings, catalog: Catalog) -> list[Finding]:
+    """The RPC workers models name and the ones this machine runs: llama.cpp's RPC has no
+    authentication, so one listening beyond loopback is a warning."""
+    from services.cli import service
+    from services.proxy.manage.rpc_workers import local_workers_listening, named
+    from shared.rpc import is_loopback, parse_address, reachable
+
+    out: list[Finding] = []
+    no_auth = ("llama.cpp's RPC has no authentication: whoever reaches it can use that "
+               "machine's memory")
+    private = ("keep the worker on a network only you reach (a private LAN, a VPN such as "
+               "WireGuard or Tailscale) and block its port elsewhere; on one machine use "
+               "127.0.0.1 (docs/rpc.md)")
+    for address, models in named(catalog).items():
+        host, _ = parse_address(address)
+        users = ", ".join(models)
+        if not is_loopback(host):
+            out.append(Finding("warn", f"RPC worker {address} (used by {users}) is reached "
+                               f"over the network: {no_auth}", private))
+        if not reachable(address):
+            out.append(Finding("warn", f"RPC worker {address} (used by {users}) does not "
+                               "answer: those models fail to load",
+                               f"start it there: `model rpc-worker --host {host} --port "
+                               f"{address.rsplit(':', 1)[1]}`"))
+    rec = service.record(settings, service.RPC_WORKER)
+    wide = [] if rec is None else [a for a in [rec.get("listen", "")]
+                                   if a and not is_loopback(parse_address(a)[0])]
+    wide += [a for a in local_workers_listening() if not is_loopback(parse_address(a)[0])
+             and a not in wide]
+    out += [Finding("warn", f"this machine's rpc-worker listens on {a}: {no_auth}", private)
+            for a in wide]
+    if named(catalog):
+        try:
+            help_text = subprocess.run([find_llama_server(settings), "--help"],
+                                       capture_output=True, text=True, timeout=30).stdout
+        except (OSError, FileNotFoundError, subprocess.TimeoutExpired):
+            help_text = "--rpc"  # check_llama_server says what is wrong
+        if "--rpc" not in help_text:
+            out.append(Finding("fail", "llama-server was built without llama.cpp's RPC "
+                               "backend (no --rpc): models with `rpc:` cannot load",
+                               "run `make install` (its build has it), or use a llama.cpp "
+                               "built with -DGGML_RPC=ON"))
+        elif not out:
+            out.append(Finding("ok", f"RPC workers: {len(named(catalog))}, on loopback, up"))
+    return out
+
+
 def check_harmony() -> Finding:
     try:
         path = harmony_encoding.check_vocabulary()
@@ -201,7 +248,7 @@ def check_harmony() -> Finding:
 CHECKS: list[Callable[[Settings, Catalog], Finding | list[Finding]]] = [
     lambda s, _: check_llama_server(s), check_ollama, lambda s, _: check_ports(s),
     lambda s, _: check_folders(s), lambda s, _: check_links(s), check_config_and_memory,
-    lambda _, __: check_harmony()]
+    check_rpc_workers, lambda _, __: check_harmony()]
 
 
 @click.command()

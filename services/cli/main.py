@@ -12,7 +12,8 @@ import click
 COMMANDS = {
     "doctor": "doctor:doctor", "list": "ollama_cmds:list_models", "load": "memory_cmds:load",
     "logs": "logs_cmd:logs", "names": "ollama_cmds:names", "pull": "ollama_cmds:pull",
-    "restart": "stack:restart", "rm": "ollama_cmds:rm", "run": "models:run",
+    "restart": "stack:restart", "rm": "ollama_cmds:rm", "rpc-worker": "rpc_worker:rpc_worker",
+    "run": "models:run",
     "service": "service:service", "show": "models:show", "start": "stack:start",
     "stats": "memory_cmds:stats", "status": "stack:status", "stop": "stack:stop",
     "supervise": "stack:supervise", "sync": "sync_cmd:sync", "top": "top:top",

@@ -11,6 +11,10 @@ supervisord cleanly, so a service manager leaves it stopped until the next login
 
 What install writes is recorded in STATE_DIR/service.json; uninstall removes exactly that,
 and only while it is unchanged.
+
+`--rpc-worker` does the same for `model rpc-worker` (llama.cpp's rpc-server on a helper
+machine), as a service of its own beside the stack's: its own unit, plist or cron line,
+recorded in STATE_DIR/rpc-worker-service.json.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -32,10 +37,34 @@ from services.runner.config import logs_dir
 from shared.files import write_atomic
 from shared.settings import ENV_KEYS, ROOT, Settings
 
-LABEL = "model-serve"
-UNIT = "model-serve.service"
-CRON_BEGIN = f"# begin {LABEL} ({ROOT}): keeps the stack running"
-CRON_END = f"# end {LABEL}"
+
+@dataclass(frozen=True)
+class Kind:
+    """One service `model service` installs: the stack, or an RPC worker."""
+
+    label: str
+    record: str  # its file in STATE_DIR
+    what: str  # for the unit's description and the cron line's comment
+    option: str  # how the commands name it ("" for the stack)
+
+    @property
+    def unit(self) -> str:
+        return f"{self.label}.service"
+
+    @property
+    def cron_begin(self) -> str:
+        return f"# begin {self.label} ({ROOT}): {self.what}"
+
+    @property
+    def cron_end(self) -> str:
+        return f"# end {self.label}"
+
+
+STACK = Kind("model-serve", "service.json", "keeps the stack running", "")
+RPC_WORKER = Kind("model-serve-rpc-worker", "rpc-worker-service.json",
+                  "keeps `model rpc-worker` running", " --rpc-worker")
+LABEL, UNIT = STACK.label, STACK.unit
+CRON_BEGIN, CRON_END = STACK.cron_begin, STACK.cron_end
 PLATFORMS = ("launchd", "systemd", "cron")
 USER_MANAGER_UP = ("running", "degraded", "starting", "initializing", "maintenance")
 NO_USER_MANAGER = ("systemd's user manager did not answer (no login session?): run "
@@ -51,8 +80,8 @@ def default_platform() -> str:
     return "systemd" if probe and probe.stdout.strip() in USER_MANAGER_UP else "cron"
 
 
-def record_file(settings: Settings) -> Path:
-    return settings.state_dir / "service.json"
+def record_file(settings: Settings, kind: Kind = STACK) -> Path:
+    return settings.state_dir / kind.record
 
 
 def _bin() -> Path:
@@ -71,24 +100,48 @@ def environment() -> dict[str, str]:
     return {"PATH": _path_env(), **{k: v for k, v in os.environ.items() if k in ENV_KEYS}}
 
 
-def systemd_unit(settings: Settings) -> str:
+def program(kind: Kind, worker: list[str] | None = None) -> list[str]:
+    """What the service runs: `model supervise`, or `model rpc-worker` with its options."""
+    model = str(_bin() / "model")
+    return [model, "supervise"] if kind is STACK else [model, "rpc-worker", *(worker or [])]
+
+
+def log_file(settings: Settings, kind: Kind = STACK) -> Path:
+    return logs_dir(settings) / ("service.log" if kind is STACK else "rpc-worker.log")
+
+
+def systemd_unit(settings: Settings, kind: Kind = STACK,
+                 worker: list[str] | None = None) -> str:
     env = "".join(f"Environment={_systemd_quote(f'{k}={v}')}\n"
                   for k, v in environment().items())
-    log = logs_dir(settings) / "service.log"
-    return f"""# Written by `model service install`; removed by `model service uninstall`.
+    log = log_file(settings, kind)
+    start = " ".join(_systemd_quote(w) if any(c in w for c in ' "\\%$') else w
+                     for w in program(kind, worker))
+    if kind is STACK:
+        description = f"model-serve: every local model on one port ({ROOT})"
+        stopping = "# supervisord stops its processes itself (the proxy finishing its streams) " \
+            """on SIGTERM
+KillMode=mixed
+TimeoutStopSec=120
+# `model stop` ends it cleanly (exit 0) and it stays stopped; a crash restarts it
+Restart=on-failure"""
+    else:
+        description = f"model-serve: llama.cpp rpc-server for other machines' models ({ROOT})"
+        stopping = """TimeoutStopSec=30
+# restarted whenever it ends but by `systemctl --user stop`
+Restart=always"""
+    written = f"`model service install{kind.option}`; removed by `model service " \
+        f"uninstall{kind.option}`"
+    return f"""# Written by {written}.
 [Unit]
-Description=model-serve: every local model on one port ({ROOT})
+Description={description}
 After=network-online.target
 
 [Service]
 Type=simple
 WorkingDirectory={ROOT}
-{env}ExecStart={_bin() / "model"} supervise
-# supervisord stops its processes itself (the proxy finishing its streams) on SIGTERM
-KillMode=mixed
-TimeoutStopSec=120
-# `model stop` ends it cleanly (exit 0) and it stays stopped; a crash restarts it
-Restart=on-failure
+{env}ExecStart={start}
+{stopping}
 RestartSec=2
 StandardOutput=append:{log}
 StandardError=inherit
@@ -102,16 +155,17 @@ def _systemd_quote(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%") + '"'
 
 
-def launchd_plist(settings: Settings) -> bytes:
-    log = str(logs_dir(settings) / "service.log")
+def launchd_plist(settings: Settings, kind: Kind = STACK,
+                  worker: list[str] | None = None) -> bytes:
+    log = str(log_file(settings, kind))
     return plistlib.dumps({
-        "Label": LABEL,
-        "ProgramArguments": [str(_bin() / "model"), "supervise"],
+        "Label": kind.label,
+        "ProgramArguments": program(kind, worker),
         "WorkingDirectory": str(ROOT),
         "EnvironmentVariables": environment(),
         "RunAtLoad": True,
         # restarted when it crashes; `model stop` (a clean exit) leaves it stopped
-        "KeepAlive": {"SuccessfulExit": False},
+        "KeepAlive": {"SuccessfulExit": False} if kind is STACK else True,
         "ThrottleInterval": 5,
         "ExitTimeOut": 120,
         "StandardOutPath": log,
@@ -119,19 +173,27 @@ def launchd_plist(settings: Settings) -> bytes:
     })
 
 
-def cron_block(settings: Settings) -> str:
-    """cron runs with a bare environment: PATH and the variables go on the line itself."""
-    log = logs_dir(settings) / "service.log"
+def cron_block(settings: Settings, kind: Kind = STACK, worker: list[str] | None = None) -> str:
+    """cron runs with a bare environment: PATH and the variables go on the line itself. An
+    RPC worker runs under `flock -n`, so the line every 5 minutes starts it only when it is
+    not running."""
+    log = log_file(settings, kind)
     env = " ".join(shlex.quote(f"{k}={v}") for k, v in environment().items())
-    run = (f"cd {shlex.quote(str(ROOT))} && env {env} {shlex.quote(str(_bin() / 'model'))} "
-           f"start --quiet >> {shlex.quote(str(log))} 2>&1")
-    return f"{CRON_BEGIN}\n@reboot {run}\n*/5 * * * * {run}\n{CRON_END}\n"
+    if kind is STACK:
+        command = f"{shlex.quote(str(_bin() / 'model'))} start --quiet"
+    else:
+        lock = settings.state_dir / "rpc-worker.lock"
+        command = " ".join(map(shlex.quote, ["flock", "-n", str(lock),
+                                             *program(kind, worker)]))
+    run = (f"cd {shlex.quote(str(ROOT))} && env {env} {command} "
+           f">> {shlex.quote(str(log))} 2>&1")
+    return f"{kind.cron_begin}\n@reboot {run}\n*/5 * * * * {run}\n{kind.cron_end}\n"
 
 
-def target(platform: str) -> Path | None:
+def target(platform: str, kind: Kind = STACK) -> Path | None:
     home = Path.home()
-    return {"launchd": home / "Library/LaunchAgents" / f"{LABEL}.plist",
-            "systemd": home / ".config/systemd/user" / UNIT}.get(platform)
+    return {"launchd": home / "Library/LaunchAgents" / f"{kind.label}.plist",
+            "systemd": home / ".config/systemd/user" / kind.unit}.get(platform)
 
 
 def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -151,12 +213,12 @@ def _crontab() -> str:
     return result.stdout if result.returncode == 0 else ""
 
 
-def _without_block(text: str) -> str:
+def _without_block(text: str, kind: Kind = STACK) -> str:
     lines, out, inside = text.splitlines(keepends=True), [], False
     for line in lines:
-        if line.strip() == CRON_BEGIN:
+        if line.strip() == kind.cron_begin:
             inside = True
-        elif inside and line.strip() == CRON_END:
+        elif inside and line.strip() == kind.cron_end:
             inside = False
         elif not inside:
             out.append(line)
@@ -173,55 +235,105 @@ def _platform_option(f):
                              "default: this machine's own")(f)
 
 
+def _kind_option(f):
+    return click.option("--rpc-worker", "rpc_worker", is_flag=True,
+                        help="The `model rpc-worker` service (llama.cpp's rpc-server for "
+                             "other machines' models) instead of the stack's.")(f)
+
+
+def _kind(rpc_worker: bool) -> Kind:
+    return RPC_WORKER if rpc_worker else STACK
+
+
 @click.group()
 def service() -> None:
-    """Run the stack as a service: started at login, restarted after a crash."""
+    """Run the stack (or an RPC worker) as a service: started at login, restarted after a
+    crash."""
 
 
 @service.command()
 @_platform_option
 @click.option("--no-start", is_flag=True, help="Install only; start at the next login.")
-def install(platform: str | None, no_start: bool) -> None:
+@_kind_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="--rpc-worker: the address it listens on (llama.cpp's RPC has no "
+                   "authentication; see docs/rpc.md before opening it).")
+@click.option("--port", default=50052, show_default=True, type=click.IntRange(1, 65535),
+              help="--rpc-worker: its port.")
+@click.option("--mem", type=click.IntRange(1), default=None, metavar="MB",
+              help="--rpc-worker: the most memory (MiB) models may take on it.")
+def install(platform: str | None, no_start: bool, rpc_worker: bool, host: str, port: int,
+            mem: int | None) -> None:
     """Install the service (launchd agent, systemd user unit, or cron line)."""
     settings = load_settings()
+    kind = _kind(rpc_worker)
+    worker: list[str] = []
+    if kind is RPC_WORKER:
+        from services.cli.rpc_worker import wide_warning
+        from shared.rpc import find_rpc_server, is_loopback
+
+        try:
+            find_rpc_server(settings)
+        except FileNotFoundError as e:
+            raise click.ClickException(str(e)) from None
+        worker = ["--host", host, "--port", str(port), *(["--mem", str(mem)] if mem else [])]
+        if not is_loopback(host):
+            click.secho(wide_warning(host, port), fg="red", bold=True, err=True)
+    elif (host, port, mem) != ("127.0.0.1", 50052, None):
+        raise click.ClickException("--host, --port and --mem are the RPC worker's: add "
+                                   "--rpc-worker")
     platform = platform or default_platform()
-    installed = _record(settings)
+    installed = _record(settings, kind)
     if installed and installed["platform"] != platform:
         raise click.ClickException(
             f"a {installed['platform']} service is installed already; remove it with "
-            "`model service uninstall` before installing another")
+            f"`model service uninstall{kind.option}` before installing another")
+    listen = {"listen": f"{host}:{port}"} if kind is RPC_WORKER else {}
     logs_dir(settings).mkdir(parents=True, exist_ok=True)
     if platform == "cron":
         if not shutil.which("crontab"):
             raise click.ClickException("crontab is not installed; install cron, or use "
                                        "--platform systemd or launchd")
-        block = cron_block(settings)
-        subprocess.run(["crontab", "-"], input=_without_block(_crontab()) + block, text=True,
-                       check=True)
-        write_atomic(record_file(settings), json.dumps({"platform": "cron", "block": block}))
-        click.echo("installed a cron line that runs `model start` at boot and every 5 "
-                   "minutes (`crontab -l` shows it)")
-        if not no_start:
-            _run(str(_bin() / "model"), "start")
+        if kind is RPC_WORKER and not shutil.which("flock"):
+            raise click.ClickException("flock is not installed (util-linux), which keeps cron "
+                                       "from starting a second worker; use --platform "
+                                       "systemd or launchd")
+        block = cron_block(settings, kind, worker)
+        subprocess.run(["crontab", "-"], input=_without_block(_crontab(), kind) + block,
+                       text=True, check=True)
+        write_atomic(record_file(settings, kind),
+                     json.dumps({"platform": "cron", "block": block, **listen}))
+        if kind is STACK:
+            click.echo("installed a cron line that runs `model start` at boot and every 5 "
+                       "minutes (`crontab -l` shows it)")
+            if not no_start:
+                _run(str(_bin() / "model"), "start")
+        else:
+            click.echo("installed a cron line that starts `model rpc-worker` at boot and "
+                       "again within 5 minutes whenever it is not running (`crontab -l` "
+                       "shows it)")
         return
-    path = target(platform)
-    data = launchd_plist(settings) if platform == "launchd" else \
-        systemd_unit(settings).encode()
-    if path.exists() and path.read_bytes() != data and not _ours(settings, path):
+    path = target(platform, kind)
+    data = launchd_plist(settings, kind, worker) if platform == "launchd" else \
+        systemd_unit(settings, kind, worker).encode()
+    if path.exists() and path.read_bytes() != data and not _ours(settings, path, kind):
         raise click.ClickException(f"{path} exists and was not written by model-serve; "
                                    "it is left as it is")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-    write_atomic(record_file(settings), json.dumps(
-        {"platform": platform, "path": str(path), "sha256": _digest(data)}))
+    write_atomic(record_file(settings, kind), json.dumps(
+        {"platform": platform, "path": str(path), "sha256": _digest(data), **listen}))
     click.echo(f"wrote {path}")
     if platform == "systemd":
         try:
             _run("systemctl", "--user", "daemon-reload")
-            _run("systemctl", "--user", "enable", UNIT, *([] if no_start else ["--now"]))
+            _run("systemctl", "--user", "enable", kind.unit, *([] if no_start else ["--now"]))
+            if kind is RPC_WORKER and not no_start:
+                _run("systemctl", "--user", "restart", kind.unit)  # a changed --host, --port
         except click.ClickException as e:
             raise click.ClickException(f"{e.message}\n{NO_USER_MANAGER}; `model service "
-                                       "uninstall` removes the unit written") from None
+                                       f"uninstall{kind.option}` removes the unit "
+                                       "written") from None
         click.echo("enabled; to start it at boot without a login: "
                    f"loginctl enable-linger {os.environ.get('USER', '$USER')}")
     elif not no_start:
@@ -229,17 +341,21 @@ def install(platform: str | None, no_start: bool) -> None:
         click.echo("loaded; it starts at every login")
 
 
-def _record(settings: Settings) -> dict | None:
+def record(settings: Settings, kind: Kind = STACK) -> dict | None:
+    """What `model service install` recorded for the service, None when none is."""
     try:
-        rec = json.loads(record_file(settings).read_text())
+        rec = json.loads(record_file(settings, kind).read_text())
     except (OSError, ValueError):
         return None
     return rec if isinstance(rec, dict) and rec.get("platform") in PLATFORMS else None
 
 
-def _ours(settings: Settings, path: Path) -> bool:
+_record = record
+
+
+def _ours(settings: Settings, path: Path, kind: Kind = STACK) -> bool:
     try:
-        rec = json.loads(record_file(settings).read_text())
+        rec = json.loads(record_file(settings, kind).read_text())
         return rec.get("path") == str(path) and rec.get("sha256") == _digest(path.read_bytes())
     except (OSError, ValueError):
         return False
@@ -247,42 +363,53 @@ def _ours(settings: Settings, path: Path) -> bool:
 
 @service.command()
 @_platform_option
-def uninstall(platform: str | None) -> None:
+@_kind_option
+def uninstall(platform: str | None, rpc_worker: bool) -> None:
     """Stop and remove exactly what `model service install` wrote."""
     settings = load_settings()
-    rec = _record(settings)
+    kind = _kind(rpc_worker)
+    rec = _record(settings, kind)
     if rec is None:
         raise click.ClickException("no service installed by model-serve (no record in "
-                                   f"{record_file(settings)})")
+                                   f"{record_file(settings, kind)})")
     platform = platform or rec["platform"]
     if platform == "cron":
         current = _crontab()
-        subprocess.run(["crontab", "-"], input=_without_block(current), text=True, check=True)
-        click.echo("removed the model-serve cron line")
+        subprocess.run(["crontab", "-"], input=_without_block(current, kind), text=True,
+                       check=True)
+        click.echo(f"removed the {kind.label} cron line")
+        if kind is RPC_WORKER:
+            click.echo("a worker it started runs on until it is stopped (Ctrl-C where it "
+                       "runs, or kill its rpc-server)")
     else:
         path = Path(rec["path"])
         if platform == "systemd":
-            _run("systemctl", "--user", "disable", "--now", UNIT, check=False)
+            _run("systemctl", "--user", "disable", "--now", kind.unit, check=False)
         else:
-            _run("launchctl", "bootout", f"gui/{os.getuid()}/{LABEL}", check=False)
-        if path.exists() and not _ours(settings, path):
+            _run("launchctl", "bootout", f"gui/{os.getuid()}/{kind.label}", check=False)
+        if path.exists() and not _ours(settings, path, kind):
             click.echo(f"{path} was changed since it was installed; left as it is")
         else:
             path.unlink(missing_ok=True)
             click.echo(f"removed {path}")
         if platform == "systemd":
             _run("systemctl", "--user", "daemon-reload", check=False)
-    record_file(settings).unlink()
+    record_file(settings, kind).unlink()
 
 
 @service.command(name="status")
-def service_status() -> None:
+@_kind_option
+def service_status(rpc_worker: bool) -> None:
     """Whether a service is installed, where, and what its manager says."""
     settings = load_settings()
-    rec = _record(settings)
+    kind = _kind(rpc_worker)
+    rec = _record(settings, kind)
     if rec is None:
-        click.echo("no service installed (install one with `model service install`)")
+        click.echo(f"no service installed (install one with `model service install"
+                   f"{kind.option}`)")
         raise SystemExit(1)
+    if rec.get("listen"):
+        click.echo(f"rpc-worker listening on {rec['listen']}")
     if rec["platform"] == "cron":
         there = rec["block"] in _crontab()
         click.echo("cron: " + ("installed" if there else "recorded, but the line is gone from "
@@ -290,11 +417,11 @@ def service_status() -> None:
         raise SystemExit(0 if there else 1)
     path = Path(rec["path"])
     click.echo(f"{rec['platform']}: {path} "
-               + ("(as installed)" if _ours(settings, path) else "(changed or missing)"))
+               + ("(as installed)" if _ours(settings, path, kind) else "(changed or missing)"))
     if rec["platform"] == "systemd" and shutil.which("systemctl"):
         for what in ("is-enabled", "is-active"):
-            out = _run("systemctl", "--user", what, UNIT, check=False)
+            out = _run("systemctl", "--user", what, kind.unit, check=False)
             click.echo(f"  {what}: {(out.stdout or out.stderr).strip()}")
     elif rec["platform"] == "launchd" and shutil.which("launchctl"):
-        out = _run("launchctl", "print", f"gui/{os.getuid()}/{LABEL}", check=False)
+        out = _run("launchctl", "print", f"gui/{os.getuid()}/{kind.label}", check=False)
         click.echo("  loaded" if out.returncode == 0 else "  not loaded")

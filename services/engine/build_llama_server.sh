@@ -54,12 +54,13 @@ while IFS= read -r line; do
     shown=${BASH_REMATCH[1]}
     say "compiling: $shown%"
   fi
-done < <(cmake --build "$work/build" --target llama-server rpc-server -j "$(nproc 2>/dev/null ||
+done < <(cmake --build "$work/build" --target llama-server ggml-rpc-server -j "$(nproc 2>/dev/null ||
   sysctl -n hw.ncpu)" 2>&1; echo "exit $?")
 [[ "$(tail -n 1 "$log")" == "exit 0" ]] || failed
 
 mkdir -p "$(dirname "$out")"
-cp "$work/build/bin/rpc-server" "$rpc.tmp"
+# llama.cpp names the target and binary ggml-rpc-server (older versions: rpc-server)
+cp "$work/build/bin/ggml-rpc-server" "$rpc.tmp"
 cp "$work/build/bin/llama-server" "$out.tmp"
 mv "$rpc.tmp" "$rpc"
 mv "$out.tmp" "$out"

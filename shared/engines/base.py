@@ -43,6 +43,8 @@ def model_options(entry: Entry) -> list[Option]:
     flag = {EMBEDDING: "--embeddings", RERANK: "--reranking"}.get(kind(entry.info))
     if flag and not FLAGS.keys() & set(entry.args):
         options.append([flag])
+    if entry.rpc:
+        options.append(["--rpc", ",".join(entry.rpc)])
     return options + entry.options
 
 

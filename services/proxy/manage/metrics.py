@@ -261,16 +261,17 @@ class Metrics:
                          message=message)
 
     def export(self, models: list[dict], system: dict, queues: dict[str, dict],
-               peers: list[dict] | None = None) -> web.Response:
+               peers: list[dict] | None = None,
+               workers: list[dict] | None = None) -> web.Response:
         """The text format, with the gauges of this scrape (`models` as /running lists them,
-        `system` its memory accounting, `queues` limits' stats by model, `peers` /running's
-        peer rows)."""
+        `system` its memory accounting, `queues` limits' stats by model, `peers` and
+        `workers` /running's peer and RPC worker rows)."""
         self.live.now = (models, system, queues)
-        self.live.peers = peers or []
+        self.live.peers, self.live.workers = peers or [], workers or []
         try:
             body = generate_latest(self.registry)
         finally:
-            self.live.now, self.live.peers = ([], {}, {}), []
+            self.live.now, self.live.peers, self.live.workers = ([], {}, {}), [], []
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -281,6 +282,7 @@ class Live:
     def __init__(self) -> None:
         self.now: tuple[list[dict], dict, dict[str, dict]] = ([], {}, {})
         self.peers: list[dict] = []
+        self.workers: list[dict] = []
 
     def describe(self) -> list:
         return []  # the families are only known at scrape time
@@ -317,6 +319,22 @@ class Live:
         governor.add_metric([], 1 if system.get("governor") == "up" else 0)
         yield from (state, memory, queued, longest, system_memory, governor)
         yield from self._peers()
+        yield from self._workers()
+
+    def _workers(self):
+        if not self.workers:
+            return
+        up = GaugeMetricFamily("model_serve_rpc_worker_up", "1 when an RPC worker a model "
+                               "names is held by a loaded model or accepts a connection",
+                               labels=["worker"])
+        memory = GaugeMetricFamily("model_serve_rpc_worker_memory_bytes", "Resident memory "
+                                   "of an RPC worker running on this machine",
+                                   labels=["worker"])
+        for w in self.workers:
+            up.add_metric([w["address"]], 1 if w["up"] else 0)
+            if w["memory"] is not None:
+                memory.add_metric([w["address"]], w["memory"])
+        yield from (up, memory)
 
     def _peers(self):
         if not self.peers:

@@ -16,6 +16,7 @@ from services.proxy.context import CTX, Context
 from services.proxy.http import request_body
 from services.proxy.manage.governor_client import governor_health
 from services.proxy.manage.metrics import unload_reason
+from services.proxy.manage.rpc_workers import rpc_workers
 from services.proxy.models.engine_hold import LONGEST_HOLD
 from services.proxy.models.measure import accounting, running_models
 from services.proxy.peers import listing
@@ -51,9 +52,10 @@ async def running(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     models, ollama_up, system = await running_state(ctx)
     contexts = await asyncio.to_thread(ctx.owner.contexts.state, ctx.holder.catalog)
+    workers = await rpc_workers(ctx.holder.catalog, models)
     return web.json_response({"models": models, "system": system, "contexts": contexts,
                               "ollama": {"url": ctx.settings.ollama_base, "ok": ollama_up},
-                              "peers": listing.running_rows(ctx)})
+                              "peers": listing.running_rows(ctx), "rpc_workers": workers})
 
 
 async def scrape(request: web.Request) -> web.StreamResponse:
@@ -65,7 +67,8 @@ async def scrape(request: web.Request) -> web.StreamResponse:
     models, _, system = await running_state(ctx)
     return ctx.metrics.export(models, system,
                               {mid: ctx.limits.stats(mid) for mid in ctx.limits.lanes},
-                              listing.running_rows(ctx))
+                              listing.running_rows(ctx),
+                              await rpc_workers(ctx.holder.catalog, models))
 
 
 def _text(given: object) -> str:

@@ -81,6 +81,9 @@ async def running_models(ctx: Context) -> tuple[list[dict], bool]:
             "expires_at": (now if busy else last) + ttl if last and ttl else None,
             "memory": {"estimated": estimated, "measured": measured,
                        "reclaimable": reclaimable},
+            # what `memory` counts where it is not simply the model's process here (rpc:)
+            **({"memory_note": note} if entry and (note := footprints.memory_note(
+                key, entry, backend)) else {}),
             "pinned": bool(entry and entry.pin),
             "context_length": entry.ctx_size if entry else None,
             "parallel": entry.parallel if entry else None,

@@ -299,6 +299,11 @@ class Owner:
 
     def _start(self, life: Life) -> None:
         life.state, life.waiting_for = LOADING, ""
+        if life.entry is not None and life.entry.rpc and \
+                (note := self.footprints.memory_note(":".join(life.key), life.entry,
+                                                     life.key[0])):
+            log.info("%s uses the RPC workers %s; %s", life.key[1], ", ".join(life.entry.rpc),
+                     note)
         self.metrics.loading(life.key, life.model)
         self._spawn(self._load(life))
 
