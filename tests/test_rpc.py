@@ -3,6 +3,7 @@ model whose custom_models.yaml entry names them in `rpc:`."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import select
 import subprocess
@@ -21,6 +22,7 @@ from shared.llama_server import find_llama_server
 from shared.memory import RPC_MEASURED
 from shared.rpc import find_rpc_server, reachable
 from shared.tiny_gguf import write_model
+from tests.browser import Chromium
 from tests.harness import ROOT, free_ports, http, wait
 from tests.streams import chat
 
@@ -148,6 +150,16 @@ def test_a_model_over_two_local_workers_answers_and_they_hold_its_weights(
     assert f"model_serve_rpc_worker_up{{worker=\"127.0.0.1:{p1}\"}} 1" in metrics, [
         line for line in metrics.splitlines() if "rpc_worker" in line]
     assert "uses the RPC workers" in stack.logs()
+    asyncio.run(_dashboard_shows(stack.url, f"127.0.0.1:{p1}", mid))
+
+
+async def _dashboard_shows(url: str, worker: str, mid: str) -> None:
+    async with Chromium() as browser:
+        page = await browser.open(url + "/")
+        row = f"document.querySelector('#worker-table tr[data-worker=\"{worker}\"]')"
+        assert await page.until(f"{row}?.dataset.up") == "true"
+        assert await page.js(f"{row}.children[2].textContent") == mid
+        assert (await page.js(f"{row}.children[3].textContent")).endswith("MiB")
 
 
 def test_a_bad_rpc_entry_is_a_config_error_naming_file_key_and_reason(tmp_path) -> None:

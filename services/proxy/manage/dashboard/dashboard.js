@@ -307,12 +307,31 @@ function renderPeers() {
   }));
 }
 
+// Each llama.cpp RPC worker a model names (`rpc:`): up or down, the models that hold it now
+// (else those that name it), and its memory when it runs on this machine.
+function renderWorkers() {
+  const workers = running.rpc_workers || [];
+  $("workers").hidden = !workers.length;
+  $("worker-table").tBodies[0].replaceChildren(...workers.map((w) => {
+    const tr = el("tr", {},
+      el("td", { textContent: w.address }),
+      el("td", { className: `state ${w.up ? "loaded" : "failed"}`, textContent: w.up ? "up" : "down" }),
+      el("td", { textContent: (w.in_use_by.length ? w.in_use_by : w.models).join(", "),
+        title: w.in_use_by.length ? "loaded now" : "named in custom_models.yaml, not loaded" }),
+      el("td", { className: "num", textContent: w.on_this_machine ? gib(w.memory) : "elsewhere" }));
+    tr.dataset.worker = w.address;
+    tr.dataset.up = String(w.up);
+    return tr;
+  }));
+}
+
 function render() {
   renderTrouble();
   if (running) {
     renderSystem();
     renderModels();
     renderPeers();
+    renderWorkers();
   } else {
     note(trouble ? `No data: ${trouble}.` : "Asking the proxy…");
   }
