@@ -4,11 +4,14 @@ does not answer."""
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 from aiohttp import web
 
 from shared.catalog import Entry
 from shared.engines import Engine, EngineError
+from shared.engines.base import section_name
 from shared.errors import error_response
 from shared.ollama import Ollama, OllamaError, OllamaUnavailable
 
@@ -64,4 +67,25 @@ async def load(key: Key, entry: Entry | None, engine: Engine, ollama: Ollama,
         raise LoadError(503, engine.unreachable(), "engine_unavailable") from None
     except (EngineError, aiohttp.ClientError, TimeoutError) as e:
         hint = f" (model file: {entry.path}; the engine log has the details)" if entry else ""
+        if entry and (why := await asyncio.to_thread(_why_in_log, engine, entry)):
+            hint = f" (model file: {entry.path}; its log says: {why})"
         raise LoadError(500, f"engine: {e}{hint}", "engine_error") from None
+
+
+def _why_in_log(engine: Engine, entry: Entry) -> str:
+    """The first error lines of the last start in the model's own llama-server log (the router's engine writes
+    one per model), e.g. an RPC worker that could not hold its part; "" when none."""
+    path = engine.settings.state_dir / "logs" / "models" / f"{section_name(entry.id)}.log"
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 8192))
+            lines = f.read().decode(errors="replace").splitlines()[-40:]
+    except OSError:
+        return ""
+    starts = [i for i, line in enumerate(lines) if "llama_server: initializing" in line]
+    lines = lines[starts[-1]:] if starts else lines  # this start's lines, not an earlier one's
+    # "<date> <time> <llama-server's time> E <message>": the first errors are the cause,
+    # the later ones what followed from it
+    errors = [parts[4] for line in lines
+              if len(parts := line.split(" ", 4)) == 5 and parts[3] == "E"]
+    return "; ".join(errors[:2])[:400]

@@ -221,6 +221,9 @@ def test_a_worker_capped_by_mem_refuses_a_model_bigger_than_the_cap(
     # the model's own log names the worker that could not take its part
     [log] = (stack.state_dir / "logs" / "models").glob("*spread*.log")
     assert f"unable to allocate RPC0[127.0.0.1:{port}] buffer" in log.read_text(), body
+    # and the client is told so, not only pointed at a log
+    assert "its log says: " in body["error"]["message"], body
+    assert f"RPC0[127.0.0.1:{port}]" in body["error"]["message"], body
 
 
 def test_both_engines_start_the_model_with_its_workers(tmp_path) -> None:
