@@ -73,8 +73,9 @@ async def load(key: Key, entry: Entry | None, engine: Engine, ollama: Ollama,
 
 
 def _why_in_log(engine: Engine, entry: Entry) -> str:
-    """The first error lines of the last start in the model's own llama-server log (the router's engine writes
-    one per model), e.g. an RPC worker that could not hold its part; "" when none."""
+    """The first error lines of the last start in the model's own llama-server log (the
+    router's engine writes one per model), e.g. an RPC worker that could not hold its part;
+    "" when none."""
     path = engine.settings.state_dir / "logs" / "models" / f"{section_name(entry.id)}.log"
     try:
         with open(path, "rb") as f:
