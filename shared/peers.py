@@ -5,7 +5,11 @@ leaves out only that entry."""
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import os
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -17,6 +21,9 @@ from shared.settings import ROOT, Settings, read_env_file
 MODEL_SERVE, LLAMA_SWAP, OLLAMA, OPENAI = "model-serve", "llama-swap", "ollama", "openai"
 KINDS = (MODEL_SERVE, LLAMA_SWAP, OLLAMA, OPENAI)
 _KEYS = {"url", "kind", "api_key", "api_key_env", "models"}
+# carried by every request and poll sent to a peer: a model-serve that gets it answers with
+# its own models only, and forwards nothing to its own peers (A ↔ B never loops)
+HOP = "X-Model-Serve-Peer-Hop"
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,35 @@ class Peer:
     def public(self) -> dict:
         """What clients may see of it (never its key)."""
         return {"name": self.name, "url": self.url, "kind": self.kind}
+
+    def wants(self, model: str) -> bool:
+        """Whether its filter lets the model through."""
+        return not self.models or any(fnmatch.fnmatchcase(model, g) for g in self.models)
+
+
+def headers(peer: Peer) -> dict[str, str]:
+    """What every request to the peer carries: the hop mark and the peer's own key."""
+    out = {HOP: "1", "Accept-Encoding": "identity"}
+    if peer.api_key:
+        out["Authorization"] = f"Bearer {peer.api_key}"
+    return out
+
+
+def probe(peer: Peer, timeout: float = 3.0) -> tuple[int | None, str]:
+    """(its models after its filter, "") when it answers its list, else (None, why): what
+    `model doctor` tells of each peer."""
+    path = "/api/tags" if peer.kind == OLLAMA else "/v1/models"
+    request = urllib.request.Request(peer.url + path, headers=headers(peer))
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            data = json.loads(r.read())
+        rows = data.get("models" if peer.kind == OLLAMA else "data") or []
+        names = [m["name" if peer.kind == OLLAMA else "id"] for m in rows]
+    except urllib.error.HTTPError as e:
+        return None, f"GET {path} answered {e.code}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return None, f"GET {path}: {getattr(e, 'reason', None) or e}"
+    return sum(peer.wants(str(n)) for n in names), ""
 
 
 def peers_file(settings: Settings) -> Path:

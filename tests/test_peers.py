@@ -1,25 +1,29 @@
-"""Peers (issue 24): two real stacks on loopback, A with B as its peer, and a bare
-llama-server as a peer of kind `openai`. A lists B's models, answers for them through B
-(with B's key, never its own), says which peer is down within 10 s while its own models
-answer, and serves them again once B is back, without a restart."""
+"""Peers (issue 24): two real stacks on loopback, A with B as its peer, a bare
+llama-server as a peer of kind `openai`, the real llama-swap and Ollama as peers of theirs.
+A lists B's models, answers for them through B (with B's key, never its own), says which
+peer is down within 10 s while its own models answer, and serves them again once B is back,
+without a restart; a model that cannot start here goes to a peer with room for it."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import subprocess
 import time
 from pathlib import Path
 
 import openai
 import pytest
+import yaml
 
 from shared.llama_server import find_llama_server
 from shared.peers import load_peers
 from shared.settings import load
 from shared.tiny_gguf import write_model
 from tests.browser import Chromium
-from tests.harness import Stack, free_port, http, make_stack, wait
+from tests.harness import Stack, free_port, free_ports, http, make_stack, wait
+from tests.real_engines import llama_swap
 
 ALPHA, BETA, BOTH = "ms/alpha:0.2m-f32", "ms/beta:0.2m-f32", "ms/both:0.2m-f32"
 A_KEY, B_KEY = {"Authorization": "Bearer a-key"}, {"Authorization": "Bearer b-key"}
@@ -230,3 +234,115 @@ def test_an_ollama_as_a_peer(stacks, real_ollama) -> None:
     status, answer = http("POST", a.url + "/v1/chat/completions", chat("lan/olla:1b"))
     assert status == 200 and answer["model"] == "lan/olla:1b", answer
     wait(lambda: "olla:1b" in _peer_row(a, "lan")["loaded"], 30)
+
+
+def _llama_swap(tmp: Path, model: str) -> tuple[str, subprocess.Popen]:
+    """The real llama-swap on a free port, serving one tiny model by the real llama-server in
+    a group that never swaps; its base URL once it answers."""
+    binary = llama_swap()  # skips where there is none
+    gguf = tmp / "swap" / "swap.gguf"
+    write_model(gguf, name="swap")
+    port, model_port = free_ports(2)
+    cmd = shlex.join([find_llama_server(load({})), "--host", "127.0.0.1", "--port", "PORT",
+                      "--alias", model, "-m", str(gguf), "-c", "256"])
+    config = {"healthCheckTimeout": 60, "startPort": model_port,
+              "models": {model: {"cmd": cmd.replace(" PORT ", " ${PORT} ")}},
+              "groups": {"all": {"swap": False, "exclusive": False, "members": [model]}}}
+    file = tmp / "swap" / "llama-swap.yaml"
+    file.write_text(yaml.safe_dump(config))
+    log = open(tmp / "swap" / "llama-swap.log", "wb")  # noqa: SIM115 - lives with the process
+    proc = subprocess.Popen([str(binary), "--config", str(file), "--listen",
+                             f"127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait(lambda: _answers(url + "/v1/models"), 30)
+    except AssertionError:
+        proc.terminate()
+        raise
+    return url, proc
+
+
+def test_a_llama_swap_as_a_peer(stacks, tmp_path) -> None:
+    url, swap = _llama_swap(tmp_path, "swap-tiny")
+    try:
+        a = stacks("a", ("alpha",), f"peers:\n  swap:\n    url: {url}\n"
+                   "    kind: llama-swap\n", PEER_POLL_SECONDS="1").start()
+        wait(lambda: "swap-tiny" in _peer_row(a, "swap")["models"], 30)
+        _, body = http("GET", a.url + "/v1/models")
+        rows = {r["id"]: r for r in body["data"]}
+        assert rows["swap-tiny"]["owned_by"] == "peer:swap"
+        assert rows["swap-tiny"]["peer"] == {"name": "swap", "url": url, "kind": "llama-swap"}
+        assert rows["swap-tiny"]["status"] == "unloaded"
+        client = openai.OpenAI(base_url=a.url + "/v1", api_key="none", max_retries=0)
+        answer = client.chat.completions.create(**chat("swap-tiny"))
+        assert answer.model == "swap-tiny" and answer.choices[0].message.content is not None
+        chunks = list(client.chat.completions.create(**chat("swap/swap-tiny", stream=True)))
+        assert chunks and all(c.model == "swap/swap-tiny" for c in chunks)
+        # llama-swap's /running says it is loaded: so do A's /running and /v1/models
+        wait(lambda: "swap-tiny" in _peer_row(a, "swap")["loaded"], 30)
+        _, body = http("GET", a.url + "/v1/models")
+        assert {r["id"]: r for r in body["data"]}["swap-tiny"]["status"] == "loaded"
+        # Anthropic's Messages, which llama-swap routes by the model too
+        status, msg = http("POST", a.url + "/v1/messages", chat("swap-tiny"))
+        assert status == 200 and msg["type"] == "message" and msg["model"] == "swap-tiny", msg
+        # a form's `model` reaches llama-swap as its id, which it routes by
+        status, err = http("POST", a.url + "/v1/audio/transcriptions",
+                           _form("swap/swap-tiny"), _FORM)
+        assert "no router for requested model" not in str(err), (status, err)
+    finally:
+        swap.terminate()
+        swap.wait(10)
+
+
+_FORM = {"Content-Type": "multipart/form-data; boundary=b0undary"}
+
+
+def _form(model: str) -> bytes:
+    """A transcription request's form: its model, and a (not really) audio file."""
+    return (f'--b0undary\r\nContent-Disposition: form-data; name="model"\r\n\r\n{model}'
+            '\r\n--b0undary\r\nContent-Disposition: form-data; name="file"; '
+            'filename="a.wav"\r\nContent-Type: audio/wav\r\n\r\nRIFF....WAVE\r\n'
+            '--b0undary--\r\n').encode()
+
+
+def test_a_transcription_form_reaches_the_peer_with_its_own_name(stacks) -> None:
+    b = stacks("b", ("beta",)).start()
+    a = stacks("a", ("alpha",), f"peers:\n  b:\n    url: {b.url}\n",
+               PEER_POLL_SECONDS="1").start()
+    wait(lambda: _peer_row(a, "b")["up"], 30)
+    # B's own answer for a model it does not have names the model as B got it
+    status, err = http("POST", a.url + "/v1/audio/transcriptions", _form("b/nosuch"), _FORM)
+    assert status == 404 and "'nosuch' not found" in err["error"]["message"], err
+
+
+def test_a_peer_is_chosen_by_its_room_for_the_model(stacks, tmp_path) -> None:
+    tiny = tmp_path / "tiny.json"  # a machine too small for any model: A's, and small's
+    tiny.write_text(json.dumps({"total": 100_000, "base_used": 0}))
+    small = stacks("small", ("both",), MEMORY_SIMULATION_FILE=str(tiny)).start()
+    big = stacks("big", ("both",)).start()
+    a = stacks("a", ("both",), f"peers:\n  small:\n    url: {small.url}\n"
+               f"  big:\n    url: {big.url}\n", MEMORY_SIMULATION_FILE=str(tiny),
+               PEER_POLL_SECONDS="1", LOAD_WAIT="2").start()
+    wait(lambda: _peer_row(a, "small")["up"] and _peer_row(a, "big")["up"], 30)
+    assert 0 < _peer_row(a, "small")["room"] < 100_000  # some room, too little for it
+    status, body = http("POST", a.url + "/v1/chat/completions", chat(BOTH))
+    assert status == 200 and body["model"] == BOTH, body
+    assert BOTH in _loaded(big, {}) and BOTH not in _loaded(small, {}) | _loaded(a, {})
+
+    # only the peer with too little room: the request waits here, as without peers
+    big.stop()
+    wait(lambda: not _peer_row(a, "big")["up"], 30)
+    status, err = http("POST", a.url + "/v1/chat/completions", chat(BOTH))
+    assert status == 503 and err["error"]["code"] == "insufficient_memory", err
+    assert BOTH not in _loaded(small, {})
+
+
+def test_doctor_names_peers_problems_and_whether_each_answers(stacks, tmp_path) -> None:
+    b = stacks("b", ("beta", "both")).start()
+    a = stacks("a", ("alpha",), f"peers:\n  b:\n    url: {b.url}\n    models: ['*beta*']\n"
+               f"  gone:\n    url: http://127.0.0.1:{free_port()}\n"
+               "  odd:\n    url: http://x:1\n    kind: vllm\n")
+    out = a.cli("doctor").stdout
+    assert f"OK    peer b (model-serve, {b.url}): up, 1 model(s)" in out, out
+    assert "WARN  peer gone (model-serve, http://127.0.0.1:" in out and ": down: " in out, out
+    assert "WARN  peers: " in out and "peers.yaml: peers.odd.kind: expected one of" in out, out

@@ -26,6 +26,7 @@ from shared.llama_server import find_llama_server
 from shared.memory import first_estimate
 from shared.model_kinds import EMBEDDING, kind
 from shared.os_memory import system_memory
+from shared.peers import load_peers, peers_file, probe
 from shared.settings import Settings
 from shared.sync import servable, sync_lock
 
@@ -236,6 +237,21 @@ def check_rpc_workers(settings: Settings, catalog: Catalog) -> list[Finding]:
     return out
 
 
+def check_peers(settings: Settings) -> list[Finding]:
+    """peers.yaml's problems (file, key, reason), and whether each peer answers its list."""
+    peers, notices = load_peers(settings)
+    out = [Finding("warn", f"peers: {n}", f"correct it in {peers_file(settings)} (or PEERS "
+                   "in .env); the other peers are used meanwhile") for n in notices]
+    for peer in peers:
+        count, why = probe(peer)
+        where = f"peer {peer.name} ({peer.kind}, {peer.url})"
+        out.append(Finding("ok", f"{where}: up, {count} model(s)") if count is not None else
+                   Finding("warn", f"{where}: down: {why}; its models are not served until "
+                           "it answers", "start it, or correct its url or key in "
+                           f"{peers_file(settings)}"))
+    return out
+
+
 def check_harmony() -> Finding:
     try:
         path = harmony_encoding.check_vocabulary()
@@ -248,7 +264,7 @@ def check_harmony() -> Finding:
 CHECKS: list[Callable[[Settings, Catalog], Finding | list[Finding]]] = [
     lambda s, _: check_llama_server(s), check_ollama, lambda s, _: check_ports(s),
     lambda s, _: check_folders(s), lambda s, _: check_links(s), check_config_and_memory,
-    check_rpc_workers, lambda _, __: check_harmony()]
+    check_rpc_workers, lambda _, __: check_harmony(), lambda s, _: check_peers(s)]
 
 
 @click.command()

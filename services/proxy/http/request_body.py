@@ -77,9 +77,9 @@ def _param(header: str, value: str, name: str) -> str | None:
     return param if isinstance(param, str) else None
 
 
-def form_field(body: bytes, content_type: str, name: str) -> str | None:
-    """The text of field `name` of a multipart/form-data body, or None. Only the parts'
-    headers and that field are copied: an uploaded file of any size stays where it is."""
+def _field_span(body: bytes, content_type: str, name: str) -> tuple[int, int] | None:
+    """Where the value of field `name` of a multipart/form-data body lies, or None. Only the
+    parts' headers are read: an uploaded file of any size stays where it is."""
     boundary = _param("content-type", content_type, "boundary")
     if not boundary:
         return None
@@ -94,6 +94,19 @@ def form_field(body: bytes, content_type: str, name: str) -> str | None:
         headers = BytesHeaderParser().parsebytes(body[start:head_end].lstrip())
         disposition = headers.get("content-disposition", "")
         if _param("content-disposition", disposition, "name") == name:
-            return body[head_end + 4:end].decode(errors="replace")
+            return head_end + 4, end
         at = end + 2
     return None
+
+
+def form_field(body: bytes, content_type: str, name: str) -> str | None:
+    """The text of field `name` of a multipart/form-data body, or None."""
+    span = _field_span(body, content_type, name)
+    return body[span[0]:span[1]].decode(errors="replace") if span else None
+
+
+def with_form_field(body: bytes, content_type: str, name: str, value: str) -> bytes | None:
+    """The multipart/form-data body with field `name`'s text replaced by `value` (the rest,
+    boundary and files, as they came), or None when it has no such field."""
+    span = _field_span(body, content_type, name)
+    return body[:span[0]] + value.encode() + body[span[1]:] if span else None

@@ -142,7 +142,7 @@ class Owner:
         if self.queue:
             return False
         rows = await self.measure()
-        return self._estimate(key, entry) <= (await self._account(rows)).room
+        return self.estimate(key, entry) <= (await self._account(rows)).room
 
     async def ensure(self, key: Key, entry: Entry | None, use_id: str) -> LoadError | None:
         """None once the model is warm; otherwise the error this client gets. Bounded: a
@@ -179,14 +179,15 @@ class Owner:
         life.queued_at, life.waiting_for = time.monotonic(), "its turn to be judged"
         life.outcome = asyncio.get_running_loop().create_future()
         life.need = 0 if life.key[0] == "ollama" and entry is None else \
-            self._estimate(life.key, entry)
+            self.estimate(life.key, entry)
         if not self.settings.memory_admission:
             self._start(life)
             return
         self.queue.append(life)
         self.wake()
 
-    def _estimate(self, key: Key, entry: Entry | None) -> int:
+    def estimate(self, key: Key, entry: Entry | None) -> int:
+        """What the model may take once loaded (a peer's room is measured against it too)."""
         if entry is None:  # one of Ollama's own: what it took last time, else nothing known
             return self.footprints.learned(":".join(key), list(key)) or 0
         return self.footprints.estimate(":".join(key), entry, key[0])

@@ -1,6 +1,7 @@
-"""A request sent on to a peer, with the peer's key (never ours) and the hop mark, its
-answer relayed chunk by chunk (serve/relay.py), its `model` renamed to the name the client
-asked for. A peer that does not answer is a 503 naming it, within CONNECT_TIMEOUT."""
+"""A request sent on to a peer, with the peer's key (never ours) and the hop mark, its answer
+relayed chunk by chunk (serve/relay.py), its `model` renamed to the name the client asked for (the
+JSON body's, the query's or the form's `model` is the peer's id). A peer that does not answer is a
+503 naming it, within CONNECT_TIMEOUT."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ import aiohttp
 from aiohttp import web
 
 from services.proxy.context import CTX
+from services.proxy.http import request_body
 from services.proxy.manage import metrics
 from services.proxy.peers.pick import ToPeer
-from services.proxy.peers.registry import CONNECT_TIMEOUT, headers
+from services.proxy.peers.registry import CONNECT_TIMEOUT
 from services.proxy.serve import upstream
 from services.proxy.serve.relay import ModelRenamer, relay, whole
 from services.proxy.serve.routes import ANTHROPIC_PATHS, Route
 from shared.errors import error_response
+from shared.peers import headers
 
 _STREAMS = ("text/event-stream", "application/x-ndjson")
 # what ends a whole Ollama stream (/api/chat, /api/generate)
@@ -43,6 +46,12 @@ async def answer(request: web.Request, to: ToPeer, asked: str, route: Route | No
         params["model"] = to.model
     if payload is not None and (body is None or payload.get("model") != to.model):
         body = json.dumps({**payload, "model": to.model}).encode()
+    elif body and request.content_type == "multipart/form-data" and asked != to.model:
+        body = request_body.with_form_field(body, request.headers.get("Content-Type", ""),
+                                            "model", to.model)
+        if body is None:
+            return error_response(400, f"{request.path}: the form's 'model' field cannot be "
+                                  f"read to send it to peer {peer.name}", "missing_model")
     renamer = ModelRenamer(to.model, asked) if asked != to.model else None
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT,
                                     connect=CONNECT_TIMEOUT,

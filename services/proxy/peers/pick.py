@@ -1,7 +1,8 @@
-"""Which serves a request: this stack, or a peer. A model served here stays here unless it
-cannot start here now (admission would wait); then a peer that has it loaded, else one that
-tells it has room. A model only peers have goes to one of them (loaded first). A request
-that came from a peer (the hop mark) is never sent on."""
+"""Which serves a request: this stack, or a peer. A model served here stays here unless it cannot
+start here now (admission would wait); then a peer that has it loaded, else one that tells it has
+room for it (its own estimate of the model when it gives one, else ours). A model only peers have
+goes to one of them (loaded first). A request that came from a peer (the hop mark) is never sent
+on."""
 
 from __future__ import annotations
 
@@ -10,15 +11,18 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from services.proxy.context import Context
-from services.proxy.peers.registry import HOP, PeerState
+from services.proxy.peers.registry import PeerState
 from shared.errors import error_response
 from shared.loading import Key
-from shared.peers import LLAMA_SWAP, MODEL_SERVE, OLLAMA, OPENAI
+from shared.peers import HOP, LLAMA_SWAP, MODEL_SERVE, OLLAMA, OPENAI
 
 # The Ollama routes served here that a peer of the kind answers too.
 OLLAMA_NATIVE = ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/show")
-_LLAMA_SWAP = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank",
-               "/v1/reranking", "/rerank", "/infill", "/completion", "/v1/audio/transcriptions")
+# what llama-swap v250 routes by the model a request names (its /v1/messages and
+# /v1/responses pass to the model's llama-server as they are)
+_LLAMA_SWAP = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages",
+               "/v1/messages/count_tokens", "/v1/responses", "/v1/rerank", "/v1/reranking",
+               "/rerank", "/infill", "/completion", "/v1/audio/transcriptions")
 _OLLAMA = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages",
            "/v1/responses", *OLLAMA_NATIVE)
 
@@ -94,7 +98,8 @@ async def remote(ctx: Context, request: web.Request, name: str,
 async def instead(ctx: Context, request: web.Request, name: str, key: Key, entry,
                   path: str) -> ToPeer | None:
     """For a model served here: a peer to serve it instead, when it cannot start here now
-    and an up peer has it loaded, or has room for it."""
+    and an up peer has it loaded, or has room for it: the peer's own estimate of the model
+    (its /running row), else this stack's, fits in the room it tells."""
     registry = ctx.peers
     if not registry or came_from_peer(request):
         return None
@@ -102,6 +107,8 @@ async def instead(ctx: Context, request: web.Request, name: str, key: Key, entry
     if not holders or await ctx.owner.starts_now(key, entry):
         return None
     loaded = [s for s in holders if name in s.loaded]
-    roomy = [s for s in holders if s.room is not None and s.room > 0]
+    need = ctx.owner.estimate(key, entry)
+    roomy = [s for s in holders
+             if s.room is not None and s.room > 0 and s.needs.get(name, need) <= s.room]
     state = (loaded or roomy or [None])[0]
     return ToPeer(state, name) if state else None

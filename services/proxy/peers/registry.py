@@ -1,25 +1,21 @@
-"""Each peer's state, asked every PEER_POLL_SECONDS: up or down, the latency of the last
-poll, its models (after its filter), which are loaded, its room when it tells it (a
-model-serve peer's /running), and the last error. A peer that comes back is up again at
-the next poll, without a restart."""
+"""Each peer's state, asked every PEER_POLL_SECONDS: up or down, the latency of the last poll, its
+models (after its filter), which are loaded, its room and its own estimates of the models in its
+/running when it tells them (a model-serve peer), and the last error. A peer that comes back is up
+again at the next poll, without a restart."""
 
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import logging
 import time
 from dataclasses import dataclass, field
 
 import aiohttp
 
-from shared.peers import LLAMA_SWAP, MODEL_SERVE, OLLAMA, Peer, load_peers
+from shared.peers import LLAMA_SWAP, MODEL_SERVE, OLLAMA, Peer, headers, load_peers
 from shared.settings import Settings
 
 log = logging.getLogger("model-serve.proxy")
-# carried by every request and poll sent to a peer: a model-serve that gets it answers with
-# its own models only, and forwards nothing to its own peers (A ↔ B never loops)
-HOP = "X-Model-Serve-Peer-Hop"
 POLL_TIMEOUT = 3.0  # one poll, all its requests
 CONNECT_TIMEOUT = 4.0  # a request forwarded to a peer, until its connection is made
 
@@ -32,6 +28,7 @@ class PeerState:
     models: list[str] = field(default_factory=list)  # ids as the peer gives them
     loaded: set[str] = field(default_factory=set)
     room: int | None = None  # bytes it can still load, when it says
+    needs: dict[str, int] = field(default_factory=dict)  # its own estimates, when it says
     error: str | None = None
     checked: float = 0.0
 
@@ -47,14 +44,6 @@ class PeerState:
                 "latency_ms": round(self.latency * 1000, 1) if self.latency is not None
                 else None, "models": list(self.models), "loaded": sorted(self.loaded),
                 "room": self.room, "error": self.error}
-
-
-def headers(peer: Peer) -> dict[str, str]:
-    """What every request to the peer carries: the hop mark and the peer's own key."""
-    out = {HOP: "1", "Accept-Encoding": "identity"}
-    if peer.api_key:
-        out["Authorization"] = f"Bearer {peer.api_key}"
-    return out
 
 
 class Registry:
@@ -102,7 +91,7 @@ class Registry:
         start = time.monotonic()
         try:
             async with asyncio.timeout(POLL_TIMEOUT):
-                models, loaded, room = await self._ask(state.peer)
+                models, loaded, room, needs = await self._ask(state.peer)
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError,
                 AttributeError) as e:
             self.mark_down(state, _why(e))
@@ -111,10 +100,9 @@ class Registry:
         if state.up is not True:
             log.info("peer %s (%s) is up: %d model(s)", state.name, state.peer.url,
                      len(models))
-        globs = state.peer.models
-        state.models = [m for m in models
-                        if not globs or any(fnmatch.fnmatchcase(m, g) for g in globs)]
+        state.models = [m for m in models if state.peer.wants(m)]
         state.loaded, state.room = loaded & set(state.models), room
+        state.needs = {m: n for m, n in needs.items() if m in state.models}
         state.up, state.error = True, None
         state.latency = state.checked = time.monotonic()
         state.latency -= start
@@ -126,12 +114,13 @@ class Registry:
                                                   message=f"GET {path} answered {r.status}")
             return await r.json(content_type=None)
 
-    async def _ask(self, peer: Peer) -> tuple[list[str], set[str], int | None]:
+    async def _ask(self, peer: Peer) -> tuple[list[str], set[str], int | None, dict[str, int]]:
+        """Its models, which are loaded, its room and its own estimates (when it says)."""
         if peer.kind == OLLAMA:
             tags, ps = await asyncio.gather(self._get(peer, "/api/tags"),
                                             self._get(peer, "/api/ps"))
             return ([m["name"] for m in tags.get("models") or []],
-                    {m["name"] for m in ps.get("models") or []}, None)
+                    {m["name"] for m in ps.get("models") or []}, None, {})
         listed = await self._get(peer, "/v1/models")
         models = [m["id"] for m in listed.get("data") or []]
         if peer.kind == MODEL_SERVE:
@@ -140,12 +129,22 @@ class Registry:
             system = running.get("system") or {}
             room = system.get("limit", 0) - system.get("used", 0) \
                 if isinstance(system.get("limit"), int) else None
-            return models, loaded, room
+            return models, loaded, room, _needs(running.get("models") or [])
         if peer.kind == LLAMA_SWAP:
             running = await self._get(peer, "/running")
             return models, {m.get("model") for m in running.get("running") or []
-                            if m.get("state") == "ready"} - {None}, None
-        return models, set(), None
+                            if m.get("state") == "ready"} - {None}, None, {}
+        return models, set(), None, {}
+
+
+def _needs(rows: list[dict]) -> dict[str, int]:
+    """A model-serve peer's own estimates, from its /running rows that have one."""
+    out = {}
+    for row in rows:
+        need = (row.get("memory") or {}).get("estimated")
+        if isinstance(need, int) and need > 0 and isinstance(row.get("id"), str):
+            out[row["id"]] = need
+    return out
 
 
 def _why(e: BaseException) -> str:
