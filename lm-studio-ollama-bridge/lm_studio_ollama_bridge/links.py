@@ -24,25 +24,38 @@ def _part(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "model"
 
 
-def plan(models: list[OllamaModel], models_dir: Path) -> dict[Path, Link]:
+def plan(models: list[OllamaModel], models_dir: Path,
+         linked: dict[str, str] | None = None) -> dict[Path, Link]:
     """Link path → target. Library models are placed first so they keep the plain names;
-    a tag or publisher that would give a taken name to another blob gets a longer one."""
-    order = sorted(models, key=lambda m: (m.registry != DEFAULT_REGISTRY
-                                          or m.namespace != "library", m.name))
+    a tag or publisher that would give a taken name to another blob gets a longer one. A
+    blob is linked once: every name Ollama has it under (`ollama cp` to another name too) is
+    one of that link's names. `linked` (target → link path, as recorded) keeps a blob's
+    link where it is when a name is added to it."""
+    linked = linked or {}
+
+    def _folder(m: OllamaModel) -> Path:
+        return models_dir / "ollama" / _part(m.model)
+
+    order = sorted(models, key=lambda m: (
+        m.registry != DEFAULT_REGISTRY or m.namespace != "library",
+        Path(linked.get(str(m.blob), "/")).parent != _folder(m), m.name))
     wanted: dict[Path, Link] = {}
+    by_blob: dict[Path, Path] = {}
     for m in order:
-        folder = models_dir / "ollama" / _part(m.model)
-        stem = _part(f"{m.model}-{m.parameter_size}-{m.quantization}")
-        for candidate in (stem, f"{stem}-{_part(m.tag)}",
-                          f"{stem}-{_part(m.namespace)}-{_part(m.tag)}",
-                          f"{stem}-{_part(m.registry)}-{_part(m.namespace)}-{_part(m.tag)}"):
-            path = folder / f"{candidate}.gguf"
-            if path not in wanted or wanted[path].target == m.blob:
-                break
+        if (path := by_blob.get(m.blob)) is None:
+            stem = _part(f"{m.model}-{m.parameter_size}-{m.quantization}")
+            for candidate in (stem, f"{stem}-{_part(m.tag)}",
+                              f"{stem}-{_part(m.namespace)}-{_part(m.tag)}",
+                              f"{stem}-{_part(m.registry)}-{_part(m.namespace)}-"
+                              f"{_part(m.tag)}"):
+                path = _folder(m) / f"{candidate}.gguf"
+                if path not in wanted or wanted[path].target == m.blob:
+                    break
+            by_blob[m.blob] = path
         link = wanted.setdefault(path, Link(m.blob, []))
         link.names += [n for n in m.aliases if n not in link.names]
         if m.projector:
-            proj = folder / f"mmproj-{path.stem}.gguf"
+            proj = path.parent / f"mmproj-{path.stem}.gguf"
             wanted.setdefault(proj, Link(m.projector, []))
     return wanted
 
@@ -130,7 +143,9 @@ class Bridge:
     def sync(self, models: list[OllamaModel], dry_run: bool = False) -> SyncReport:
         """One sync at a time (the record is read, changed and written whole); the record
         is saved whatever fails, so a link made is never forgotten and left behind."""
-        wanted = plan(models, self.models_dir)
+        recorded = LinkRecord.load(self.record_file).links
+        wanted = plan(models, self.models_dir,
+                      {rec["target"]: path for path, rec in recorded.items()})
         report = SyncReport()
         if dry_run:
             self._sync(LinkRecord.load(self.record_file), wanted, report, dry_run)

@@ -23,7 +23,7 @@ from services.proxy.models.limits import Limits
 from services.proxy.models.owner import Owner
 from services.proxy.models.usage import Usage
 from services.proxy.ollama import api as ollama_api
-from services.proxy.ollama.routes import OllamaModels
+from services.proxy.ollama.routes import OllamaModels, warning_header
 from services.proxy.peers.registry import Registry
 from services.proxy.serve import forward, routes
 from shared import harmony_encoding
@@ -172,7 +172,7 @@ def make_app(settings: Settings, engine: Engine | None = None) -> web.Applicatio
         await app[CTX].owner.keep_contexts()
 
     app.on_shutdown.extend([end_feeds, drain, keep_contexts])
-    app.on_response_prepare.extend([cors_headers, _mark_prepared])
+    app.on_response_prepare.extend([cors_headers, _mark_prepared, warning_header])
     engine = engine or make_engine(settings)
 
     async def lifecycle(app: web.Application):

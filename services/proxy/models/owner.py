@@ -514,6 +514,7 @@ class Owner:
             life.state, life.address, life.need = COLD, None, 0
             life.left_at = time.monotonic()
             self.metrics.unloaded(key, life.model, "manual", "keep_alive 0")
+            log.info("unloaded %s from %s (manual): keep_alive 0", key[1], key[0])
 
     def _gone(self, life: Life, reason: str, detail: str) -> None:
         life.state, life.address, life.need, life.entry = COLD, None, 0, None

@@ -22,13 +22,22 @@ from services.proxy.models.model_turn import with_model
 from services.proxy.ollama import engine as ollama_engine
 from services.proxy.ollama.convert import keep_alive_zero
 from services.proxy.ollama.routes import fixed_context
-from services.proxy.ollama.show import file_facts, header_kv, ps_row, show, tag
+from services.proxy.ollama.show import (
+    file_facts,
+    header_kv,
+    listed_capabilities,
+    listed_name,
+    ps_row,
+    show,
+    tag,
+)
 from services.proxy.peers import forward as peer_forward
 from services.proxy.peers import listing, pick
 from services.proxy.serve import routes, upstream
 from services.proxy.serve.forward import find, ollama_target, unable
 from services.proxy.serve.relay import ModelRenamer
 from shared.catalog import Entry
+from shared.model_kinds import GENERATE, kind
 from shared.ollama import OllamaError, OllamaUnavailable, context, keep_alive
 
 log = logging.getLogger("model-serve.proxy")
@@ -41,6 +50,8 @@ except importlib.metadata.PackageNotFoundError:
 # Routes served here → the OpenAI route whose backend choice they share (forward.py's).
 MODEL_ROUTES = {"/api/chat": "/v1/chat/completions", "/api/generate": "/v1/chat/completions",
                 "/api/embed": "/v1/embeddings", "/api/embeddings": "/v1/embeddings"}
+# The routes that write text, and what Ollama's refusal for an embedding model calls them.
+WRITES = {"/api/chat": "chat", "/api/generate": "generate"}
 # Ollama's model management: Ollama's alone, so passed to it.
 MANAGEMENT = {"/api/pull": "POST", "/api/push": "POST", "/api/create": "POST",
               "/api/copy": "POST", "/api/delete": "DELETE"}
@@ -115,7 +126,8 @@ async def _to_ollama(request: web.Request, payload: dict, entry: Entry | None,
     request as sent, under Ollama's name for the model."""
     ctx = request.app[CTX]
     options = payload.get("options") or {}
-    if problem := fixed_context(options if isinstance(options, dict) else {}, entry, target):
+    if problem := fixed_context(options if isinstance(options, dict) else {}, entry, target,
+                                 request):
         return problem
     name = payload["model"]
     sent = {**payload, "model": target}
@@ -148,6 +160,9 @@ async def model_route(request: web.Request) -> web.StreamResponse:
                                     request.path):
             return await peer_forward.answer(request, to, name, None, payload, None)
         return await _to_ollama(request, payload, None, target)
+    if request.path in WRITES and kind(entry.info, entry.args) != GENERATE:
+        # as Ollama answers it, a load-only /api/generate too; before anything is loaded
+        return error(400, f"{json.dumps(name)} does not support {WRITES[request.path]}")
     target = ollama_target(ctx.settings, entry, MODEL_ROUTES[request.path])
     key = ("ollama", target) if target else ("engine", entry.id)
     if to := await pick.instead(ctx, request, name, key, entry, request.path):
@@ -191,21 +206,24 @@ async def tags(request: web.Request) -> web.Response:
     listed = {m.get("name") for m in ollama} - {None}
     rows = [(e, [n for n in e.ollama_tags or [e.ollama or e.id] if n not in listed])
             for e in ctx.holder.catalog.entries.values()]
-    facts = await asyncio.to_thread(file_facts, [e for e, names in rows if names])
+    shown = [e for e, names in rows if names]
+    facts, caps = await asyncio.to_thread(lambda: (file_facts(shown),
+                                                   listed_capabilities(shown)))
     return web.json_response({"models": listing.tag_rows(ctx, request, ollama + [
-        tag(e, name, facts[e.id]) for e, names in rows for name in names])})
+        {**tag(e, name, facts[e.id]), "capabilities": caps[e.id]}
+        for e, names in rows for name in names])})
 
 
 async def ps(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
-    (rows, _), ollama = await asyncio.gather(manage.running_models(ctx),
-                                             _ollama_list(ctx, "ps"))
+    (rows, _), ollama, listed = await asyncio.gather(
+        manage.running_models(ctx), _ollama_list(ctx, "ps"), _ollama_list(ctx, "tags"))
     catalog = ctx.holder.catalog
     loaded = [(catalog.entries[r["id"]], r) for r in rows if r["backend"] == "engine"
               and r["state"] == "loaded" and r["id"] in catalog.entries]
     facts = await asyncio.to_thread(file_facts, [e for e, _ in loaded])
-    return web.json_response({"models": [ps_row(e, r, facts[e.id]) for e, r in loaded]
-                              + ollama})
+    return web.json_response({"models": [ps_row(e, r, facts[e.id], listed_name(e, listed))
+                                         for e, r in loaded] + ollama})
 
 
 async def show_model(request: web.Request) -> web.StreamResponse:

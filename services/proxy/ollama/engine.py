@@ -44,8 +44,7 @@ async def unload(ctx: Context, entry: Entry) -> None:
         return
     if error := await ctx.owner.unload(key, entry.id, "manual", "keep_alive 0"):
         log.warning("keep_alive 0: could not unload %s: %s", entry.id, error.message)
-    else:
-        log.info("unloaded %s at a client's request (keep_alive 0)", entry.id)
+    # an unload is logged once, by the owner: "unloaded <id> from engine (manual): keep_alive 0"
 
 
 # What fits a refused prompt: (the model, the body, the tokens it may have) → (body, note).

@@ -48,21 +48,47 @@ class OllamaModels:
         return None
 
 
-def fixed_context(payload: dict, entry: Entry | None, ollama_name: str) -> web.Response | None:
-    """A 400 for a request that would make Ollama reload its model at another context size:
-    that load would happen behind the governor's admission."""
+def fixed_context(payload: dict, entry: Entry | None, ollama_name: str,
+                  request: web.Request | None = None) -> web.Response | None:
+    """A 400 for a request that would make Ollama reload its model at a larger context size:
+    that load would happen behind the governor's admission. A context at or below the
+    configured one is taken out of `payload` (the model keeps the context it was loaded with,
+    which holds the request) and said so in the answer's warning header."""
     configured = entry.ctx_size if entry else None
     for field in ("num_ctx", "ctx_size"):
         asked = payload.get(field)
-        if asked is not None and asked != configured:
-            where = (f"the ctx_size of {entry.id} in custom_models.yaml (now {configured})"
-                     if entry else "its num_ctx in Ollama itself (PARAMETER num_ctx in a "
-                     "Modelfile)")
-            return error_response(
-                400, f"{field}={asked!r}: {ollama_name} is served by Ollama, which would reload "
-                f"it at that context outside memory admission; set {where} instead",
-                "context_fixed")
+        if asked is None or asked == configured:
+            continue
+        if configured and isinstance(asked, int) and not isinstance(asked, bool) and \
+                0 < asked <= configured:
+            del payload[field]
+            if request is not None:
+                warn(request, f"{field}={asked} not sent: {ollama_name} keeps the context it "
+                     f"was loaded with, {configured}")
+            continue
+        where = (f"the ctx_size of {entry.id} in custom_models.yaml (now {configured})"
+                 if entry else "its num_ctx in Ollama itself (PARAMETER num_ctx in a "
+                 "Modelfile)")
+        return error_response(
+            400, f"{field}={asked!r}: {ollama_name} is served by Ollama, which would reload "
+            f"it at that context outside memory admission; set {where} instead",
+            "context_fixed")
     return None
+
+
+_WARNINGS = web.RequestKey("warnings", list)
+
+
+def warn(request: web.Request, text: str) -> None:
+    """A warning for this request's answer, sent in its WARNING_HEADER (warning_header)."""
+    request.setdefault(_WARNINGS, []).append(text)
+
+
+async def warning_header(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: the request's warnings join the answer's own."""
+    if warnings := request.get(_WARNINGS):
+        response.headers[WARNING_HEADER] = "; ".join(
+            [*filter(None, [response.headers.get(WARNING_HEADER)]), *warnings])
 
 
 def _failure(e: Exception) -> web.Response:

@@ -69,12 +69,23 @@ def tag(entry: Entry, name: str, facts: tuple[float, str]) -> dict:
             "digest": digest, "details": {**details(entry), **sizes}}
 
 
-def ps_row(entry: Entry, row: dict, facts: tuple[float, str]) -> dict:
-    """One of /running's rows (manage.running_models) as an /api/ps row."""
+def listed_name(entry: Entry, ollama_rows: list[dict]) -> str:
+    """The name /api/tags lists the model under, which clients (Open WebUI) match /api/ps
+    against: of a model Ollama has under several tags, the one Ollama's /api/tags lists first;
+    else its Ollama name, else its id."""
+    names = entry.ollama_tags or [entry.ollama or entry.id]
+    order = [m.get("name") for m in ollama_rows]
+    listed = [n for n in order if n in names]
+    return listed[0] if listed else entry.ollama or names[0]
+
+
+def ps_row(entry: Entry, row: dict, facts: tuple[float, str], name: str = "") -> dict:
+    """One of /running's rows (manage.running_models) as an /api/ps row, under `name`, the
+    name /api/tags lists it under (listed_name)."""
     memory = row.get("memory") or {}
     size = memory.get("measured") or memory.get("estimated") or entry.size_bytes
     expires = iso(row["expires_at"]) if row.get("expires_at") else FOREVER.isoformat()
-    return {**tag(entry, entry.id, facts), "details": details(entry), "size": size,
+    return {**tag(entry, name or entry.id, facts), "details": details(entry), "size": size,
             "size_vram": 0, "expires_at": expires, "context_length": entry.ctx_size}
 
 
@@ -106,6 +117,15 @@ def header_kv(path: str) -> dict[str, object]:
         return _header_kv(path, (st.st_mtime_ns, st.st_size))
     except (OSError, ValueError, GGUFError):
         return {}
+
+
+def listed_capabilities(entries: list[Entry]) -> dict[str, list[str]]:
+    """Blocking: id → capabilities, as Ollama's (0.33) /api/tags rows carry them."""
+    out = {}
+    for entry in entries:
+        template = header_kv(entry.path).get("tokenizer.chat_template")
+        out[entry.id] = capabilities(entry, template if isinstance(template, str) else "")
+    return out
 
 
 def capabilities(entry: Entry, template: str) -> list[str]:

@@ -11,6 +11,9 @@ from shared.errors import error_response
 
 # What the router answers for a model it holds no process for (it runs --no-models-autoload).
 NOT_LOADED = "model is not loaded"
+# llama-server's 500 for media a model without a projector cannot take ("image input is not
+# supported - hint: ... provide the mmproj"): the request's fault, so a 400
+NO_MEDIA = ("image input is not supported", "audio input is not supported")
 
 
 class NotLoaded(Exception):
@@ -49,6 +52,8 @@ async def engine_error(up: aiohttp.ClientResponse, entry_path: str,
         if "Start it with" in message:  # a flag turns it on
             message += "; llama-server flags go in the model's sampler_args in " \
                        "custom_models.yaml"
+    elif status == 500 and message.startswith(NO_MEDIA):
+        status = 400  # asking again cannot help, and the SDKs retry a 5xx
     response = error_response(status, f"engine: {message}", "engine_error")
     if up.status == 400 and message == NOT_LOADED:
         raise NotLoaded(response)

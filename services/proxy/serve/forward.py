@@ -23,7 +23,7 @@ from services.proxy.serve.relay import MessageStart, ModelRenamer, ResponsesInde
 from services.proxy.serve.routes import ANTHROPIC, FORM, QUERY, Route
 from shared.catalog import Catalog, Entry, embeddings_by_ollama
 from shared.errors import error_response
-from shared.model_kinds import EMBEDDING, RERANK, kind
+from shared.model_kinds import EMBEDDING, GENERATE, RERANK, kind
 from shared.settings import Settings
 
 _DROP = upstream.DROP
@@ -57,6 +57,8 @@ def ollama_target(settings: Settings, entry: Entry, path: str) -> str | None:
 
 # "… is not an embedding model"
 _KIND_NAME = {EMBEDDING: "an embedding", RERANK: "a rerank"}
+# what a model that writes no text answers instead
+_ANSWERS = {EMBEDDING: "/v1/embeddings, /api/embed", RERANK: "/v1/rerank"}
 
 
 @dataclass
@@ -98,6 +100,8 @@ def _refusal(ctx: Context, route: Route, entry: Entry | None, target: str | None
              name: str) -> web.Response | None:
     """Why this model cannot answer this route, before anything is loaded for it."""
     if target:
+        if entry and route.needs == GENERATE and (problem := unable(ctx, route, entry, name)):
+            return problem  # an embedding model Ollama serves: refused before its load
         if routes.ollama_serves(route):
             return None
         return error_response(400, f"{name} is served by Ollama, which does not answer "
@@ -108,7 +112,14 @@ def _refusal(ctx: Context, route: Route, entry: Entry | None, target: str | None
 
 def unable(ctx: Context, route: Route, entry: Entry, name: str,
            path: str = "") -> web.Response | None:
-    """A 400 when the route needs another kind of model (embeddings of a chat model)."""
+    """A 400 when the route needs another kind of model (embeddings of a chat model, a chat
+    with an embedding model)."""
+    if route.needs == GENERATE:
+        if (what := kind(entry.info, entry.args)) == GENERATE:
+            return None
+        return error_response(400, f"{name} is {_KIND_NAME[what]} model, so it does not "
+                              f"answer {path or route.path}; it answers {_ANSWERS[what]}",
+                              "not_chat_model")
     if route.needs and kind(entry.info, entry.args) != route.needs:
         able = sorted(e.id for e in ctx.holder.catalog.entries.values()
                       if e.backend == "engine" and kind(e.info, e.args) == route.needs)
@@ -152,7 +163,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
     if problem := _refusal(ctx, route, entry, target, name):
         return problem
     if target and asked.payload is not None and \
-            (problem := ollama_routes.fixed_context(asked.payload, entry, target)):
+            (problem := ollama_routes.fixed_context(asked.payload, entry, target, request)):
         return problem
     key = ("ollama", target) if target else ("engine", entry.id)
     if to := await pick.instead(ctx, request, name, key, entry, request.path):

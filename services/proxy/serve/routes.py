@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from shared.model_kinds import EMBEDDING, RERANK
+from shared.model_kinds import EMBEDDING, GENERATE, RERANK
 
 BODY, QUERY, FORM = "body", "query", "form"  # where the request names its model
 OPENAI, ANTHROPIC = "openai", "anthropic"  # the error shape its clients parse
@@ -31,18 +31,19 @@ class Route:
 
 
 ROUTES = {route.path: route for route in (
-    Route("/v1/chat/completions"),
-    Route("/v1/completions"),
+    Route("/v1/chat/completions", needs=GENERATE),
+    Route("/v1/completions", needs=GENERATE),
     Route("/v1/embeddings", needs=EMBEDDING),
     Route("/v1/messages", stream_end=b"event: message_stop", errors=ANTHROPIC,
-          ollama="/v1/messages", requires="messages"),
+          ollama="/v1/messages", requires="messages", needs=GENERATE),
     Route("/v1/messages/count_tokens", errors=ANTHROPIC, requires="messages"),
-    Route("/v1/responses", stream_end=b"event: response.completed", ollama="/v1/responses"),
+    Route("/v1/responses", stream_end=b"event: response.completed", ollama="/v1/responses",
+          needs=GENERATE),
     Route("/v1/responses/input_tokens"),
     Route("/v1/chat/completions/input_tokens"),
     *(Route(path, needs=RERANK) for path in ("/v1/rerank", "/rerank", "/v1/reranking")),
-    Route("/infill", stream_end=NATIVE_DONE),
-    Route("/completion", stream_end=NATIVE_DONE),
+    Route("/infill", stream_end=NATIVE_DONE, needs=GENERATE),
+    Route("/completion", stream_end=NATIVE_DONE, needs=GENERATE),
     Route("/tokenize"),
     Route("/detokenize"),
     Route("/apply-template"),
