@@ -60,6 +60,7 @@ test: install browser lint
 
 bench: install
 	$(BIN)/python -m tests.bench.proxy_overhead
+	$(BIN)/python -m tests.bench.peers
 	$(BIN)/python -m tests.bench.sync_latency
 	$(BIN)/python -m tests.bench.governor
 	$(BIN)/python -m tests.bench.growth

@@ -114,6 +114,38 @@ async def streaming(session, targets: dict[str, str], streams: int,
     return {k: statistics.median(v) for k, v in rate.items()}, chunks, busy
 
 
+def latency_rows(times: dict[str, list[float]], base: str) -> list[tuple[str, ...]]:
+    """p50 and p99 of each target's one-token requests, and what each adds over `base`'s."""
+    ref = times[base]
+    rows = [("one-token requests", "p50 ms", "p99 ms", f"p50 over {base}", f"p99 over {base}")]
+    for name, t in times.items():
+        rows.append((name, f"{pct(t, 50) * 1e3:.3f}", f"{pct(t, 99) * 1e3:.3f}",
+                     f"{(pct(t, 50) - pct(ref, 50)) * 1e3:+.3f}",
+                     f"{(pct(t, 99) - pct(ref, 99)) * 1e3:+.3f}"))
+    return rows
+
+
+async def stream_table(session, targets: dict[str, str], hops: dict[str, HopCPU],
+                       base: str) -> dict[str, int]:
+    """Prints tokens/s with 1 and 8 streams per target, over `base`'s, and the machine's busy
+    cores; the hops' CPU counts from here. The chunks each target streamed."""
+    rows = [("streaming", *(f"{n} tok/s" for n in targets),
+             *(f"{n}/{base}" for n in targets if n != base),
+             *(f"{n} cores busy" for n in targets))]
+    for hop in hops.values():
+        hop.spent = 0.0
+    chunks = dict.fromkeys(targets, 0)
+    for streams in (1, 8):
+        r, streamed, busy = await streaming(session, targets, streams, hops)
+        chunks = {n: chunks[n] + streamed[n] for n in targets}
+        rows.append((f"{streams} stream{'s' if streams > 1 else ''}",
+                     *(f"{r[n]:.0f}" for n in targets),
+                     *(f"{r[n] / r[base]:.2f}" for n in targets if n != base),
+                     *(f"{busy[n]:.2f}" for n in targets)))
+    print_table(rows)
+    return chunks
+
+
 async def clients(session, url: str, n: int, seconds: float) -> float:
     """Requests per second from n clients, each sending one-token requests back to back."""
     payload, done = body(False, 1), 0
@@ -141,27 +173,8 @@ async def run(stack, targets: dict[str, str]) -> None:
         times = await small(session, targets)
         per_request = {name: await cpu_per_request(session, targets[name], hop)
                        for name, hop in hops.items()}
-        bare = times["bare"]
-        rows = [("one-token requests", "p50 ms", "p99 ms", "p50 over bare", "p99 over bare")]
-        for name, t in times.items():
-            rows.append((name, f"{pct(t, 50) * 1e3:.3f}", f"{pct(t, 99) * 1e3:.3f}",
-                         f"{(pct(t, 50) - pct(bare, 50)) * 1e3:+.3f}",
-                         f"{(pct(t, 99) - pct(bare, 99)) * 1e3:+.3f}"))
-        print_table(rows)
-        rows = [("streaming", *(f"{n} tok/s" for n in targets),
-                 *(f"{n}/bare" for n in targets if n != "bare"),
-                 *(f"{n} cores busy" for n in targets))]
-        for hop in hops.values():
-            hop.spent = 0.0
-        chunks = dict.fromkeys(targets, 0)
-        for streams in (1, 8):
-            r, streamed, busy = await streaming(session, targets, streams, hops)
-            chunks = {n: chunks[n] + streamed[n] for n in targets}
-            rows.append((f"{streams} stream{'s' if streams > 1 else ''}",
-                         *(f"{r[n]:.0f}" for n in targets),
-                         *(f"{r[n] / r['bare']:.2f}" for n in targets if n != "bare"),
-                         *(f"{busy[n]:.2f}" for n in targets)))
-        print_table(rows)
+        print_table(latency_rows(times, "bare"))
+        chunks = await stream_table(session, targets, hops, "bare")
         print(f"own CPU per streamed chunk: router {hop_us(hops, chunks, 'engine')} us, "
               f"proxy {hop_us(hops, chunks, 'stack')} us (the machine has "
               f"{psutil.cpu_count()} cores)\n")
@@ -214,13 +227,7 @@ def print_table(rows: list[tuple[str, ...]]) -> None:
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        write_model(tmp / "models" / "pub" / "bench" / "bench-F32.gguf", name="bench",
-                    context_length=32768)
-        (tmp / "config").mkdir()
-        (tmp / "config" / "custom_models.yaml").write_text(
-            "models:\n  bench:0.2m-f32:\n    parallel: 32\n    ctx_size: 16384\n"
-            "    sampler_args: --threads 1 --threads-batch 1\n")
-        stack = make_stack(tmp, tmp / "models", tmp / "config").start()
+        stack = make_stack(tmp, *write_bench_model(tmp)).start()
         try:
             asyncio.run(load(stack))
             targets = {"bare": bare_url(stack), "engine": stack.engine_url,
@@ -231,6 +238,17 @@ def main() -> None:
             asyncio.run(run(stack, targets))
         finally:
             stack.stop()
+
+
+def write_bench_model(root: Path) -> tuple[Path, Path]:
+    """MODEL in root/models, held to one thread with 32 slots by root/config."""
+    write_model(root / "models" / "pub" / "bench" / "bench-F32.gguf", name="bench",
+                context_length=32768)
+    (root / "config").mkdir(parents=True)
+    (root / "config" / "custom_models.yaml").write_text(
+        "models:\n  bench:0.2m-f32:\n    parallel: 32\n    ctx_size: 16384\n"
+        "    sampler_args: --threads 1 --threads-batch 1\n")
+    return root / "models", root / "config"
 
 
 async def load(stack) -> None:
