@@ -5,6 +5,7 @@ does not answer."""
 from __future__ import annotations
 
 import asyncio
+import re
 
 import aiohttp
 from aiohttp import web
@@ -72,6 +73,19 @@ async def load(key: Key, entry: Entry | None, engine: Engine, ollama: Ollama,
         raise LoadError(500, f"engine: {e}{hint}", "engine_error") from None
 
 
+_ABORT = re.compile(r"^\S+ \S+ \S+\.(?:c|cpp|h):\d+: (.+)$")
+
+
+def _error(line: str) -> str | None:
+    """The message of an error line: "<date> <time> <llama-server's time> E <message>", or
+    ggml's abort before llama-server logs anything ("<date> <time> <source>.cpp:547: Failed
+    to connect to <worker>")."""
+    parts = line.split(" ", 4)
+    if len(parts) == 5 and parts[3] == "E":
+        return parts[4]
+    return abort[1] if (abort := _ABORT.match(line)) else None
+
+
 def _why_in_log(engine: Engine, entry: Entry) -> str:
     """The first error lines of the last start in the model's own llama-server log (the
     router's engine writes one per model), e.g. an RPC worker that could not hold its part;
@@ -85,8 +99,6 @@ def _why_in_log(engine: Engine, entry: Entry) -> str:
         return ""
     starts = [i for i, line in enumerate(lines) if "llama_server: initializing" in line]
     lines = lines[starts[-1]:] if starts else lines  # this start's lines, not an earlier one's
-    # "<date> <time> <llama-server's time> E <message>": the first errors are the cause,
-    # the later ones what followed from it
-    errors = [parts[4] for line in lines
-              if len(parts := line.split(" ", 4)) == 5 and parts[3] == "E"]
+    # the first errors are the cause, the later ones what followed from it
+    errors = [e for line in lines if (e := _error(line))]
     return "; ".join(errors[:2])[:400]

@@ -151,6 +151,9 @@ def test_a_model_over_two_local_workers_answers_and_they_hold_its_weights(
         line for line in metrics.splitlines() if "rpc_worker" in line]
     assert "uses the RPC workers" in stack.logs()
     asyncio.run(_dashboard_shows(stack.url, f"127.0.0.1:{p1}", mid))
+    for _ in range(2):  # the workers the model holds are not probed (a probe would queue)
+        doctor = stack.cli("doctor").stdout
+        assert "does not answer" not in doctor and "RPC workers: 2, on loopback, up" in doctor
 
 
 async def _dashboard_shows(url: str, worker: str, mid: str) -> None:
@@ -224,6 +227,23 @@ def test_a_worker_capped_by_mem_refuses_a_model_bigger_than_the_cap(
     # and the client is told so, not only pointed at a log
     assert "its log says: " in body["error"]["message"], body
     assert f"RPC0[127.0.0.1:{port}]" in body["error"]["message"], body
+
+
+@needs_rpc
+def test_a_worker_that_does_not_answer_is_named_to_the_client(stack_factory, config_dir,
+                                                               big_model) -> None:
+    [port] = free_ports(1)  # nobody listens there
+    mid = model_id(big_model)
+    (config_dir / "custom_models.yaml").write_text(
+        f"models:\n  {mid.removeprefix('ms/')}:\n    rpc: [127.0.0.1:{port}]\n")
+    stack = stack_factory(MODELS_DIR=str(big_model.parents[2]), DEFAULT_CTX_SIZE="512")
+    stack.start("engine", "proxy")
+    status, body = http("POST", stack.url + "/v1/chat/completions", chat(mid, max_tokens=4),
+                        timeout=300)
+    assert status >= 500, body
+    assert f"127.0.0.1:{port}" in body["error"]["message"], body
+    worker = next(w for w in http("GET", stack.url + "/running")[1]["rpc_workers"])
+    assert worker["address"] == f"127.0.0.1:{port}" and worker["up"] is False
 
 
 def test_both_engines_start_the_model_with_its_workers(tmp_path) -> None:

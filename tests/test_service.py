@@ -166,14 +166,15 @@ def test_an_rpc_worker_service_sits_beside_the_stacks_and_uninstall_removes_only
     worker_unit = Path(env["HOME"]) / ".config/systemd/user" / service.RPC_WORKER.unit
     assert model(env, "service", "install", "--platform", "systemd", "--no-start").returncode == 0
     result = model(env, "service", "install", "--rpc-worker", "--platform", "systemd",
-                   "--no-start", "--host", "0.0.0.0", "--port", "50099", "--mem", "2048")
+                   "--no-start", "--host", "0.0.0.0", "--port", "50099", "--mem", "2048",
+                   "--threads", "3", "--cache")
     if "rpc-server not found" in result.stderr:
         pytest.skip(result.stderr)
     assert result.returncode == 0, result.stderr
     assert "WARNING: rpc-worker listens on 0.0.0.0:50099" in result.stderr
     text = worker_unit.read_text()
     assert (f"ExecStart={Path(sys.executable).parent / 'model'} rpc-worker --host 0.0.0.0 "
-            "--port 50099 --mem 2048") in text
+            "--port 50099 --mem 2048 --threads 3 --cache") in text
     assert "Restart=always" in text and "rpc-worker.log" in text
     if shutil.which("systemd-analyze"):
         checked = subprocess.run(["systemd-analyze", "verify", str(worker_unit)],

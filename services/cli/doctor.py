@@ -203,13 +203,17 @@ def check_rpc_workers(settings: Settings, catalog: Catalog) -> list[Finding]:
     private = ("keep the worker on a network only you reach (a private LAN, a VPN such as "
                "WireGuard or Tailscale) and block its port elsewhere; on one machine use "
                "127.0.0.1 (docs/rpc.md)")
+    # a worker serves one llama-server at a time and queues one more connection: one a
+    # loaded model holds is up, and a probe would only wait in its queue; the running
+    # stack's /running knows which are held
+    held = {w["address"] for w in _running_workers(settings) if w.get("in_use_by")}
     for address, models in named(catalog).items():
         host, _ = parse_address(address)
         users = ", ".join(models)
         if not is_loopback(host):
             out.append(Finding("warn", f"RPC worker {address} (used by {users}) is reached "
                                f"over the network: {no_auth}", private))
-        if not reachable(address):
+        if address not in held and not reachable(address):
             out.append(Finding("warn", f"RPC worker {address} (used by {users}) does not "
                                "answer: those models fail to load",
                                f"start it there: `model rpc-worker --host {host} --port "
@@ -235,6 +239,17 @@ def check_rpc_workers(settings: Settings, catalog: Catalog) -> list[Finding]:
         elif not out:
             out.append(Finding("ok", f"RPC workers: {len(named(catalog))}, on loopback, up"))
     return out
+
+
+def _running_workers(settings: Settings) -> list[dict]:
+    """The running stack's /running `rpc_workers`; none when it does not answer."""
+    request = urllib.request.Request(settings.proxy_url + "/running", headers={
+        "Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=3) as r:
+            return json.loads(r.read()).get("rpc_workers") or []
+    except (OSError, ValueError, AttributeError):
+        return []
 
 
 def check_peers(settings: Settings) -> list[Finding]:

@@ -262,8 +262,13 @@ def service() -> None:
               help="--rpc-worker: its port.")
 @click.option("--mem", type=click.IntRange(1), default=None, metavar="MB",
               help="--rpc-worker: the most memory (MiB) models may take on it.")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="--rpc-worker: threads for its CPU device (rpc-server's default: half "
+                   "the cores).")
+@click.option("--cache", is_flag=True,
+              help="--rpc-worker: keep a local file cache of the tensors it is sent.")
 def install(platform: str | None, no_start: bool, rpc_worker: bool, host: str, port: int,
-            mem: int | None) -> None:
+            mem: int | None, threads: int | None, cache: bool) -> None:
     """Install the service (launchd agent, systemd user unit, or cron line)."""
     settings = load_settings()
     kind = _kind(rpc_worker)
@@ -276,12 +281,14 @@ def install(platform: str | None, no_start: bool, rpc_worker: bool, host: str, p
             find_rpc_server(settings)
         except FileNotFoundError as e:
             raise click.ClickException(str(e)) from None
-        worker = ["--host", host, "--port", str(port), *(["--mem", str(mem)] if mem else [])]
+        worker = ["--host", host, "--port", str(port), *(["--mem", str(mem)] if mem else []),
+                  *(["--threads", str(threads)] if threads else []),
+                  *(["--cache"] if cache else [])]
         if not is_loopback(host):
             click.secho(wide_warning(host, port), fg="red", bold=True, err=True)
-    elif (host, port, mem) != ("127.0.0.1", 50052, None):
-        raise click.ClickException("--host, --port and --mem are the RPC worker's: add "
-                                   "--rpc-worker")
+    elif (host, port, mem, threads, cache) != ("127.0.0.1", 50052, None, None, False):
+        raise click.ClickException("--host, --port, --mem, --threads and --cache are the RPC "
+                                   "worker's: add --rpc-worker")
     platform = platform or default_platform()
     installed = _record(settings, kind)
     if installed and installed["platform"] != platform:
