@@ -14,6 +14,8 @@ from pathlib import Path
 
 import aiohttp
 
+from tests.harness import end
+
 # the names the Makefile's `browser` target looks for, in the same order
 NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 MAC_APPS = ("/Applications/Chromium.app/Contents/MacOS/Chromium",
@@ -113,10 +115,5 @@ class Chromium:
 
     async def __aexit__(self, *exc) -> None:
         await self.session.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        end(self.proc)
         self.profile.cleanup()

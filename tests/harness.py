@@ -17,6 +17,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def end(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """Stops a process a test started: asked first, killed if it does not go in time."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def free_port() -> int:
     return free_ports(1)[0]
 

@@ -15,7 +15,7 @@ import psutil
 
 from shared.tiny_gguf import write_model
 from tests import real_engines
-from tests.harness import free_port, http, wait
+from tests.harness import end, free_port, http, wait
 
 # The line Ollama logs each time it starts a model's runner (0.33: its llama-server child).
 RUNNER_START = re.compile(r'msg="starting (llama-server|llama server|runner)"')
@@ -107,12 +107,7 @@ class RealOllama:
         if self.proc is None or self.proc.poll() is not None:
             return
         runners = self.runners()
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        end(self.proc, 15)
         for runner in runners:
             if runner.is_running():
                 runner.kill()

@@ -23,7 +23,7 @@ from shared.memory import RPC_MEASURED
 from shared.rpc import find_rpc_server, reachable
 from shared.tiny_gguf import write_model
 from tests.browser import Chromium
-from tests.harness import ROOT, free_ports, http, wait
+from tests.harness import ROOT, end, free_ports, http, wait
 from tests.streams import chat
 
 MIB = 1024**2
@@ -72,13 +72,7 @@ class Worker:
         return seen.decode(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end(self.proc)
 
 
 @pytest.fixture
