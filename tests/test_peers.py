@@ -202,6 +202,13 @@ async def _dashboard_shows(url: str) -> None:
         assert await page.until(f"{cell}?.textContent") == "peer bare"
 
 
+async def _dashboard_state(url: str, peer: str, state: str) -> None:
+    async with Chromium() as browser:
+        page = await browser.open(url + "/")
+        cell = f"document.querySelector('#peer-table tr[data-peer=\"{peer}\"] td:nth-child(2)')"
+        assert await page.until(f"{cell}?.textContent") == state
+
+
 def _answers(url: str) -> bool:
     try:
         return http("GET", url, timeout=2)[0] == 200
@@ -235,6 +242,10 @@ def test_an_ollama_as_a_peer(stacks, real_ollama) -> None:
     wait(lambda: "olla:1b" in _peer_row(a, "lan")["models"], 30)
     _, tags = http("GET", a.url + "/api/tags")
     assert [t["peer"]["name"] for t in tags["models"] if t["name"] == "olla:1b"] == ["lan"]
+    _, own = http("GET", real_ollama.url + "/api/tags")  # its own row, with the peer's mark
+    assert next(t for t in tags["models"] if t["name"] == "olla:1b") == \
+        {**next(t for t in own["models"] if t["name"] == "olla:1b"), "peer": {
+            "name": "lan", "url": real_ollama.url, "kind": "ollama"}}
     status, reply = http("POST", a.url + "/api/chat", {**chat("olla:1b"), "stream": False})
     assert status == 200 and reply["done"] is True and reply["model"] == "olla:1b", reply
     status, answer = http("POST", a.url + "/v1/chat/completions", chat("lan/olla:1b"))
@@ -348,11 +359,16 @@ def test_doctor_names_peers_problems_and_whether_each_answers(stacks, tmp_path) 
     b = stacks("b", ("beta", "both")).start()
     a = stacks("a", ("alpha",), f"peers:\n  b:\n    url: {b.url}\n    models: ['*beta*']\n"
                f"  gone:\n    url: http://127.0.0.1:{free_port()}\n"
-               "  odd:\n    url: http://x:1\n    kind: vllm\n")
+               "  odd:\n    url: http://x:1\n    kind: vllm\n",
+               PEERS=f"http://localhost:{free_port()}")
     out = a.cli("doctor").stdout
     assert f"OK    peer b (model-serve, {b.url}): up, 1 model(s)" in out, out
     assert "WARN  peer gone (model-serve, http://127.0.0.1:" in out and ": down: " in out, out
     assert "WARN  peers: " in out and "peers.yaml: peers.odd.kind: expected one of" in out, out
+    # the fix names where each peer came from: peers.yaml, or PEERS (no entry there)
+    gone, bare = out.split("WARN  peer gone")[1], out.split("WARN  peer localhost")[1]
+    assert "peers.yaml" in gone.split("WARN")[0] and "PEERS in .env" not in gone.split("WARN")[0]
+    assert "PEERS in .env" in bare.split("WARN")[0], out
 
 
 def _ollama_lines(url: str, path: str, body: dict) -> list[bytes]:
@@ -436,6 +452,7 @@ def test_peers_yaml_is_read_again_and_a_wrong_key_is_unauthorized(stacks, capsys
     assert "PEERS in .env" not in out, out
     status_out = _status_peers(a, capsys)
     assert f"peer b (model-serve, {b.url}): unauthorized, 0 model(s)" in status_out, status_out
+    asyncio.run(_dashboard_state(a.url, "b", "unauthorized"))
     _write(file, f"peers:\n  b:\n    url: {b.url}\n    api_key: b-key\n", 2_000_000)
     wait(lambda: _peer_row(a, "b")["up"], 10)
     assert http("POST", a.url + "/v1/chat/completions", chat(BETA))[0] == 200
