@@ -33,6 +33,7 @@ class Peer:
     kind: str = MODEL_SERVE
     api_key: str = ""
     models: tuple[str, ...] = ()  # fnmatch globs; empty: every model
+    from_file: bool = False  # named in config/peers.yaml (else only in PEERS)
 
     def public(self) -> dict:
         """What clients may see of it (never its key)."""
@@ -53,7 +54,8 @@ def headers(peer: Peer) -> dict[str, str]:
 
 def probe(peer: Peer, timeout: float = 3.0) -> tuple[int | None, str]:
     """(its models after its filter, "") when it answers its list, else (None, why): what
-    `model doctor` tells of each peer."""
+    `model doctor` tells of each peer. A peer that refused our key: why starts with
+    "refused our key"."""
     path = "/api/tags" if peer.kind == OLLAMA else "/v1/models"
     request = urllib.request.Request(peer.url + path, headers=headers(peer))
     try:
@@ -62,6 +64,8 @@ def probe(peer: Peer, timeout: float = 3.0) -> tuple[int | None, str]:
         rows = data.get("models" if peer.kind == OLLAMA else "data") or []
         names = [m["name" if peer.kind == OLLAMA else "id"] for m in rows]
     except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            return None, f"refused our key ({e.code}): check its api_key"
         return None, f"GET {path} answered {e.code}"
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return None, f"GET {path}: {getattr(e, 'reason', None) or e}"
@@ -148,7 +152,7 @@ def load_peers(settings: Settings) -> tuple[list[Peer], list[str]]:
         if problems:
             notices.extend(p + "; this peer is left out" for p in problems)
             continue
-        peers.append(Peer(str(name), url, kind, key, tuple(models)))
+        peers.append(Peer(str(name), url, kind, key, tuple(models), from_file=True))
     return _bare(settings.peers, {p.name for p in peers}, peers, notices), notices
 
 

@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shlex
+import signal
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
+import ollama
 import openai
 import pytest
 import yaml
 
+from services.cli import stack as stack_cmds
 from shared.llama_server import find_llama_server
-from shared.peers import load_peers
+from shared.peers import HOP, load_peers
 from shared.settings import load
 from shared.tiny_gguf import write_model
 from tests.browser import Chromium
@@ -67,7 +72,8 @@ def _loaded(stack: Stack, headers: dict) -> set[str]:
 
 def _peer_row(stack: Stack, name: str) -> dict:
     _, body = http("GET", stack.url + "/running", headers=A_KEY)
-    return next(p for p in body["peers"] if p["name"] == name)
+    return next((p for p in body["peers"] if p["name"] == name),
+                {"up": False, "state": None, "models": [], "loaded": []})
 
 
 def test_a_peers_models_are_listed_served_and_survive_its_restart(stacks) -> None:
@@ -196,6 +202,13 @@ async def _dashboard_shows(url: str) -> None:
         assert await page.until(f"{cell}?.textContent") == "peer bare"
 
 
+async def _dashboard_state(url: str, peer: str, state: str) -> None:
+    async with Chromium() as browser:
+        page = await browser.open(url + "/")
+        cell = f"document.querySelector('#peer-table tr[data-peer=\"{peer}\"] td:nth-child(2)')"
+        assert await page.until(f"{cell}?.textContent") == state
+
+
 def _answers(url: str) -> bool:
     try:
         return http("GET", url, timeout=2)[0] == 200
@@ -229,6 +242,10 @@ def test_an_ollama_as_a_peer(stacks, real_ollama) -> None:
     wait(lambda: "olla:1b" in _peer_row(a, "lan")["models"], 30)
     _, tags = http("GET", a.url + "/api/tags")
     assert [t["peer"]["name"] for t in tags["models"] if t["name"] == "olla:1b"] == ["lan"]
+    _, own = http("GET", real_ollama.url + "/api/tags")  # its own row, with the peer's mark
+    assert next(t for t in tags["models"] if t["name"] == "olla:1b") == \
+        {**next(t for t in own["models"] if t["name"] == "olla:1b"), "peer": {
+            "name": "lan", "url": real_ollama.url, "kind": "ollama"}}
     status, reply = http("POST", a.url + "/api/chat", {**chat("olla:1b"), "stream": False})
     assert status == 200 and reply["done"] is True and reply["model"] == "olla:1b", reply
     status, answer = http("POST", a.url + "/v1/chat/completions", chat("lan/olla:1b"))
@@ -310,9 +327,10 @@ def test_a_transcription_form_reaches_the_peer_with_its_own_name(stacks) -> None
     a = stacks("a", ("alpha",), f"peers:\n  b:\n    url: {b.url}\n",
                PEER_POLL_SECONDS="1").start()
     wait(lambda: _peer_row(a, "b")["up"], 30)
-    # B's own answer for a model it does not have names the model as B got it
-    status, err = http("POST", a.url + "/v1/audio/transcriptions", _form("b/nosuch"), _FORM)
-    assert status == 404 and "'nosuch' not found" in err["error"]["message"], err
+    # B's own answer (beta transcribes nothing) names the model as B got it
+    status, err = http("POST", a.url + "/v1/audio/transcriptions", _form(f"b/{BETA}"), _FORM)
+    assert status == 400 and BETA in err["error"]["message"] and \
+        f"b/{BETA}" not in err["error"]["message"], err
 
 
 def test_a_peer_is_chosen_by_its_room_for_the_model(stacks, tmp_path) -> None:
@@ -341,8 +359,156 @@ def test_doctor_names_peers_problems_and_whether_each_answers(stacks, tmp_path) 
     b = stacks("b", ("beta", "both")).start()
     a = stacks("a", ("alpha",), f"peers:\n  b:\n    url: {b.url}\n    models: ['*beta*']\n"
                f"  gone:\n    url: http://127.0.0.1:{free_port()}\n"
-               "  odd:\n    url: http://x:1\n    kind: vllm\n")
+               "  odd:\n    url: http://x:1\n    kind: vllm\n",
+               PEERS=f"http://localhost:{free_port()}")
     out = a.cli("doctor").stdout
     assert f"OK    peer b (model-serve, {b.url}): up, 1 model(s)" in out, out
     assert "WARN  peer gone (model-serve, http://127.0.0.1:" in out and ": down: " in out, out
     assert "WARN  peers: " in out and "peers.yaml: peers.odd.kind: expected one of" in out, out
+    # the fix names where each peer came from: peers.yaml, or PEERS (no entry there)
+    gone, bare = out.split("WARN  peer gone")[1], out.split("WARN  peer localhost")[1]
+    assert "peers.yaml" in gone.split("WARN")[0] and "PEERS in .env" not in gone.split("WARN")[0]
+    assert "PEERS in .env" in bare.split("WARN")[0], out
+
+
+def _ollama_lines(url: str, path: str, body: dict) -> list[bytes]:
+    """A stream's lines as they came, for what a client that reads it sees."""
+    request = urllib.request.Request(url + path, json.dumps(body).encode(), A_KEY)
+    with urllib.request.urlopen(request, timeout=60) as r:
+        return r.read().splitlines()
+
+
+def test_ollamas_api_through_a_model_serve_peer(stacks) -> None:
+    """Ollama's streams end cleanly, carry the `<peer>/<id>` name asked, and the lists carry
+    the peer's own rows; `<peer>/<id>` for a model it does not have is answered here."""
+    b = stacks("b", ("beta", "both"), API_KEY="b-key").start()
+    a = stacks("a", ("alpha",), f"peers:\n  b:\n    url: {b.url}\n    api_key: b-key\n",
+               API_KEY="a-key", PEER_POLL_SECONDS="1").start()
+    wait(lambda: _peer_row(a, "b")["up"], 30)
+    client = ollama.Client(host=a.url, headers=A_KEY)
+    for name in (BETA, f"b/{BETA}"):
+        parts = list(client.chat(model=name, messages=[{"role": "user", "content": "hi"}],
+                                 stream=True, options={"num_predict": 4}))
+        assert parts[-1].done and all(p.model == name for p in parts), parts
+        parts = list(client.generate(model=name, prompt="hi", stream=True,
+                                     options={"num_predict": 4}))
+        assert parts[-1].done and all(p.model == name for p in parts), parts
+        assert client.chat(model=name, messages=[{"role": "user", "content": "hi"}],
+                           options={"num_predict": 4}).model == name
+    lines = _ollama_lines(a.url, "/api/chat", {**chat(BETA), "stream": True})
+    assert json.loads(lines[-1])["done"] is True and all(b"error" not in x for x in lines)
+    assert "ended the stream before it was complete" not in a.logs()
+
+    # the peer's own rows: created, context_length, ...; no `peers` naming itself
+    _, own = http("GET", b.url + "/v1/models", headers={**B_KEY, HOP: "1"})
+    _, body = http("GET", a.url + "/v1/models", headers=A_KEY)
+    mine, theirs = {r["id"]: r for r in body["data"]}[BETA], \
+        {r["id"]: r for r in own["data"]}[BETA]
+    assert mine["created"] == theirs["created"] > 0 and "peers" not in mine
+    assert mine["context_length"] == theirs["context_length"]
+    assert mine["aliases"] == [f"b/{BETA}"] and mine["owned_by"] == "peer:b"
+    _, own_tags = http("GET", b.url + "/api/tags", headers={**B_KEY, HOP: "1"})
+    _, tags = http("GET", a.url + "/api/tags", headers=A_KEY)
+    row = next(t for t in tags["models"] if t["name"] == BETA)
+    assert row == {**next(t for t in own_tags["models"] if t["name"] == BETA),
+                   "peer": {"name": "b", "url": b.url, "kind": "model-serve"}}
+    assert row["size"] > 0 and row["digest"]
+
+    # a model the peer does not have: 404 here, naming it and its closest names
+    status, err = http("POST", a.url + "/v1/chat/completions", chat("b/ms/betta"), A_KEY)
+    assert status == 404 and "peer b" in err["error"]["message"] and \
+        BETA in err["error"]["message"], err
+    with pytest.raises(ollama.ResponseError) as e:
+        client.chat(model="b/ms/betta", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.status_code == 404 and "peer b" in e.value.error and BETA in e.value.error
+    _, metrics = http("GET", a.url + "/metrics", headers=A_KEY)
+    assert "b/ms/betta" not in metrics
+
+
+def _write(file: Path, text: str, stamp: float) -> None:
+    file.write_text(text)
+    os.utime(file, (stamp, stamp))  # a new modification time, however coarse the clock
+
+
+def _status_peers(stack: Stack, capsys) -> str:
+    """`model status`'s peer lines (the harness's stack has no supervisord to status)."""
+    stack_cmds._peer_lines(load(stack.env))
+    return capsys.readouterr().out
+
+
+def test_peers_yaml_is_read_again_and_a_wrong_key_is_unauthorized(stacks, capsys) -> None:
+    b = stacks("b", ("beta",), API_KEY="b-key").start()
+    a = stacks("a", ("alpha",), PEER_POLL_SECONDS="1").start()
+    file = a.root / "config" / "peers.yaml"
+    _write(file, f"peers:\n  b:\n    url: {b.url}\n    api_key: wrong\n", 1_000_000)
+    wait(lambda: _peer_row(a, "b")["state"] == "unauthorized", 10)
+    row = _peer_row(a, "b")
+    assert not row["up"] and row["error"] == "peer b refused our key (401): check its api_key"
+    status, err = http("POST", a.url + "/v1/chat/completions", chat(f"b/{BETA}"))
+    assert status == 503 and "peer b refused our key (401): check its api_key" in \
+        err["error"]["message"], err
+    out = a.cli("doctor").stdout
+    assert "peer b (model-serve" in out and "unauthorized: peer b refused our key (401)" in out
+    assert "PEERS in .env" not in out, out
+    status_out = _status_peers(a, capsys)
+    assert f"peer b (model-serve, {b.url}): unauthorized, 0 model(s)" in status_out, status_out
+    asyncio.run(_dashboard_state(a.url, "b", "unauthorized"))
+    _write(file, f"peers:\n  b:\n    url: {b.url}\n    api_key: b-key\n", 2_000_000)
+    wait(lambda: _peer_row(a, "b")["up"], 10)
+    assert http("POST", a.url + "/v1/chat/completions", chat(BETA))[0] == 200
+    assert f"peer b (model-serve, {b.url}): up, 1 model(s)" in _status_peers(a, capsys)
+
+
+def test_a_hung_peer_ends_what_waits_for_it_once_marked_down(stacks) -> None:
+    """B's proxy stopped (SIGSTOP: it takes connections, never answers): a request waiting
+    for B is a 503 naming it, and a stream from B ends with its route's error, once the poll
+    marks B down: within PEER_POLL_SECONDS + the poll's 3 s."""
+    b = stacks("b", ("beta",)).start()
+    a = stacks("a", ("alpha",), f"peers:\n  b:\n    url: {b.url}\n",
+               PEER_POLL_SECONDS="1").start()
+    wait(lambda: _peer_row(a, "b")["up"], 30)
+    assert http("POST", a.url + "/v1/chat/completions", chat(BETA))[0] == 200  # loaded
+    [proxy] = [p for p in b.procs if p.args[-1] == "services.proxy"]
+    bound = 1 + 3 + 3
+
+    # a stream under way: Ollama's NDJSON, as the official client reads it
+    stream = ollama.Client(host=a.url).generate(
+        model=BETA, prompt="hi", stream=True, options={"num_predict": 100_000})
+    next(stream)
+    os.kill(proxy.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        with pytest.raises(ollama.ResponseError) as e:
+            for _ in stream:
+                pass
+        assert time.monotonic() - start < bound
+        assert "peer b was marked down" in e.value.error, e.value.error
+
+        start = time.monotonic()
+        status, err = http("POST", a.url + "/v1/chat/completions", chat(BETA))
+        assert time.monotonic() - start < bound
+        assert status == 503 and err["error"]["code"] == "peer_unavailable" and \
+            "peer b" in err["error"]["message"], err
+        assert not _peer_row(a, "b")["loaded"]  # a down peer's loaded list is emptied
+    finally:
+        os.kill(proxy.pid, signal.SIGCONT)
+
+
+def test_a_hung_peer_answers_a_waiting_request_503(stacks) -> None:
+    b = stacks("b", ("beta",)).start()
+    a = stacks("a", ("alpha",), f"peers:\n  b:\n    url: {b.url}\n",
+               PEER_POLL_SECONDS="1").start()
+    wait(lambda: _peer_row(a, "b")["up"], 30)
+    [proxy] = [p for p in b.procs if p.args[-1] == "services.proxy"]
+    os.kill(proxy.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        status, err = http("POST", a.url + "/v1/chat/completions", chat(BETA))
+        assert time.monotonic() - start < 1 + 3 + 3
+        assert status == 503 and err["error"]["code"] == "peer_unavailable" and \
+            "peer b" in err["error"]["message"], err
+        status, err = http("POST", a.url + "/api/chat", {**chat(BETA), "stream": False})
+        assert status == 503 and "peer b" in err["error"], err
+    finally:
+        os.kill(proxy.pid, signal.SIGCONT)
+    wait(lambda: _peer_row(a, "b")["up"], 10)

@@ -260,10 +260,20 @@ def check_peers(settings: Settings) -> list[Finding]:
     for peer in peers:
         count, why = probe(peer)
         where = f"peer {peer.name} ({peer.kind}, {peer.url})"
-        out.append(Finding("ok", f"{where}: up, {count} model(s)") if count is not None else
-                   Finding("warn", f"{where}: down: {why}; its models are not served until "
-                           "it answers", "start it, or correct its url or key in "
-                           f"{peers_file(settings)}"))
+        fix = peers_file(settings) if peer.from_file else "PEERS in .env"
+        if count is not None:
+            out.append(Finding("ok", f"{where}: up, {count} model(s)"))
+        elif why.startswith("refused our key"):
+            out.append(Finding("warn", f"{where}: unauthorized: peer {peer.name} {why}; its "
+                               "models are not served until it takes our key",
+                               f"set its api_key (the peer's API_KEY) in "
+                               f"{peers_file(settings)}" if peer.from_file else
+                               f"give it an entry with its api_key in {peers_file(settings)} "
+                               "(PEERS in .env has no keys)"))
+        else:
+            out.append(Finding("warn", f"{where}: down: {why}; its models are not served "
+                               "until it answers", f"start it, or correct its url or key in "
+                               f"{fix}"))
     return out
 
 

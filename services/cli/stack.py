@@ -96,6 +96,22 @@ def get_health(settings: Settings, timeout: float = 3) -> tuple[int, dict] | Non
         return None
 
 
+def _peer_lines(settings: Settings) -> None:
+    """One line per peer (/running's): its state and how many of its models are served."""
+    headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+    request = urllib.request.Request(settings.proxy_url + "/running", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=3) as r:
+            peers = json.loads(r.read()).get("peers") or []
+    except (OSError, ValueError, AttributeError):
+        return
+    for p in peers:
+        state = p.get("state") or ("up" if p.get("up") else "down")
+        why = f" ({p['error']})" if p.get("error") else ""
+        click.echo(f"peer {p.get('name')} ({p.get('kind')}, {p.get('url')}): {state}, "
+                   f"{len(p.get('models') or [])} model(s){why}")
+
+
 def ours(settings: Settings, health: tuple[int, dict] | None) -> bool:
     rec = recorded(settings)
     return bool(health and rec and health[1].get("instance") == rec.get("instance"))
@@ -411,6 +427,7 @@ def status() -> None:
                + (f" ({governor['problem']})" if governor.get("problem") else ""))
     click.echo(f"ollama: {ollama.get('url')}: " + ("up" if ollama.get("ok") else
                                                    "not reachable (models it answers fail)"))
+    _peer_lines(settings)
     # Ollama is optional; everything else must be well for a zero exit
     if code != 200 or not ok or not engine.get("ok") or governor.get("status") != "ok" or \
             body.get("warnings"):

@@ -206,8 +206,8 @@ def make_app(settings: Settings, engine: Engine | None = None) -> web.Applicatio
             owner.measure = rows
             tasks = [asyncio.create_task(holder.follow()), asyncio.create_task(owner.follow()),
                      asyncio.create_task(owner.run())]
-            if ctx.peers:
-                tasks.append(asyncio.create_task(ctx.peers.follow()))
+            # always: a peers.yaml written later is read on its next poll
+            tasks.append(asyncio.create_task(ctx.peers.follow()))
             yield
             for task in tasks:
                 task.cancel()

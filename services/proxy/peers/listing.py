@@ -36,31 +36,45 @@ def _mark_local(ctx: Context, rows: list[dict], key: str) -> set[str]:
     return names
 
 
+# a model-serve peer's own marks of its row, made again here
+_RECOMPUTED = ("peers", "aliases", "peer")
+
+
 def model_rows(ctx: Context, request: web.Request | None, data: list[dict]) -> list[dict]:
-    """/v1/models' rows: `data` (this stack's), with the peers' models after them."""
+    """/v1/models' rows: `data` (this stack's), with the peers' models after them: the row
+    the peer gives (created, context_length, ...), marked with the peer."""
     if not _shown(ctx, request):
         return data
     local = _mark_local(ctx, data, "id")
-    return data + [
-        {"id": model, "object": "model", "created": 0, "owned_by": f"peer:{states[0].name}",
-         "status": "loaded" if model in states[0].loaded else "unloaded", "backend": "peer",
-         "aliases": [f"{s.name}/{model}" for s in states], "peer": states[0].peer.public(),
-         "peers": [s.name for s in states]}
-        for model, states in _by_model(ctx, local).items()]
+    out = list(data)
+    for model, states in _by_model(ctx, local).items():
+        own = {k: v for k, v in states[0].rows.get(model, {}).items() if k not in _RECOMPUTED}
+        row = {"id": model, "object": "model", "created": 0, **own,
+               "owned_by": f"peer:{states[0].name}",
+               "status": "loaded" if model in states[0].loaded else "unloaded",
+               "backend": "peer", "aliases": [f"{s.name}/{model}" for s in states],
+               "peer": states[0].peer.public()}
+        if others := [s.name for s in states[1:]]:
+            row["peers"] = others  # the other peers that serve it too
+        out.append(row)
+    return out
 
 
 def tag_rows(ctx: Context, request: web.Request, rows: list[dict]) -> list[dict]:
-    """/api/tags' rows: `rows` (this stack's), with the peers' models after them (an extra
-    `peer` field, which Ollama's clients pass over)."""
+    """/api/tags' rows: `rows` (this stack's), with the peers' models after them: the peer's
+    own /api/tags row when it gives one (model-serve, Ollama), with an extra `peer` field,
+    which Ollama's clients pass over."""
     if not _shown(ctx, request):
         return rows
     local = _mark_local(ctx, rows, "name")
-    return rows + [
-        {"name": model, "model": model, "modified_at": "1970-01-01T00:00:00Z", "size": 0,
-         "digest": "", "details": {"format": "gguf", "family": "", "families": None,
-                                   "parameter_size": "", "quantization_level": ""},
-         "peer": states[0].peer.public()}
-        for model, states in _by_model(ctx, local).items()]
+    blank = {"modified_at": "1970-01-01T00:00:00Z", "size": 0, "digest": "",
+             "details": {"format": "gguf", "family": "", "families": None,
+                         "parameter_size": "", "quantization_level": ""}}
+    out = list(rows)
+    for model, states in _by_model(ctx, local).items():
+        own = {k: v for k, v in states[0].tags.get(model, blank).items() if k != "peers"}
+        out.append({**own, "name": model, "model": model, "peer": states[0].peer.public()})
+    return out
 
 
 def running_rows(ctx: Context) -> list[dict]:

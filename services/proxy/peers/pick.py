@@ -1,11 +1,12 @@
 """Which serves a request: this stack, or a peer. A model served here stays here unless it cannot
 start here now (admission would wait); then a peer that has it loaded, else one that tells it has
 room for it (its own estimate of the model when it gives one, else ours). A model only peers have
-goes to one of them (loaded first). A request that came from a peer (the hop mark) is never sent
-on."""
+goes to one of them (loaded first); `<peer>/<id>` for a model that peer does not list is a 404 here.
+A request that came from a peer (the hop mark) is never sent on."""
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -61,13 +62,26 @@ def _best(states: list[PeerState], model: str) -> PeerState | None:
 
 
 def down(state: PeerState, name: str) -> web.Response:
-    return error_response(503, f"{name} is served by peer {state.name} ({state.peer.url}), "
-                          f"which is not answering: {state.error or 'down'}; this stack's "
-                          "own models still answer", "peer_unavailable", peer=state.name)
+    why = f": {state.error}" if state.refused else \
+        f", which is not answering: {state.error or 'down'}"
+    return error_response(503, f"{name} is served by peer {state.name} ({state.peer.url})"
+                          f"{why}; this stack's own models still answer", "peer_unavailable",
+                          peer=state.name, state=state.state)
+
+
+def _unknown(state: PeerState, name: str, model: str) -> web.Response:
+    """`<peer>/<id>` for a model the peer does not list: what it has, closest first."""
+    close = difflib.get_close_matches(model, state.models, 3, 0.3) or state.models[:3]
+    has = f"; it serves {len(state.models)} model(s), such as {', '.join(close)}" \
+        if close else "; it serves no model here"
+    return error_response(404, f"{name}: peer {state.name} ({state.peer.url}) has no model "
+                          f"{model!r}{has}", "model_not_found", peer=state.name)
 
 
 def _unanswered(state: PeerState, name: str, path: str) -> web.Response:
-    return error_response(400, f"{name} is served by peer {state.name}, a {state.peer.kind} "
+    kind = state.peer.kind
+    article = "an" if kind[0] in "aeiou" else "a"
+    return error_response(400, f"{name} is served by peer {state.name}, {article} {kind} "
                           f"server, which does not answer {path}; it answers "
                           f"{_answered(state.peer.kind)}", "unsupported_route",
                           peer=state.name)
@@ -82,6 +96,8 @@ async def remote(ctx: Context, request: web.Request, name: str,
         return None
     if named := registry.named(name):
         state, model = named
+        if state.up and not state.has(model):  # its list is known: not sent on
+            return _unknown(state, name, model)
         holders = [state]
     else:
         model, holders = name, registry.holders(name)

@@ -9,7 +9,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import aiohttp
@@ -18,30 +18,36 @@ from aiohttp import web
 from services.proxy.apis import anthropic_errors
 from services.proxy.manage import metrics
 from services.proxy.serve import upstream
-from services.proxy.serve.routes import ANTHROPIC, Route
+from services.proxy.serve.routes import ANTHROPIC, OLLAMA, Route
 from shared.errors import stream_error
 
 log = logging.getLogger("model-serve.proxy")
 
 
 class ModelRenamer:
-    """Rewrites `"model":"<engine name>"` to the name the client asked for, across chunk
-    boundaries, holding back only bytes that could start the pattern."""
+    """Rewrites `"model":"<engine name>"` (and `"model": "<engine name>"`, as Python's json
+    writes it) to the name the client asked for, across chunk boundaries, holding back only
+    bytes that could start the pattern."""
 
     def __init__(self, old: str, new: str) -> None:
-        self.pattern = b'"model":' + json.dumps(old).encode()
-        self.replacement = b'"model":' + json.dumps(new).encode()
+        old_b, new_b = json.dumps(old).encode(), json.dumps(new).encode()
+        self.pattern, self.spaced = b'"model":' + old_b, b'"model": ' + old_b
+        self.replacement, self.spaced_replacement = b'"model":' + new_b, b'"model": ' + new_b
         self.tail = b""
 
     def feed(self, chunk: bytes) -> bytes:
         data = (self.tail + chunk).replace(self.pattern, self.replacement)
+        data = data.replace(self.spaced, self.spaced_replacement)
         self.tail = b""
         if data.endswith(b"\n"):  # the usual end of an SSE event: nothing to hold back
             return data
-        for n in range(min(len(self.pattern) - 1, len(data)), 0, -1):
-            if self.pattern.startswith(data[-n:]):
-                self.tail = data[-n:]
-                return data[:-n]
+        # the longest end that could start either pattern is held back: it starts with '"'
+        start = data.find(b'"', max(0, len(data) - len(self.spaced) + 1))
+        while start >= 0:
+            if self.spaced.startswith(data[start:]) or self.pattern.startswith(data[start:]):
+                self.tail = data[start:]
+                return data[:start]
+            start = data.find(b'"', start + 1)
         return data
 
     def flush(self) -> bytes:
@@ -59,7 +65,12 @@ async def whole(up: aiohttp.ClientResponse, renamer: ModelRenamer | None) -> web
                         charset=up.charset)
 
 
-def _cut_event(route: Route, message: str) -> bytes:
+def _cut_event(route: Route, message: str, last: bytes = b"\n") -> bytes:
+    """The route's last event of a stream that cannot finish; Ollama's is an NDJSON line
+    (on a line of its own) `{"error": "..."}`, as Ollama ends its own."""
+    if route.errors == OLLAMA:
+        line = json.dumps({"error": message}).encode() + b"\n"
+        return line if not last or last.endswith(b"\n") else b"\n" + line
     if route.errors == ANTHROPIC:
         return anthropic_errors.stream_error(message)
     return stream_error(message)
@@ -166,17 +177,19 @@ def _through(rewriters: Sequence[Rewriter], chunk: bytes, flush: bool = False) -
 
 async def relay(request: web.Request, up: aiohttp.ClientResponse,
                 rewriters: Sequence[Rewriter], route: Route, source: str,
-                hint: str) -> web.StreamResponse:
+                hint: str | Callable[[], str]) -> web.StreamResponse:
     """Chunk by chunk as `source` (the engine, Ollama) sends them, through `rewriters` in
     turn. A stream that stops before the route's last event (the model's process died, the
     backend went away) ends with an error event, so the client's SDK raises instead of
-    taking a cut answer for a whole one; `hint` says where to look."""
+    taking a cut answer for a whole one; `hint` says where to look (or why, when it ended
+    it: then it is asked at the end)."""
     resp = web.StreamResponse(status=up.status)
     resp.content_type = up.content_type
     if up.charset:
         resp.charset = up.charset
     await resp.prepare(request)
-    end = route.stream_end
+    ends = route.stream_end if isinstance(route.stream_end, tuple) else (route.stream_end,)
+    longest = max(len(end) for end in ends)
     done, tail, detail = False, b"", ""
     # for the metrics: the first chunk's time, and the answer's last bytes, where the usage
     # and timings of its last events are (no event is parsed on the way); however the
@@ -195,8 +208,9 @@ async def relay(request: web.Request, up: aiohttp.ClientResponse,
                 first = time.monotonic()
             last = (last + chunk)[-metrics.END_BYTES:]
             if not done:
-                done = end in tail + chunk
-                tail = chunk[-len(end):]
+                seen = tail + chunk
+                done = any(end in seen for end in ends)
+                tail = seen[-longest:]
             await resp.write(_through(rewriters, chunk))
         cut = None if done else f"{source} ended the stream before it was complete"
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
@@ -213,13 +227,14 @@ async def relay(request: web.Request, up: aiohttp.ClientResponse,
         if not done:
             with contextlib.suppress(Exception):
                 await resp.write(_cut_event(route, "model-serve's proxy stopped before the "
-                                            "answer was complete; ask again"))
+                                            "answer was complete; ask again", last))
                 await resp.write_eof()
         raise
     counted()
     await resp.write(_through(rewriters, b"", flush=True))
     if cut:
+        hint = hint() if callable(hint) else hint
         log.warning("%s: %s%s; %s", request.path, cut, f" ({detail})" if detail else "", hint)
-        await resp.write(_cut_event(route, f"{cut}; {hint}"))
+        await resp.write(_cut_event(route, f"{cut}; {hint}", last))
     await resp.write_eof()
     return resp

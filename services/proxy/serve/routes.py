@@ -10,7 +10,8 @@ from aiohttp import web
 from shared.model_kinds import EMBEDDING, GENERATE, RERANK
 
 BODY, QUERY, FORM = "body", "query", "form"  # where the request names its model
-OPENAI, ANTHROPIC = "openai", "anthropic"  # the error shape its clients parse
+# the error shape its clients parse
+OPENAI, ANTHROPIC, OLLAMA = "openai", "anthropic", "ollama"
 # what the last event of a whole stream holds, per API: a stream cut before it is no answer
 OPENAI_DONE = b"data: [DONE]"
 NATIVE_DONE = b'"stop":true'  # llama-server's own /completion and /infill
@@ -21,7 +22,7 @@ class Route:
     path: str
     method: str = "POST"
     model_in: str = BODY
-    stream_end: bytes = OPENAI_DONE
+    stream_end: bytes | tuple[bytes, ...] = OPENAI_DONE  # any of them ends it
     errors: str = OPENAI
     ollama: str | None = None  # Ollama's own route for the same API, which it answers
     needs: str | None = None  # the kind of model the route needs (shared.model_kinds)

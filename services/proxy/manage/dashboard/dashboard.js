@@ -290,14 +290,14 @@ function renderEvents() {
   }));
 }
 
-// Each peer (PEERS): up or down, the latency of its last poll, how many of its models are served.
+// Each peer (PEERS): up, down or unauthorized (it refused our key), the latency of its last poll, how many of its models are served.
 function renderPeers() {
   const peers = running.peers || [];
   $("peers").hidden = !peers.length;
   $("peer-table").tBodies[0].replaceChildren(...peers.map((p) => {
     const tr = el("tr", {},
       el("td", { textContent: p.name, title: `${p.url} (${p.kind})` }),
-      el("td", { className: `state ${p.up ? "loaded" : "failed"}`, textContent: p.up ? "up" : "down",
+      el("td", { className: `state ${p.up ? "loaded" : "failed"}`, textContent: p.state || (p.up ? "up" : "down"),
         title: p.error || "" }),
       el("td", { className: "num", textContent: p.latency_ms == null ? "–" : `${Math.round(p.latency_ms)} ms` }),
       el("td", { className: "num", textContent: String(p.models.length) }));
