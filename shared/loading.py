@@ -12,7 +12,7 @@ from aiohttp import web
 
 from shared.catalog import Entry
 from shared.engines import Engine, EngineError
-from shared.engines.base import section_name
+from shared.engines.base import EngineStarting, section_name
 from shared.errors import error_response
 from shared.ollama import Ollama, OllamaError, OllamaUnavailable
 
@@ -62,9 +62,10 @@ async def load(key: Key, entry: Entry | None, engine: Engine, ollama: Ollama,
     except OllamaError as e:
         raise LoadError(e.status if e.status < 500 else 502, f"ollama: {e}",
                         "ollama_error") from None
-    except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
-        # refused, reset or dropped before an answer: an engine starting or stopping (a
-        # restart), which a retry finds up; an answer it gave is the engine's error below
+    except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, EngineStarting):
+        # refused, reset or dropped before an answer, or "Loading model" (503) from a router
+        # still starting: an engine starting or stopping (a restart), which a retry finds up;
+        # another answer it gave is the engine's error below
         raise LoadError(503, engine.unreachable(), "engine_unavailable") from None
     except (EngineError, aiohttp.ClientError, TimeoutError) as e:
         hint = f" (model file: {entry.path}; the engine log has the details)" if entry else ""

@@ -23,6 +23,11 @@ class EngineError(RuntimeError):
     pass
 
 
+class EngineStarting(EngineError):
+    """The engine answered 503: llama-server's "Loading model" while it starts (a restart
+    under way), which a retry finds up."""
+
+
 @dataclass(frozen=True)
 class Running:
     state: str  # "loaded" or "loading"
@@ -166,7 +171,8 @@ class Engine(ABC):
                                    **kwargs) as resp:
             text = await resp.text()
             if resp.status >= 400:
-                raise EngineError(f"{self.name} {method} {path}: HTTP {resp.status}: {text[:500]}")
+                error = EngineStarting if resp.status == 503 else EngineError
+                raise error(f"{self.name} {method} {path}: HTTP {resp.status}: {text[:500]}")
             if resp.content_type == "application/json":
                 return await resp.json()
             return text
