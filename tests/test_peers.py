@@ -463,9 +463,13 @@ def test_a_hung_peer_ends_what_waits_for_it_once_marked_down(stacks) -> None:
     """B's proxy stopped (SIGSTOP: it takes connections, never answers): a request waiting
     for B is a 503 naming it, and a stream from B ends with its route's error, once the poll
     marks B down: within PEER_POLL_SECONDS + the poll's 3 s."""
-    # a context long enough that the stream is still under way when B stops: a tiny model
-    # writes thousands of tokens a second, and B relays them as fast
-    b = stacks("b", ("beta",), DEFAULT_CTX_SIZE="131072", DEFAULT_PARALLEL="1").start()
+    # a stream still under way when B stops: a tiny model writes thousands of tokens a
+    # second, may pick its end-of-text at any time (--ignore-eos: it does not stop there),
+    # and B relays them as fast
+    b = stacks("b", ("beta",), DEFAULT_CTX_SIZE="65536")
+    (Path(b.env["CONFIG_DIR"]) / "custom_models.yaml").write_text(
+        f"models:\n  {BETA.removeprefix('ms/')}:\n    sampler_args: --ignore-eos\n")
+    b.start()
     a = stacks("a", ("alpha",), f"peers:\n  b:\n    url: {b.url}\n",
                PEER_POLL_SECONDS="1").start()
     wait(lambda: _peer_row(a, "b")["up"], 30)
