@@ -253,6 +253,21 @@ def test_an_ollama_as_a_peer(stacks, real_ollama) -> None:
     wait(lambda: "olla:1b" in _peer_row(a, "lan")["loaded"], 30)
 
 
+def test_a_peers_model_does_not_make_this_stacks_ollama_list_its_models(
+        stacks, real_ollama) -> None:
+    """A name only a peer has is looked up in Ollama's cached list, not asked of Ollama
+    again at each request (a listing reads every manifest)."""
+    b = stacks("b", ("beta",)).start()
+    a = stacks("a", ("alpha",), f"peers:\n  b:\n    url: {b.url}\n",
+               OLLAMA_BASE=real_ollama.url).start()
+    wait(lambda: _peer_row(a, "b")["up"], 30)
+    listings = real_ollama.log_text().count('"/api/tags"')
+    for _ in range(6):
+        assert http("POST", a.url + "/v1/chat/completions", chat(BETA))[0] == 200
+        assert http("POST", a.url + "/api/chat", {**chat(BETA), "stream": False})[0] == 200
+    assert real_ollama.log_text().count('"/api/tags"') - listings <= 2
+
+
 def _llama_swap(tmp: Path, model: str) -> tuple[str, subprocess.Popen]:
     """The real llama-swap on a free port, serving one tiny model by the real llama-server in
     a group that never swaps; its base URL once it answers."""

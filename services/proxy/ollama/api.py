@@ -153,7 +153,8 @@ async def model_route(request: web.Request) -> web.StreamResponse:
     payload, entry = named
     name = payload["model"]
     if entry is None:
-        target = await ctx.ollama_models.lookup(name)
+        target = await ctx.ollama_models.lookup(
+            name, fresh=not pick.listed(ctx, request, name))
         if target is None:
             return await _to_peer(request, payload) or not_found(ctx, name)
         if to := await pick.instead(ctx, request, name, ("ollama", target), None,

@@ -34,10 +34,12 @@ class OllamaModels:
                 self.fetched = time.monotonic()
         return self.models
 
-    async def lookup(self, name: str) -> str | None:
-        """Ollama's name for `name`, or None; `gemma3` means `gemma3:latest`."""
+    async def lookup(self, name: str, fresh: bool = True) -> str | None:
+        """Ollama's name for `name`, or None; `gemma3` means `gemma3:latest`. A name not in
+        the list is asked of Ollama again at once (a model just pulled), unless `fresh` is
+        off (a peer serves that name: its requests would each cost Ollama a listing)."""
         wanted = {name, f"{name}:latest"}
-        for force in (False, True):
+        for force in (False, True) if fresh else (False,):
             try:
                 models = await self.refresh(force)
             except OllamaUnavailable:

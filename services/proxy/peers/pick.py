@@ -87,6 +87,13 @@ def _unanswered(state: PeerState, name: str, path: str) -> web.Response:
                           peer=state.name)
 
 
+def listed(ctx: Context, request: web.Request, name: str) -> bool:
+    """Whether a peer this request may go to lists `name`."""
+    registry = ctx.peers
+    return bool(registry) and not came_from_peer(request) and \
+        bool(registry.named(name) or registry.holders(name))
+
+
 async def remote(ctx: Context, request: web.Request, name: str,
                  path: str) -> ToPeer | web.Response | None:
     """For a model not served here: the peer to send it to, an error (its peer is down, or

@@ -153,7 +153,8 @@ async def forward(request: web.Request) -> web.StreamResponse:
     entry = await find(ctx, name)
     target = ollama_target(ctx.settings, entry, request.path) if entry else None
     if entry is None:
-        target = await ctx.ollama_models.lookup(name)
+        target = await ctx.ollama_models.lookup(
+            name, fresh=not pick.listed(ctx, request, name))
         if target is None:
             to = await pick.remote(ctx, request, name, request.path)
             if isinstance(to, pick.ToPeer):
