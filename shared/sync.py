@@ -157,11 +157,14 @@ async def _take_up(settings: Settings, engine: Engine, catalog: Catalog) -> Sync
     ):
         if engine.config_changes(catalog):
             marker.touch()  # before the config: a sync that dies between them still reloads
-        result = _write(settings, engine, catalog)
-        if marker.exists():
-            result.reload = await _reload(settings, engine, session,
-                                          loaded if result.engine_changed else [])
-        return result
+        engine_changed = engine.write_config(catalog)
+        reload = await _reload(settings, engine, session, loaded if engine_changed else []) \
+            if marker.exists() else None
+        # the proxy's catalog last: a model it finds there is one the engine already serves
+        # (a request for a model just added would otherwise reach an engine that has not
+        # taken it up yet); written whether the reload worked or not
+        catalog_changed = write_if_changed(settings.catalog_file, catalog.to_json())
+        return SyncResult(catalog, catalog_changed, engine_changed, reload)
 
 
 async def _reload(settings: Settings, engine: Engine, session: aiohttp.ClientSession,

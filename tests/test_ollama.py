@@ -405,12 +405,29 @@ def test_a_models_folder_created_after_the_start_is_watched(stack_factory, tmp_p
         (tmp_path / f"noise-{i}").write_text("x")
     write_model(later / "pub" / "late-GGUF" / "late-F32.gguf", name="late")
     wait_for(lambda: "ms/late:0.2m-f32" in models(stack), 30)
-    assert http("POST", stack.url + "/v1/chat/completions", chat("ms/late:0.2m-f32"))[0] == 200
+    status, body = http("POST", stack.url + "/v1/chat/completions", chat("ms/late:0.2m-f32"))
+    assert status == 200, (body, stack.logs())
     write_model(later / "pub" / "later-GGUF" / "later-F32.gguf", name="later", seed=2)
     wait_for(lambda: "ms/later:0.2m-f32" in models(stack), 30)  # and watched within
     log = (stack.root / "sync.log").read_text()
     assert f"{later} does not exist (yet); watching for it" in log
     assert log.count("synced in") <= 4  # the start, the folder, each model: not the noise
+
+
+def test_a_model_is_in_the_proxys_catalog_only_once_the_engine_serves_it(
+        stack_factory, models_dir) -> None:
+    """The sync writes the proxy's catalog after the engine took up its config: a request
+    made the moment a new model is listed never reaches an engine that lacks it."""
+    stack = stack_factory().start("engine", "proxy", "sync")
+    catalog = stack.state_dir / "catalog.json"
+    wait_for(lambda: catalog.exists() and "ms/tiny:0.2m-f32" in catalog.read_text(), 30)
+    write_model(models_dir / "pub" / "new-GGUF" / "new-F32.gguf", name="new")
+    deadline = time.monotonic() + 30
+    while "ms/new:0.2m-f32" not in catalog.read_text(errors="replace"):
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    _, listed = http("GET", stack.engine_url + "/models", headers=stack.engine_headers)
+    assert "ms_new_0.2m-f32" in {m["id"] for m in listed["data"]}, listed
 
 
 def test_a_watched_folder_removed_and_made_again_is_watched_again(stack_factory,
